@@ -1,0 +1,3 @@
+"""Quelay: a relay for shared, slow, intermittent links."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,378 @@
+"""The agent: one nursery owning the control server, the UDP endpoint and the link.
+
+The listening agent accepts the peer's connections; the dialling agent keeps
+(re)connecting. Either way, an authenticated connection becomes a
+:class:`~quelay.session.Session`, and transfers requested by local clients are
+handed to whichever session is up (they wait while none is).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from aioquic.quic.configuration import QuicConfiguration
+
+from . import wire
+from .errors import ProtocolError
+from .events import EventHub
+from .identity import Identity, TrustStore, fingerprint_of_der, load_or_create_identity
+from .inbox import Inbox
+from .session import Session, SessionEnded
+from .transfers import State, Transfer
+from .transport.connection import ConnectionClosed, QuicConn
+from .transport.endpoint import QuicEndpoint
+from .transport.udp import Address, UdpSocket, resolve
+
+log = logging.getLogger("quelay.agent")
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class AgentConfig:
+    state_dir: Path
+    inbox: Path
+    control: Path
+    listen: Address | None = None
+    peer: Address | None = None
+    trust: list[str] = field(default_factory=list)
+    name: str = ""
+    stream_window: int = 2 * MiB
+    connection_window: int = 8 * MiB
+    send_high_water: int = 2 * MiB
+    max_streams: int = 1024
+    spool_size: int = 1 * MiB
+    max_datagram_size: int = 1350
+    keepalive: float = 5.0
+    idle_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    reconnect_interval: float = 1.0
+    congestion: str = "cubic"
+    progress_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        if (self.listen is None) == (self.peer is None):
+            raise ValueError("an agent needs exactly one of --listen HOST:PORT or --peer HOST:PORT")
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.identity: Identity = load_or_create_identity(config.state_dir)
+        self.trust = TrustStore.from_specs(config.trust)
+        self.inbox = Inbox(config.inbox)
+        self.epoch = secrets.randbits(63)
+        self.events = EventHub()
+        self.transfers: dict[str, Transfer] = {}
+        self.transfer_added = trio.lowlevel.ParkingLot()
+        self.session: Session | None = None
+        self.link_state = "connecting"
+        self.link_reason = ""
+        self.peer_fingerprint: str | None = None
+        self.endpoint: QuicEndpoint | None = None
+        self.sock: UdpSocket | None = None
+        self.ready = trio.Event()
+        self._session_changed = trio.lowlevel.ParkingLot()
+
+    # -- life ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from .control.server import ControlServer
+
+        cfg = self.config
+        bind_host, bind_port = cfg.listen if cfg.listen else ("0.0.0.0", 0)
+        family, _ = resolve(bind_host, bind_port)
+        if cfg.peer is not None:
+            family, peer = resolve(*cfg.peer)
+            bind_host = "::" if family.name == "AF_INET6" else "0.0.0.0"
+        self.sock = UdpSocket((bind_host, bind_port), family=family)
+        self.endpoint = QuicEndpoint(
+            self.sock,
+            make_connection=self._make_connection,
+            configuration=self._quic_configuration(is_client=cfg.peer is not None),
+            quic_kwargs={
+                "stream_window": cfg.stream_window,
+                "connection_window": cfg.connection_window,
+                "max_streams": cfg.max_streams,
+            },
+        )
+        log.info("agent %s starting (udp %s:%d)", self.identity.fingerprint, *self.sock.address)
+        try:
+            async with trio.open_nursery() as nursery:
+                control = ControlServer(self, cfg.control)
+                await nursery.start(control.serve)
+                nursery.start_soon(self.endpoint.run, nursery)
+                nursery.start_soon(self._progress_loop)
+                if cfg.peer is not None:
+                    nursery.start_soon(self._dial_loop, peer)
+                else:
+                    nursery.start_soon(self._accept_loop, nursery)
+                self.ready.set()
+                task_status.started()
+        finally:
+            self.sock.close()
+
+    @property
+    def label(self) -> str:
+        """How this agent names itself in logs (two agents may share a process)."""
+        return self.config.name or ("dialler" if self.config.peer else "listener")
+
+    @property
+    def udp_address(self) -> Address:
+        assert self.sock is not None
+        return self.sock.address
+
+    def _quic_configuration(self, *, is_client: bool) -> QuicConfiguration:
+        import ssl
+
+        cfg = self.config
+        conf = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[wire.ALPN],
+            idle_timeout=cfg.idle_timeout,
+            max_datagram_size=cfg.max_datagram_size,
+            congestion_control_algorithm=cfg.congestion,
+            verify_mode=ssl.CERT_NONE,  # we pin fingerprints ourselves (identity.TrustStore)
+            server_name="quelay-peer",
+        )
+        conf.certificate = self.identity.certificate
+        conf.private_key = self.identity.private_key
+        return conf
+
+    def _make_connection(self, quic: Any, sock: UdpSocket, peer: Address) -> QuicConn:
+        return QuicConn(
+            quic,
+            sock,
+            peer,
+            verify_peer=self._verify_peer,
+            send_high_water=self.config.send_high_water,
+            keepalive=self.config.keepalive,
+            label=self.label,
+        )
+
+    def _verify_peer(self, der: bytes | None) -> str | None:
+        """``None`` if the peer's certificate is pinned, else why it is refused."""
+        if der is None:
+            return "untrusted peer: it presented no certificate"
+        if not self.trust.is_trusted_der(der):
+            return f"untrusted peer: identity {fingerprint_of_der(der)} is not in the trust list"
+        return None
+
+    # -- link ----------------------------------------------------------------------
+
+    def _set_link(self, state: str, reason: str = "") -> None:
+        if state == self.link_state and reason == self.link_reason:
+            return
+        self.link_state, self.link_reason = state, reason
+        log.info("%s: link %s%s", self.label, state, f": {reason}" if reason else "")
+        self.events.publish("link.state", {"state": state, "reason": reason,
+                                           "peer": self.peer_fingerprint})
+
+    async def _dial_loop(self, peer: Address) -> None:
+        assert self.endpoint is not None
+        while True:
+            self._set_link("connecting")
+            conn = self.endpoint.connect(peer)
+            try:
+                await self._run_connection(conn, dialer=True)
+            finally:
+                self.endpoint.forget(conn)
+            await trio.sleep(self.config.reconnect_interval)
+
+    async def _accept_loop(self, nursery: trio.Nursery) -> None:
+        assert self.endpoint is not None
+        async for conn in self.endpoint.accepted:
+            nursery.start_soon(self._serve_accepted, conn)
+
+    async def _serve_accepted(self, conn: QuicConn) -> None:
+        assert self.endpoint is not None
+        try:
+            await self._run_connection(conn, dialer=False)
+        finally:
+            self.endpoint.forget(conn)
+
+    async def _run_connection(self, conn: QuicConn, *, dialer: bool) -> None:
+        """Drive one connection: authenticate, run a session, report why it ended."""
+        reason = "connection closed"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run)
+            try:
+                with trio.fail_after(self.config.handshake_timeout):
+                    await _first(conn.authenticated.wait, conn.terminated.wait)
+                if conn.closed is not None:
+                    return
+                session = Session(self, conn, dialer=dialer)
+                await session.run()
+            except trio.TooSlowError:
+                reason = "handshake timed out"
+                conn.close(reason)
+            except Exception as exc:  # noqa: BLE001 - any failure ends this connection only
+                leaf = _leaf(exc)
+                if isinstance(leaf, ConnectionClosed):
+                    reason = leaf.reason
+                elif isinstance(leaf, (ProtocolError, SessionEnded)):
+                    reason = f"session error: {leaf}"
+                    conn.close(str(leaf)[:200])
+                else:
+                    reason = f"internal error: {leaf!r}"
+                    log.exception("%s: session failed", self.label)
+                    conn.close("internal error")
+            finally:
+                reason = conn.closed or reason
+                log.warning("%s: connection with %s:%d ended: %s", self.label, *conn.peer, reason)
+                self._session_ended(conn, reason)
+                if conn.closed is None:
+                    conn.close(reason[:200])
+                with trio.move_on_after(1):
+                    await conn.terminated.wait()
+                nursery.cancel_scope.cancel()
+
+    def session_up(self, session: Session) -> None:
+        old = self.session
+        if old is not None and old.conn is not session.conn:
+            old.conn.close("replaced by a newer connection from the peer")
+        self.session = session
+        self.peer_fingerprint = session.conn.peer_fingerprint
+        self._set_link("up")
+        for t in self.transfers.values():
+            if t.direction == "out" and t.state is State.PENDING:
+                self._start(t)
+        self._session_changed.unpark_all()
+
+    def _session_ended(self, conn: QuicConn, reason: str) -> None:
+        if self.session is None or self.session.conn is not conn:
+            return
+        self.session = None
+        self._set_link("down", reason)
+        for t in list(self.transfers.values()):
+            if t.state is State.ACTIVE:
+                self.finish_transfer(t, "link_lost", f"link lost: {reason}")
+
+    # -- transfers -------------------------------------------------------------------
+
+    def add_transfer(self, t: Transfer) -> None:
+        self.transfers[t.id] = t
+        self.transfer_added.unpark_all()
+
+    def _start(self, t: Transfer) -> None:
+        assert self.session is not None
+        t.move_to(State.ACTIVE)
+        self.publish_transfer("transfer.started", t)
+        self.session.start_outbound(t)
+
+    def submit(self, t: Transfer) -> None:
+        """Accept a new outbound transfer; it starts now or when the link is up."""
+        self.add_transfer(t)
+        if self.session is not None:
+            self._start(t)
+        else:
+            self.publish_transfer("transfer.queued", t)
+
+    def complete_transfer(self, t: Transfer) -> None:
+        if t.move_to(State.DONE):
+            log.info("transfer %s done: %s, %d bytes, sha256 %s", t.id, t.name, t.offset,
+                     t.sha256)
+            self.publish_transfer("transfer.done", t)
+
+    def finish_transfer(self, t: Transfer, code: str, message: str, *,
+                        canceled: bool = False) -> None:
+        """Fail or cancel a transfer and release what it holds; idempotent."""
+        if not t.fail(code, message, canceled=canceled):
+            return
+        log.warning("transfer %s %s: %s: %s", t.id, t.state.value, code, message)
+        t.space.unpark_all()
+        if self.session is not None and t.data_stream is not None and t.direction == "out":
+            self.session.conn.reset_stream(t.data_stream)
+        if t.reader is not None:
+            _abort_stream(t.reader)
+        t.reader_ready.set()
+        self.publish_transfer("transfer.canceled" if canceled else "transfer.failed", t)
+
+    def cancel(self, t: Transfer, reason: str = "canceled by local client") -> None:
+        if t.terminal:
+            return
+        if self.session is not None and t.state is State.ACTIVE:
+            self.session.send(wire.Cancel(t.id, reason))
+        self.finish_transfer(t, "canceled", reason, canceled=True)
+
+    def publish_transfer(self, name: str, t: Transfer) -> None:
+        self.events.publish(name, t.info())
+
+    async def _progress_loop(self) -> None:
+        last: dict[str, int] = {}
+        while True:
+            await trio.sleep(self.config.progress_interval)
+            for t in list(self.transfers.values()):
+                if t.state is State.ACTIVE and last.get(t.id) != t.offset:
+                    last[t.id] = t.offset
+                    self.publish_transfer("transfer.progress", t)
+            for tid in [tid for tid in last if tid not in self.transfers]:
+                del last[tid]
+
+    def status(self) -> dict[str, Any]:
+        counters = self.sock.counters if self.sock else None
+        states: dict[str, int] = {}
+        for t in self.transfers.values():
+            states[t.state.value] = states.get(t.state.value, 0) + 1
+        out: dict[str, Any] = {
+            "agent": self.identity.fingerprint,
+            "name": self.config.name,
+            "epoch": self.epoch,
+            "role": "dial" if self.config.peer else "listen",
+            "udp": list(self.udp_address) if self.sock else None,
+            "link": {"state": self.link_state, "reason": self.link_reason,
+                     "peer": self.peer_fingerprint},
+            "transfers": states,
+            "wire": None,
+        }
+        if counters is not None:
+            out["wire"] = {
+                "bytes_sent": counters.bytes_sent,
+                "bytes_received": counters.bytes_received,
+                "datagrams_sent": counters.datagrams_sent,
+                "datagrams_received": counters.datagrams_received,
+            }
+        if self.session is not None:
+            rec = self.session.conn.quic._loss
+            out["link"]["rtt"] = rec._rtt_smoothed if rec._rtt_initialized else None
+            out["link"]["cwnd"] = rec._cc.congestion_window
+            out["link"]["bytes_in_flight"] = rec._cc.bytes_in_flight
+        return out
+
+
+def _abort_stream(stream: Any) -> None:
+    """Close a local reader's socket with RST so it sees an error, not a clean EOF."""
+    import socket
+    import struct
+
+    sock = getattr(stream, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError as exc:
+            log.debug("could not set SO_LINGER on reader socket: %s", exc)
+        sock.close()
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _first(*waiters: Callable[[], Any]) -> None:
+    """Return as soon as any of the given waits completes."""
+    async with trio.open_nursery() as nursery:
+        async def one(w: Callable[[], Any]) -> None:
+            await w()
+            nursery.cancel_scope.cancel()
+
+        for w in waiters:
+            nursery.start_soon(one, w)

@@ -1,0 +1,360 @@
+"""The control server: a Unix socket speaking framed msgpack requests.
+
+Each client connection is one task. Requests run as their own tasks so a
+long-poll (``wait``, ``accept_incoming``) never blocks the others on the same
+connection; replies are serialised by a lock. ``attach`` turns the connection
+into a raw byte pipe for one transfer. A misbehaving client gets an error
+reply (or, for bytes that are not frames, a reply and a clean close) and
+nobody else notices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..errors import FrameTooLarge, RemoteProtocolError
+from ..framing import FrameDecoder, encode_frame
+from ..transfers import State, Transfer
+from ..wire import PRIORITY_RANGE, new_transfer_id
+from . import protocol as p
+from .protocol import ControlError
+
+if TYPE_CHECKING:
+    from ..agent import Agent
+
+log = logging.getLogger("quelay.control")
+
+DEFAULT_PRIORITY = 4
+READ_CHUNK = 64 * 1024
+
+
+class _Raw(Exception):
+    """Internal signal: the connection switched to raw mode for a transfer."""
+
+    def __init__(self, transfer: Transfer, mode: str) -> None:
+        self.transfer = transfer
+        self.mode = mode
+
+
+class ClientConnection:
+    def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.agent = server.agent
+        self.stream = stream
+        self.decoder = FrameDecoder(p.MAX_CONTROL_FRAME)
+        self.send_lock = trio.Lock()
+        self.raw: _Raw | None = None
+        self.subscriptions: trio.Nursery | None = None
+        self.gone = False
+
+    async def send(self, value: dict[str, Any]) -> None:
+        """Send one frame; a client that went away is not an error, just gone."""
+        if self.gone:
+            return
+        frame = encode_frame(value, 16 * p.MAX_CONTROL_FRAME)
+        async with self.send_lock:
+            try:
+                await self.stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.gone = True
+
+    async def serve(self) -> None:
+        try:
+            await self._serve()
+        except Exception:  # one client's trouble must never take the agent down
+            log.exception("control connection failed")
+        finally:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.stream.aclose()
+
+    async def _serve(self) -> None:
+        try:
+            async with trio.open_nursery() as subscriptions:
+                self.subscriptions = subscriptions
+                async with trio.open_nursery() as requests:
+                    await self._read_requests(requests)
+                # The client closed (or went raw): its event forwarding ends here.
+                subscriptions.cancel_scope.cancel()
+            if self.raw is not None:
+                await self._serve_raw(self.raw)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.debug("control client went away")
+
+    async def _read_requests(self, nursery: trio.Nursery) -> None:
+        while self.raw is None:
+            try:
+                body = self.decoder.next_frame_untrusted()
+            except FrameTooLarge as exc:
+                await self.send(ControlError(p.FRAME_TOO_LARGE, str(exc)).reply(None))
+                return
+            except RemoteProtocolError as exc:
+                await self.send(ControlError(p.BAD_FRAME, str(exc)).reply(None))
+                return
+            if body is None:
+                try:
+                    data = await self.stream.receive_some(READ_CHUNK)
+                except trio.BrokenResourceError:
+                    return  # reset by the client: same as EOF
+                if not data:
+                    return
+                self.decoder.feed(data)
+                continue
+            try:
+                request_id, op, args = p.parse_request_untrusted(body)
+            except ControlError as exc:
+                rid = body.get("id") if isinstance(body, dict) else None
+                await self.send(exc.reply(rid if isinstance(rid, (int, str)) else None))
+                continue
+            if op == "attach":
+                # Handled inline: nothing may be read past this frame until we reply.
+                await self._attach(request_id, args)
+                continue
+            nursery.start_soon(self._run_request, request_id, op, args)
+
+    async def _run_request(self, request_id: Any, op: str, args: dict[str, Any]) -> None:
+        handler = self.server.handlers.get(op)
+        try:
+            if handler is None:
+                raise ControlError(p.UNKNOWN_OP, f"unknown operation {op!r}")
+            result = await handler(self, args)
+        except ControlError as exc:
+            await self.send(exc.reply(request_id))
+            return
+        except Exception as exc:  # a bug in a handler must not take the agent down
+            log.exception("control request %r failed", op)
+            await self.send(ControlError(p.INTERNAL, f"internal error: {exc}").reply(request_id))
+            return
+        await self.send(p.ok(request_id, result))
+
+    # -- raw mode --------------------------------------------------------------------
+
+    async def _attach(self, request_id: Any, args: dict[str, Any]) -> None:
+        try:
+            t = self.server.find(args)
+            mode = p.arg_required_str(args, "mode")
+            if mode == "write":
+                if t.direction != "out" or t.kind != "stream":
+                    raise ControlError(p.CONFLICT, "only an outbound stream can be written")
+            elif mode == "read":
+                if t.direction != "in" or t.kind != "stream":
+                    raise ControlError(p.CONFLICT, "only an incoming stream can be read")
+            else:
+                raise ControlError(p.INVALID_ARGUMENT, "mode must be 'write' or 'read'")
+            if t.terminal:
+                raise ControlError(p.CONFLICT, f"transfer is already {t.state.value}")
+            if t.attached:
+                raise ControlError(p.CONFLICT, "another connection is attached to this transfer")
+        except ControlError as exc:
+            await self.send(exc.reply(request_id))
+            return
+        t.attached = True
+        t.claimed = True
+        await self.send(p.ok(request_id, t.info()))
+        self.raw = _Raw(t, mode)
+
+    async def _serve_raw(self, raw: _Raw) -> None:
+        t = raw.transfer
+        if raw.mode == "read":
+            t.reader = self.stream
+            t.reader_ready.set()
+            await t.finished.wait()
+            if t.state is State.DONE:
+                await self.stream.aclose()  # clean EOF means: verified and complete
+            return
+        await self._pump_writer(t, self.decoder.take_rest())
+        await t.finished.wait()
+        name = "transfer.done" if t.state is State.DONE else f"transfer.{t.state.value}"
+        await self.send({"event": name, "data": t.info()})
+
+    async def _pump_writer(self, t: Transfer, first: bytes) -> None:
+        """Client bytes into the spool; stop reading while it is full (back-pressure)."""
+        spool = t.spool
+        pending = memoryview(first)
+        while not t.terminal:
+            if not pending:
+                data = await self.stream.receive_some(READ_CHUNK)
+                if not data:
+                    spool.close()
+                    t.space.unpark_all()
+                    return
+                pending = memoryview(data)
+            while pending and not t.terminal:
+                taken = spool.write(pending)
+                if taken:
+                    t.hasher.update(pending[:taken])
+                    t.accepted += taken
+                    pending = pending[taken:]
+                    t.space.unpark_all()
+                else:
+                    await t.space.park()
+
+
+Handler = Callable[[ClientConnection, dict[str, Any]], Awaitable[Any]]
+
+
+class ControlServer:
+    def __init__(self, agent: Agent, path: Path) -> None:
+        self.agent = agent
+        self.path = path
+        self.handlers: dict[str, Handler] = {
+            "ping": self.op_ping,
+            "status": self.op_status,
+            "identity": self.op_identity,
+            "ls": self.op_ls,
+            "get": self.op_get,
+            "send_file": self.op_send_file,
+            "open_stream": self.op_open_stream,
+            "accept_incoming": self.op_accept_incoming,
+            "wait": self.op_wait,
+            "cancel": self.op_cancel,
+            "subscribe": self.op_subscribe,
+        }
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = self._bind()
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(ClientConnection(self, stream).serve)
+        finally:
+            listener.socket.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def _bind(self) -> trio.SocketListener:
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise FileExistsError(f"control path {path} exists and is not a socket")
+            path.unlink()  # stale socket from an earlier run
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # owner-only from the first instant
+        try:
+            raw.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        raw.listen(64)
+        return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def find(self, args: dict[str, Any]) -> Transfer:
+        tid = p.arg_required_str(args, "id")
+        t = self.agent.transfers.get(tid)
+        if t is None:
+            raise ControlError(p.NOT_FOUND, f"no transfer {tid}")
+        return t
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def op_ping(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        return {}
+
+    async def op_status(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        return self.agent.status()
+
+    async def op_identity(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        return {"fingerprint": self.agent.identity.fingerprint}
+
+    async def op_ls(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        return {"transfers": [t.info() for t in self.agent.transfers.values()]}
+
+    async def op_get(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        return self.find(args).info()
+
+    def _common(self, args: dict[str, Any]) -> tuple[int, dict[str, str]]:
+        priority = p.arg_int(args, "priority", DEFAULT_PRIORITY, PRIORITY_RANGE.start,
+                             PRIORITY_RANGE.stop - 1)
+        return priority, p.arg_attrs(args)
+
+    async def op_send_file(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        path = Path(p.arg_required_str(args, "path"))
+        priority, attrs = self._common(args)
+        name = p.arg_str(args, "name", path.name, limit=255) or path.name
+        if not path.is_absolute():
+            raise ControlError(p.INVALID_ARGUMENT, "argument 'path' must be absolute")
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise ControlError(p.INVALID_ARGUMENT, f"{path} is not a regular file")
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ControlError(p.IO_ERROR, f"cannot read {path}: {exc.strerror}") from exc
+        t = Transfer(new_transfer_id(), "out", "file", name, st.st_size, priority, attrs)
+        t.path = str(path)
+        self.agent.submit(t)
+        return t.info()
+
+    async def op_open_stream(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        from ..native import Spool
+
+        priority, attrs = self._common(args)
+        name = p.arg_str(args, "name", "", limit=1024) or ""
+        spool_size = p.arg_int(args, "spool", self.agent.config.spool_size, 1024, 1 << 34)
+        t = Transfer(new_transfer_id(), "out", "stream", name, None, priority, attrs)
+        t.spool = Spool(spool_size)
+        self.agent.submit(t)
+        return t.info()
+
+    async def op_accept_incoming(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        name = p.arg_str(args, "name")
+        tid = p.arg_str(args, "id")
+        agent = self.agent
+        while True:
+            for t in agent.transfers.values():
+                if (
+                    t.direction == "in" and t.kind == "stream" and not t.claimed
+                    and not t.terminal
+                    and (name is None or t.name == name)
+                    and (tid is None or t.id == tid)
+                ):
+                    t.claimed = True
+                    return t.info()
+            if tid is not None and tid in agent.transfers:
+                t = agent.transfers[tid]
+                raise ControlError(p.CONFLICT, f"transfer {tid} is {t.state.value} or claimed")
+            await agent.transfer_added.park()
+
+    async def op_wait(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        t = self.find(args)
+        await t.finished.wait()
+        return t.info()
+
+    async def op_cancel(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        t = self.find(args)
+        if t.terminal:
+            raise ControlError(p.CONFLICT, f"transfer is already {t.state.value}")
+        self.agent.cancel(t)
+        return t.info()
+
+    async def op_subscribe(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        sub = self.agent.events.subscribe()
+
+        async def forward() -> None:
+            try:
+                async for event in sub.receive:
+                    await conn.send(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            finally:
+                sub.close()
+            if sub.overflowed:
+                await conn.send({"event": "subscription.overflow", "data": {}})
+
+        assert conn.subscriptions is not None
+        conn.subscriptions.start_soon(forward)
+        return {}

@@ -1,0 +1,239 @@
+"""Where incoming files land, under names chosen by the (untrusted) peer.
+
+Bytes are written to ``<inbox>/.quelay-partial/<transfer id>.part`` and only a
+complete, verified file is given its final name. Publishing never overwrites:
+if the name is taken the file becomes ``stem (1).ext``, ``stem (2).ext``, ...
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import tempfile
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import QuelayError, RemoteProtocolError
+
+PARTIAL_DIR = ".quelay-partial"
+PARTIAL_SUFFIX = ".part"
+MAX_NAME_BYTES = 255  # NAME_MAX on Linux filesystems
+MAX_DUPLICATES = 1000  # "name (1000).ext" is plenty; beyond that something is wrong
+
+_TRANSFER_ID_RE = re.compile(r"[0-9a-fA-F][0-9a-fA-F-]{0,63}")
+_WINDOWS_DEVICES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{dev}{n}" for dev in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"]
+)
+# Bidirectional controls can make "gpj.exe" display as "exe.jpg".
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+# Errors from os.link meaning "this filesystem cannot hard-link here", not "name taken".
+_NO_HARDLINK = frozenset(
+    {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+)
+
+
+class UnsafeNameError(RemoteProtocolError, ValueError):
+    """The peer proposed a file name we will not create: the peer's fault."""
+
+    code = "unsafe_name"
+
+
+class InboxError(QuelayError):
+    """The local inbox directory cannot be used: the operator's (or the disk's) fault."""
+
+    code = "inbox_error"
+
+
+# -- names ------------------------------------------------------------------------
+
+
+def safe_name_untrusted(name: object) -> str:
+    """Return ``name`` (NFC-normalised) if it is a safe single path component, else raise.
+
+    Rules are for POSIX filesystems plus Windows device names, so a received
+    file can be copied onward without surprises.
+    """
+    if not isinstance(name, str):
+        raise UnsafeNameError(f"file name must be a string, not {type(name).__name__}")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnsafeNameError("file name is not valid Unicode (lone surrogate)") from exc
+    name = unicodedata.normalize("NFC", name)
+    problem = _name_problem(name, len(encoded))
+    if problem is not None:
+        raise UnsafeNameError(f"unsafe file name {name[:80]!r}: {problem}")
+    return name
+
+
+def _name_problem(name: str, nbytes: int) -> str | None:
+    """Why ``name`` is unsafe, or None; one reason per check keeps messages exact."""
+    if not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return "it refers to a directory"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    if any(_is_control(c) for c in name):
+        return "it contains a control character"
+    if any(c in _BIDI_CONTROLS for c in name):
+        return "it contains a bidirectional text control"
+    if max(nbytes, len(name.encode("utf-8"))) > MAX_NAME_BYTES:
+        return f"it is longer than {MAX_NAME_BYTES} bytes in UTF-8"
+    if name[0].isspace() or name[-1].isspace():
+        return "it starts or ends with whitespace"
+    if name.endswith("."):
+        return "it ends with a dot"
+    if name.split(".", 1)[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+        return "it is a Windows device name"
+    return None
+
+
+def _is_control(c: str) -> bool:
+    code = ord(c)
+    return code < 0x20 or 0x7F <= code <= 0x9F  # C0, DEL and C1 (e.g. CSI 0x9b)
+
+
+def _numbered(name: str, n: int) -> str:
+    """``"report (n).pdf"``, shortening the stem if needed to stay within NAME_MAX."""
+    path = Path(name)
+    stem, ext = path.stem, path.suffix
+    tag = f" ({n})"
+    budget = MAX_NAME_BYTES - len((tag + ext).encode("utf-8"))
+    if budget < 1:  # an absurdly long "extension": number the whole name instead
+        stem, ext = name, ""
+        budget = MAX_NAME_BYTES - len(tag.encode("utf-8"))
+    stem = stem.encode("utf-8")[:budget].decode("utf-8", "ignore")
+    return f"{stem}{tag}{ext}"
+
+
+def _candidates(name: str) -> Iterator[str]:
+    yield name
+    for n in range(1, MAX_DUPLICATES + 1):
+        yield _numbered(name, n)
+
+
+# -- inbox ------------------------------------------------------------------------
+
+
+class Inbox:
+    """An inbox directory plus its hidden partial directory on the same filesystem."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory).absolute()
+        self.partial_dir = self.directory / PARTIAL_DIR
+        self._prepare()
+
+    def _prepare(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.partial_dir.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise InboxError(f"inbox {self.directory}: cannot create it ({exc})") from exc
+        if self.partial_dir.is_symlink() or not self.partial_dir.is_dir():
+            raise InboxError(f"{self.partial_dir}: must be a real directory inside the inbox")
+        if self.partial_dir.stat().st_dev != self.directory.stat().st_dev:
+            raise InboxError(f"{self.partial_dir}: must be on the same filesystem as the inbox")
+        for d in (self.directory, self.partial_dir):
+            _probe_writable(d)
+
+    def partial_path(self, transfer_id: str) -> Path:
+        """Where the bytes of ``transfer_id`` accumulate until :meth:`finalize`."""
+        if not isinstance(transfer_id, str) or not _TRANSFER_ID_RE.fullmatch(transfer_id):
+            raise ValueError(f"transfer id {transfer_id!r} is not a UUID-like hex string")
+        return self.partial_dir / f"{transfer_id}{PARTIAL_SUFFIX}"
+
+    def finalize(self, partial: Path, name: str) -> Path:
+        """Publish a complete partial as ``name`` (or a numbered variant); return the path.
+
+        The partial is hard-linked to the final name: ``link`` fails if the name
+        exists, so nothing is ever overwritten, and the file appears whole.
+        Where hard links are unsupported the name is reserved with
+        ``O_CREAT|O_EXCL`` and the partial renamed over that (empty) placeholder;
+        a crash in between can leave an empty file, never a clobbered one.
+        """
+        safe = safe_name_untrusted(name)
+        partial = self._own_partial(partial)
+        try:
+            _fsync_path(partial)
+            final = self._publish(partial, safe)
+            _fsync_path(self.directory)
+            partial.unlink(missing_ok=True)  # already renamed away by the fallback
+            _fsync_path(self.partial_dir)
+        except OSError as exc:
+            raise InboxError(f"inbox {self.directory}: cannot store {safe!r} ({exc})") from exc
+        return final
+
+    def discard(self, partial: Path) -> None:
+        """Remove an unfinished partial; a missing one is fine, other failures are not."""
+        partial = self._own_partial(partial)
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError as exc:
+            raise InboxError(f"{partial}: cannot remove partial file ({exc})") from exc
+
+    def _own_partial(self, partial: Path) -> Path:
+        """Refuse paths outside our partial dir: a caller bug must not delete user files."""
+        partial = Path(partial).absolute()
+        if partial.parent != self.partial_dir or partial.suffix != PARTIAL_SUFFIX:
+            raise ValueError(f"{partial} is not a partial file of inbox {self.directory}")
+        return partial
+
+    def _publish(self, partial: Path, name: str) -> Path:
+        use_link = True
+        for candidate in _candidates(name):
+            target = self.directory / candidate
+            if use_link:
+                try:
+                    os.link(partial, target)
+                    return target
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _NO_HARDLINK:
+                        raise
+                    use_link = False
+            if _reserve_and_replace(partial, target):
+                return target
+        raise InboxError(
+            f"inbox {self.directory}: {name!r} and {MAX_DUPLICATES} numbered variants all exist"
+        )
+
+
+def _reserve_and_replace(partial: Path, target: Path) -> bool:
+    """Fallback publish: claim ``target`` exclusively, then rename the partial onto it."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    try:
+        os.replace(partial, target)
+    except OSError:
+        target.unlink(missing_ok=True)  # give back the name we reserved, then report
+        raise
+    return True
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (a directory fsync makes a new entry durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _probe_writable(directory: Path) -> None:
+    """Create and remove a file: ``os.access`` lies for root and read-only mounts."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".quelay-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InboxError(f"inbox {directory}: not writable ({exc})") from exc

@@ -1,0 +1,375 @@
+"""The agent-to-agent session over one authenticated QUIC connection.
+
+After TLS has proven both identities, the dialling agent opens the control
+stream (bidirectional) and both sides exchange ``Hello``. Control messages
+(open, ack, finish, cancel, error) travel as frames on that stream; each
+transfer's bytes travel on a unidirectional stream of their own that starts
+with a ``DataHeader`` frame. Anything malformed from the peer is a
+:class:`RemoteProtocolError`: it fails the transfer it concerns, or ends the
+session when it concerns the control stream itself — never the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import wire
+from .errors import RemoteProtocolError
+from .framing import FrameDecoder, encode_frame
+from .inbox import UnsafeNameError, safe_name_untrusted
+from .transfers import State, Transfer
+from .transport.connection import ConnectionClosed, InboundStream, QuicConn, StreamReset
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger("quelay.session")
+
+CHUNK = 64 * 1024
+HELLO_TIMEOUT = 10.0
+OPEN_WAIT = 30.0
+FSYNC_EVERY = 4 * 1024 * 1024
+ACK_EVERY = 64 * 1024
+
+
+class SessionEnded(Exception):
+    pass
+
+
+class Session:
+    def __init__(self, agent: Agent, conn: QuicConn, *, dialer: bool) -> None:
+        self.agent = agent
+        self.conn = conn
+        self.dialer = dialer
+        self.peer_hello: wire.Hello | None = None
+        self.control_sid: int | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # -- sending ---------------------------------------------------------------
+
+    def send(self, msg: wire.Message) -> None:
+        """Queue a control message; control frames never wait behind bulk data."""
+        assert self.control_sid is not None
+        try:
+            frame = encode_frame(wire.encode_message(msg), wire.MAX_WIRE_FRAME)
+            self.conn.send_nowait(self.control_sid, frame)
+        except ConnectionClosed:
+            log.debug("not sending %s: connection closed", type(msg).__name__)
+
+    # -- life --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Hello exchange, then serve until the connection or control stream ends."""
+        control = await self._open_control()
+        decoder = FrameDecoder(wire.MAX_WIRE_FRAME)
+        with trio.fail_after(HELLO_TIMEOUT):
+            hello = await self._read_message(control, decoder)
+        if not isinstance(hello, wire.Hello):
+            raise RemoteProtocolError(f"expected hello, got {type(hello).__name__}")
+        if hello.version != wire.PROTOCOL_VERSION:
+            self.send(wire.Error(None, "version", f"unsupported version {hello.version}"))
+            raise RemoteProtocolError(f"peer speaks protocol version {hello.version}")
+        if hello.agent != self.conn.peer_fingerprint:
+            raise RemoteProtocolError("hello names an identity other than the TLS certificate")
+        self.peer_hello = hello
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._accept_data_streams)
+            self.agent.session_up(self)
+            try:
+                await self._control_loop(control, decoder)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _open_control(self) -> InboundStream:
+        if self.dialer:
+            sid, control = self.conn.open_bidi()
+            self.control_sid = sid
+            self._send_hello()
+            return control
+        with trio.fail_after(HELLO_TIMEOUT):
+            control = await self.conn.accept_stream()
+        if control.stream_id & 0x2:
+            raise RemoteProtocolError("the first stream must be the bidirectional control stream")
+        self.control_sid = control.stream_id
+        self._send_hello()
+        return control
+
+    def _send_hello(self) -> None:
+        ident = self.agent.identity
+        self.send(wire.Hello(wire.PROTOCOL_VERSION, ident.fingerprint, self.agent.epoch,
+                             self.agent.config.name))
+
+    async def _read_message(self, stream: InboundStream, decoder: FrameDecoder) -> wire.Message:
+        while True:
+            body = decoder.next_frame_untrusted()
+            if body is not None:
+                return wire.decode_message_untrusted(body)
+            data = await stream.receive_some(CHUNK)
+            if not data:
+                raise SessionEnded("peer closed the control stream")
+            decoder.feed(data)
+
+    async def _control_loop(self, control: InboundStream, decoder: FrameDecoder) -> None:
+        while True:
+            msg = await self._read_message(control, decoder)
+            self._dispatch(msg)
+
+    def start_outbound(self, transfer: Transfer) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._pump_out, transfer)
+
+    # -- control messages from the peer -----------------------------------------
+
+    def _dispatch(self, msg: wire.Message) -> None:
+        agent = self.agent
+        if isinstance(msg, wire.Open):
+            self._on_open(msg)
+        elif isinstance(msg, wire.Ack):
+            t = agent.transfers.get(msg.id)
+            if t is None or t.direction != "out":
+                return  # late ack for a transfer we forgot: harmless
+            self._on_ack(t, msg)
+        elif isinstance(msg, wire.Finish):
+            t = agent.transfers.get(msg.id)
+            if t is not None and t.direction == "in" and t.finish is None:
+                t.finish = msg
+                t.finish_seen.set()
+        elif isinstance(msg, wire.Cancel):
+            t = agent.transfers.get(msg.id)
+            if t is not None:
+                agent.finish_transfer(t, "canceled", f"canceled by peer: {msg.reason}",
+                                      canceled=True)
+        elif isinstance(msg, wire.Error):
+            if msg.id is None:
+                raise SessionEnded(f"peer reported a session error: {msg.code}: {msg.message}")
+            t = agent.transfers.get(msg.id)
+            if t is not None:
+                agent.finish_transfer(t, msg.code, f"peer: {msg.message}")
+        elif isinstance(msg, (wire.Hello, wire.DataHeader)):
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the control stream")
+
+    def _on_open(self, msg: wire.Open) -> None:
+        agent = self.agent
+        if msg.id in agent.transfers:
+            self.send(wire.Error(msg.id, "duplicate", "a transfer with this id exists"))
+            return
+        t = Transfer(msg.id, "in", msg.kind, msg.name, msg.size, msg.priority, msg.attrs)
+        if msg.kind == "file":
+            try:
+                safe_name_untrusted(msg.name)
+            except UnsafeNameError as exc:
+                self.send(wire.Error(msg.id, "unsafe_name", str(exc)))
+                log.warning("refused incoming file %s: unsafe name: %s", msg.id, exc)
+                return
+            if msg.size is None:
+                self.send(wire.Error(msg.id, "bad_open", "a file transfer must carry its size"))
+                return
+        agent.add_transfer(t)
+        t.move_to(State.ACTIVE)
+        agent.publish_transfer("transfer.incoming", t)
+
+    def _on_ack(self, t: Transfer, msg: wire.Ack) -> None:
+        if msg.offset > t.sent or msg.offset < t.offset:
+            self.agent.finish_transfer(
+                t, "protocol_error", f"peer acked offset {msg.offset} outside {t.offset}..{t.sent}"
+            )
+            self.send(wire.Error(t.id, "protocol_error", "ack out of range"))
+            return
+        t.offset = msg.offset
+        if t.spool is not None:
+            t.spool.ack(msg.offset)
+            t.space.unpark_all()
+        if msg.final:
+            if t.size is not None and msg.offset == t.size:
+                self.agent.complete_transfer(t)
+            else:
+                self.agent.finish_transfer(t, "protocol_error", "final ack before the end")
+
+    # -- outbound ----------------------------------------------------------------
+
+    async def _pump_out(self, t: Transfer) -> None:
+        conn = self.conn
+        self.send(wire.Open(t.id, t.kind, t.size if t.kind == "file" else None, t.priority,
+                            t.name, t.attrs))
+        sid = conn.open_stream()
+        t.data_stream = sid
+        conn.send_nowait(sid, encode_frame(wire.encode_message(wire.DataHeader(t.id, 0))))
+        try:
+            if t.kind == "file":
+                await self._pump_file(t, sid)
+            else:
+                await self._pump_spool(t, sid)
+        except ConnectionClosed:
+            return  # the agent fails the transfer when it learns the session ended
+        except OSError as exc:
+            self.agent.finish_transfer(t, "io_error", f"reading {t.path}: {exc}")
+            self.send(wire.Cancel(t.id, "sender could not read its source"))
+            conn.reset_stream(sid)
+            return
+        if t.terminal:
+            conn.reset_stream(sid)
+            return
+        t.size = t.sent
+        t.sha256 = t.hasher.hexdigest()
+        self.send(wire.Finish(t.id, t.sent, t.hasher.digest()))
+
+    async def _pump_file(self, t: Transfer, sid: int) -> None:
+        assert t.path is not None
+        with open(t.path, "rb") as source:
+            while not t.terminal:
+                chunk = source.read(CHUNK)
+                if not chunk:
+                    break
+                t.hasher.update(chunk)
+                await self.conn.send(sid, chunk)
+                t.sent += len(chunk)
+        if t.size is not None and t.sent != t.size and not t.terminal:
+            raise OSError(f"file changed size while sending ({t.sent} != {t.size})")
+        if not t.terminal:
+            await self.conn.send(sid, b"", end_stream=True)
+
+    async def _pump_spool(self, t: Transfer, sid: int) -> None:
+        spool = t.spool
+        while not t.terminal:
+            if spool.pending:
+                chunk = spool.read(min(spool.pending, CHUNK))
+                await self.conn.send(sid, chunk)
+                t.sent += len(chunk)
+            elif spool.eof:
+                await self.conn.send(sid, b"", end_stream=True)
+                return
+            else:
+                await t.space.park()
+
+    # -- inbound -----------------------------------------------------------------
+
+    async def _accept_data_streams(self) -> None:
+        assert self._nursery is not None
+        while True:
+            stream = await self.conn.accept_stream()
+            if not stream.stream_id & 0x2:
+                raise RemoteProtocolError("peer opened an extra bidirectional stream")
+            self._nursery.start_soon(self._serve_data_stream, stream)
+
+    async def _serve_data_stream(self, stream: InboundStream) -> None:
+        decoder = FrameDecoder(wire.MAX_WIRE_FRAME)
+        t: Transfer | None = None
+        try:
+            header = await self._read_message(stream, decoder)
+            if not isinstance(header, wire.DataHeader):
+                raise RemoteProtocolError("a data stream must start with a data header")
+            t = await self._wait_for_open(header.id)
+            if header.offset != 0:
+                raise RemoteProtocolError("data stream starts past offset 0")
+            leftover = decoder.take_rest()
+            if t.kind == "file":
+                await self._sink_file(t, stream, leftover)
+            else:
+                await self._sink_stream(t, stream, leftover)
+        except (RemoteProtocolError, SessionEnded) as exc:
+            log.warning("data stream %d: %s", stream.stream_id, exc)
+            if t is not None:
+                self.agent.finish_transfer(t, "protocol_error", str(exc))
+                self.send(wire.Error(t.id, "protocol_error", str(exc)))
+        except StreamReset as exc:
+            if t is not None:
+                self.agent.finish_transfer(t, "reset", str(exc))
+        except ConnectionClosed:
+            return
+        finally:
+            self.conn.discard_stream(stream.stream_id)
+
+    async def _wait_for_open(self, transfer_id: str) -> Transfer:
+        with trio.move_on_after(OPEN_WAIT):
+            while True:
+                t = self.agent.transfers.get(transfer_id)
+                if t is not None and t.direction == "in":
+                    if t.terminal:
+                        raise RemoteProtocolError(f"data for finished transfer {transfer_id}")
+                    return t
+                await self.agent.transfer_added.park()
+        raise RemoteProtocolError(f"data for unknown transfer {transfer_id}")
+
+    def _ack(self, t: Transfer, final: bool = False) -> None:
+        self.send(wire.Ack(t.id, t.offset, final))
+
+    async def _take(self, stream: InboundStream, leftover: list[bytes]) -> bytes:
+        if leftover:
+            return leftover.pop()
+        return await stream.receive_some(256 * 1024)
+
+    async def _sink_file(self, t: Transfer, stream: InboundStream, first: bytes) -> None:
+        inbox = self.agent.inbox
+        partial = inbox.partial_path(t.id)
+        assert t.size is not None
+        pending = [first] if first else []
+        synced = 0
+        try:
+            with open(partial, "wb") as out:
+                while True:
+                    chunk = await self._take(stream, pending)
+                    if not chunk:
+                        break
+                    if t.offset + len(chunk) > t.size:
+                        raise RemoteProtocolError("file data beyond its announced size")
+                    out.write(chunk)
+                    t.hasher.update(chunk)
+                    t.offset += len(chunk)
+                    if t.offset - synced >= FSYNC_EVERY or stream.buffered == 0:
+                        out.flush()
+                        await trio.to_thread.run_sync(os.fsync, out.fileno())
+                        synced = t.offset
+                        self._ack(t)
+                out.flush()
+                await trio.to_thread.run_sync(os.fsync, out.fileno())
+            await self._verify(t)
+            final = inbox.finalize(partial, t.name)
+        except BaseException:
+            inbox.discard(partial)  # no resume across sessions yet: a partial is garbage
+            raise
+        t.path = str(final)
+        self.agent.complete_transfer(t)
+        self._ack(t, final=True)
+
+    async def _sink_stream(self, t: Transfer, stream: InboundStream, first: bytes) -> None:
+        await t.reader_ready.wait()
+        reader = t.reader
+        pending = [first] if first else []
+        acked = 0
+        try:
+            while True:
+                chunk = await self._take(stream, pending)
+                if not chunk:
+                    break
+                await reader.send_all(chunk)
+                t.hasher.update(chunk)
+                t.offset += len(chunk)
+                if t.offset - acked >= ACK_EVERY or stream.buffered == 0:
+                    acked = t.offset
+                    self._ack(t)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.agent.finish_transfer(t, "reader_gone", "the local reader disconnected")
+            self.send(wire.Cancel(t.id, "the receiving reader disconnected"))
+            raise ConnectionClosed("reader gone") from exc
+        await self._verify(t)
+        self.agent.complete_transfer(t)
+        self._ack(t, final=True)
+
+    async def _verify(self, t: Transfer) -> None:
+        with trio.move_on_after(OPEN_WAIT):
+            await t.finish_seen.wait()
+        finish = t.finish
+        if not isinstance(finish, wire.Finish):
+            raise RemoteProtocolError("the data stream ended but no finish message came")
+        if finish.total != t.offset:
+            raise RemoteProtocolError(f"peer sent {finish.total} bytes, we received {t.offset}")
+        if finish.sha256 != t.hasher.digest():
+            raise RemoteProtocolError("SHA-256 mismatch: the received bytes differ from the sent")
+        t.size = finish.total
+        t.sha256 = finish.sha256.hex()
+

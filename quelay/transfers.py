@@ -1,0 +1,125 @@
+"""Transfer records and their one transition table.
+
+A transfer is one file or one open-ended stream, in one direction. Its life is
+``pending → active → done``, or ``failed`` / ``canceled`` from any live state.
+Every state change goes through :meth:`Transfer.move_to`, which rejects
+transitions the table does not allow, so a late ack can't resurrect a failed
+transfer and a cancel can't undo a completion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+
+from .errors import LocalProtocolError
+
+Direction = Literal["out", "in"]
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+TERMINAL = frozenset({State.DONE, State.FAILED, State.CANCELED})
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.PENDING: frozenset({State.ACTIVE, State.FAILED, State.CANCELED}),
+    State.ACTIVE: frozenset({State.DONE, State.FAILED, State.CANCELED}),
+    State.DONE: frozenset(),
+    State.FAILED: frozenset(),
+    State.CANCELED: frozenset(),
+}
+
+
+@dataclass
+class Transfer:
+    id: str
+    direction: Direction
+    kind: Literal["file", "stream"]
+    name: str
+    size: int | None
+    priority: int
+    attrs: dict[str, str] = field(default_factory=dict)
+    state: State = State.PENDING
+    offset: int = 0  # out: bytes acked by the peer; in: bytes handed to the local reader
+    sent: int = 0  # out: bytes handed to QUIC
+    accepted: int = 0  # out stream: bytes taken from the local writer
+    error_code: str | None = None
+    error_message: str | None = None
+    sha256: str | None = None
+    path: str | None = None  # out: source file; in: final inbox path once done
+    created: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    hasher: Any = field(default_factory=hashlib.sha256, repr=False)
+    finished: trio.Event = field(default_factory=trio.Event, repr=False)
+    claimed: bool = False  # in streams: a local reader has taken it
+    attached: bool = False  # a raw data connection is attached
+    # Runtime plumbing (not part of the public view).
+    spool: Any = field(default=None, repr=False)  # out streams: quelay.native.Spool
+    space: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot, repr=False)
+    reader: Any = field(default=None, repr=False)  # in streams: the attached trio stream
+    reader_ready: trio.Event = field(default_factory=trio.Event, repr=False)
+    finish: Any = field(default=None, repr=False)  # in: the peer's wire.Finish
+    finish_seen: trio.Event = field(default_factory=trio.Event, repr=False)
+    data_stream: int | None = None  # QUIC stream id carrying the bytes, this session
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def move_to(self, new: State) -> bool:
+        """Apply a transition; ``False`` if already terminal (late events are ignored)."""
+        if new is self.state:
+            return True
+        if self.state in TERMINAL:
+            return False
+        if new not in _ALLOWED[self.state]:
+            raise LocalProtocolError(f"transfer {self.id}: {self.state.value} -> {new.value}")
+        self.state = new
+        if new in TERMINAL:
+            self.finished_at = time.time()
+            self.finished.set()
+        return True
+
+    def fail(self, code: str, message: str, *, canceled: bool = False) -> bool:
+        if self.terminal:
+            return False
+        self.error_code, self.error_message = code, message
+        return self.move_to(State.CANCELED if canceled else State.FAILED)
+
+    def info(self) -> dict[str, Any]:
+        """The public view, as documented in docs/control-protocol.md."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "direction": self.direction,
+            "kind": self.kind,
+            "name": self.name,
+            "size": self.size,
+            "priority": self.priority,
+            "attrs": dict(self.attrs),
+            "state": self.state.value,
+            "bytes": self.offset,
+            "sent": self.sent,
+            "created": self.created,
+            "finished": self.finished_at,
+            "sha256": self.sha256,
+            "path": self.path,
+            "error": None,
+        }
+        if self.error_code is not None:
+            out["error"] = {"code": self.error_code, "message": self.error_message}
+        return out
+
+
+def sanitize_local_path(path: str) -> Path:
+    return Path(path).expanduser().resolve()

@@ -1,0 +1,1 @@
+"""QUIC transport: aioquic's sans-IO connection driven by Trio over UDP."""

@@ -1,0 +1,308 @@
+"""One QUIC connection driven by Trio: timers, transmit, streams with back-pressure.
+
+The aioquic ``QuicConnection`` is sans-IO; this class is its Trio edge. The
+endpoint feeds received datagrams in (``datagram_received``); ``run`` owns the
+timer and transmit loop. Upper layers see streams: ``send`` waits while a
+stream holds more than ``send_high_water`` unsent+unacked bytes, and
+``InboundStream.receive_some`` grants the peer new credit only for what it
+hands out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+from aioquic.quic import events
+
+from .quic_ext import QuelayQuicConnection
+from .udp import Address, UdpSocket
+
+log = logging.getLogger("quelay.transport")
+
+APP_ERROR_UNTRUSTED = 0x101
+APP_ERROR_SHUTDOWN = 0x100
+
+
+class ConnectionClosed(Exception):
+    """The QUIC connection ended; ``reason`` says how (and from which side)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StreamReset(Exception):
+    """The peer reset the stream (it abandoned the transfer's bytes)."""
+
+
+@dataclass
+class _RecvState:
+    chunks: deque[bytes]
+    buffered: int = 0
+    ended: bool = False
+    reset: int | None = None
+
+
+class InboundStream:
+    """A peer-initiated stream; consumption drives the credit granted to the peer."""
+
+    def __init__(self, conn: QuicConn, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self._state = _RecvState(deque())
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @property
+    def buffered(self) -> int:
+        return self._state.buffered
+
+    def _feed(self, data: bytes, end: bool) -> None:
+        if data:
+            self._state.chunks.append(data)
+            self._state.buffered += len(data)
+        if end:
+            self._state.ended = True
+        self._lot.unpark_all()
+
+    def _reset(self, code: int) -> None:
+        self._state.reset = code
+        self._lot.unpark_all()
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        """Next bytes of the stream; ``b""`` at its end. Raises on reset/closure."""
+        state = self._state
+        while not state.chunks:
+            if state.reset is not None:
+                raise StreamReset(f"peer reset stream {self.stream_id} (code {state.reset})")
+            if state.ended:
+                return b""
+            if self.conn.closed is not None:
+                raise ConnectionClosed(self.conn.closed)
+            await self._lot.park()
+        chunk = state.chunks.popleft()
+        if len(chunk) > max_bytes:
+            state.chunks.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        state.buffered -= len(chunk)
+        self.conn.consume(self.stream_id, len(chunk))
+        return chunk
+
+    def _wake(self) -> None:
+        self._lot.unpark_all()
+
+
+class QuicConn:
+    def __init__(
+        self,
+        quic: QuelayQuicConnection,
+        sock: UdpSocket,
+        peer: Address,
+        *,
+        verify_peer: Callable[[bytes | None], str | None],
+        send_high_water: int,
+        keepalive: float,
+        label: str = "agent",
+    ) -> None:
+        self.quic = quic
+        self.sock = sock
+        self.peer = peer
+        self._verify_peer = verify_peer
+        self.send_high_water = send_high_water
+        self.keepalive = keepalive
+        self.label = label
+        self.authenticated = trio.Event()
+        self.terminated = trio.Event()
+        self.closed: str | None = None
+        self.peer_fingerprint: str | None = None
+        self._wake = trio.Event()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self._inbound: dict[int, InboundStream] = {}
+        self._discarded: set[int] = set()
+        self._new_streams: deque[InboundStream] = deque()
+        self._new_lot = trio.lowlevel.ParkingLot()
+        self._ping_seq = 0
+        self.cid_listeners: list[Callable[[events.QuicEvent], None]] = []
+
+    # -- driving -------------------------------------------------------------
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def datagram_received(self, data: bytes, addr: Address, now: float) -> None:
+        self.quic.receive_datagram(data, addr, now)
+
+    async def run(self) -> None:
+        """Timer + transmit loop; returns when the connection has terminated."""
+        async with trio.open_nursery() as nursery:
+            if self.keepalive > 0:
+                nursery.start_soon(self._keepalive_loop)
+            try:
+                await self._timer_loop()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            timer = self.quic.get_timer()
+            with trio.move_on_at(timer if timer is not None else math.inf):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = trio.current_time()
+            if timer is not None and now >= timer:
+                self.quic.handle_timer(now)
+            self.process_events()
+            await self.transmit()
+            if self.closed is not None:
+                return
+
+    async def transmit(self) -> None:
+        datagrams = self.quic.datagrams_to_send(trio.current_time())
+        if datagrams:
+            await self.sock.send_batch(datagrams)
+
+    async def _keepalive_loop(self) -> None:
+        await self.authenticated.wait()
+        while self.closed is None:
+            await trio.sleep(self.keepalive)
+            self._ping_seq += 1
+            self.quic.send_ping(self._ping_seq)
+            self.kick()
+
+    def process_events(self) -> None:
+        while (event := self.quic.next_event()) is not None:
+            self._handle_event(event)
+        # ACKs may have freed send buffer space.
+        self._send_lot.unpark_all()
+
+    def _handle_event(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            stream = self._inbound.get(event.stream_id)
+            if stream is None:
+                if event.stream_id in self._discarded:
+                    return  # late bytes for a stream we already gave up on
+                stream = InboundStream(self, event.stream_id)
+                self._inbound[event.stream_id] = stream
+                self._new_streams.append(stream)
+                self._new_lot.unpark_all()
+            stream._feed(event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            inbound = self._inbound.get(event.stream_id)
+            if inbound is not None:
+                inbound._reset(event.error_code)
+        elif isinstance(event, events.HandshakeCompleted):
+            self._check_peer()
+        elif isinstance(event, events.ConnectionTerminated):
+            self._terminate(event)
+        elif isinstance(event, (events.ConnectionIdIssued, events.ConnectionIdRetired)):
+            for listener in self.cid_listeners:
+                listener(event)
+
+    def _check_peer(self) -> None:
+        der = self.quic.peer_certificate_der()
+        problem = self._verify_peer(der)
+        if problem is not None:
+            log.error("%s: refusing peer %s:%d: %s", self.label, *self.peer, problem)
+            self.quic.close(error_code=APP_ERROR_UNTRUSTED, reason_phrase=problem[:200])
+            self.kick()
+            return
+        from ..identity import fingerprint_of_der
+
+        assert der is not None
+        self.peer_fingerprint = fingerprint_of_der(der)
+        self.authenticated.set()
+
+    def _terminate(self, event: events.ConnectionTerminated) -> None:
+        if self.closed is not None:
+            return
+        reason = event.reason_phrase or f"error code {event.error_code:#x}"
+        self.closed = reason
+        self.terminated.set()
+        for stream in self._inbound.values():
+            stream._wake()
+        self._send_lot.unpark_all()
+        self._new_lot.unpark_all()
+        self.kick()
+
+    def close(self, reason: str, code: int = APP_ERROR_SHUTDOWN) -> None:
+        if self.closed is None:
+            self.quic.close(error_code=code, reason_phrase=reason)
+            self.kick()
+
+    # -- streams -------------------------------------------------------------
+
+    def open_stream(self) -> int:
+        """A new unidirectional stream of ours (one per transfer)."""
+        return self.quic.get_next_available_stream_id(is_unidirectional=True)
+
+    def open_bidi(self) -> tuple[int, InboundStream]:
+        """A new bidirectional stream of ours, with the receiving half registered."""
+        stream_id = self.quic.get_next_available_stream_id(is_unidirectional=False)
+        inbound = InboundStream(self, stream_id)
+        self._inbound[stream_id] = inbound
+        return stream_id, inbound
+
+    def _check_open(self) -> None:
+        if self.closed is not None:
+            raise ConnectionClosed(self.closed)
+
+    async def send(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """Queue bytes on a stream, first waiting for its buffer to drain below the mark."""
+        self._check_open()
+        while self.quic.stream_buffered(stream_id) >= self.send_high_water:
+            await self._send_lot.park()
+            self._check_open()
+        self.quic.send_stream_data(stream_id, data, end_stream)
+        self.kick()
+
+    def send_nowait(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """For small control frames, which must never wait behind bulk data."""
+        self._check_open()
+        self.quic.send_stream_data(stream_id, data, end_stream)
+        self.kick()
+
+    def reset_stream(self, stream_id: int, code: int = 0) -> None:
+        if self.closed is None:
+            try:
+                self.quic.reset_stream(stream_id, code)
+            except ValueError:
+                return  # already finished: nothing left to abandon
+            self.kick()
+
+    def stream_buffered(self, stream_id: int) -> int:
+        return self.quic.stream_buffered(stream_id)
+
+    async def wait_all_acked(self, stream_id: int) -> None:
+        while self.quic.stream_buffered(stream_id) > 0:
+            self._check_open()
+            await self._send_lot.park()
+
+    def consume(self, stream_id: int, nbytes: int) -> None:
+        self.quic.consume(stream_id, nbytes)
+        self.kick()
+
+    async def accept_stream(self) -> InboundStream:
+        while not self._new_streams:
+            self._check_open()
+            await self._new_lot.park()
+        return self._new_streams.popleft()
+
+    def inbound_buffered(self) -> int:
+        """Bytes received from the peer that no local consumer has taken yet."""
+        return sum(stream.buffered for stream in self._inbound.values())
+
+    def discard_stream(self, stream_id: int) -> None:
+        """Drop our record of a finished inbound stream (its credit history too)."""
+        stream = self._inbound.pop(stream_id, None)
+        self._discarded.add(stream_id)
+        self.quic.forget_stream(stream_id)
+        if stream is not None and not stream._state.ended and self.closed is None:
+            try:
+                self.quic.stop_stream(stream_id, 0)
+            except ValueError:
+                return
+            self.kick()

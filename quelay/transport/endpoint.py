@@ -1,0 +1,120 @@
+"""A UDP endpoint that demultiplexes datagrams to QUIC connections.
+
+The listening agent accepts connections (a reconnecting peer arrives as a new
+connection with new connection IDs); the dialling agent has one at a time.
+Batched receive: one wake-up drains the socket, feeds every datagram, then
+kicks each touched connection once so it transmits one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+from .connection import QuicConn
+from .quic_ext import QuelayQuicConnection
+from .udp import Address, UdpSocket
+
+log = logging.getLogger("quelay.transport")
+
+CID_LENGTH = 8
+MIN_INITIAL_SIZE = 1200
+
+
+class QuicEndpoint:
+    def __init__(
+        self,
+        sock: UdpSocket,
+        *,
+        make_connection: Callable[..., QuicConn],
+        configuration: QuicConfiguration,
+        quic_kwargs: dict[str, int],
+    ) -> None:
+        self.sock = sock
+        self._make_connection = make_connection
+        self._configuration = configuration
+        self._quic_kwargs = quic_kwargs
+        self._by_cid: dict[bytes, QuicConn] = {}
+        self._client: QuicConn | None = None
+        self._accepted: trio.MemorySendChannel[QuicConn]
+        self._accepted, self.accepted = trio.open_memory_channel[QuicConn](16)
+
+    def _new_quic(self, **extra: object) -> QuelayQuicConnection:
+        return QuelayQuicConnection(
+            configuration=self._configuration, **self._quic_kwargs, **extra  # type: ignore[arg-type]
+        )
+
+    def connect(self, peer: Address) -> QuicConn:
+        """Start a client connection to ``peer``; drive it with ``conn.run()``."""
+        quic = self._new_quic()
+        conn = self._make_connection(quic, self.sock, peer)
+        quic.connect(peer, now=trio.current_time())
+        self._client = conn
+        conn.kick()
+        return conn
+
+    def _register(self, conn: QuicConn) -> None:
+        def on_cid(event: events.QuicEvent) -> None:
+            if isinstance(event, events.ConnectionIdIssued):
+                self._by_cid[event.connection_id] = conn
+            elif isinstance(event, events.ConnectionIdRetired):
+                self._by_cid.pop(event.connection_id, None)
+
+        conn.cid_listeners.append(on_cid)
+        self._by_cid[conn.quic.host_cid] = conn
+
+    def forget(self, conn: QuicConn) -> None:
+        for cid in [cid for cid, c in self._by_cid.items() if c is conn]:
+            del self._by_cid[cid]
+        if self._client is conn:
+            self._client = None
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Receive loop; accepted server connections run as tasks in ``nursery``."""
+        while True:
+            await self.sock.wait_readable()
+            touched: dict[int, QuicConn] = {}
+            now = trio.current_time()
+            for data, addr in self.sock.recv_batch():
+                conn = self._route(data, addr, nursery)
+                if conn is not None:
+                    conn.datagram_received(data, addr, now)
+                    touched[id(conn)] = conn
+            for conn in touched.values():
+                conn.process_events()
+                conn.kick()
+
+    def _route(self, data: bytes, addr: Address, nursery: trio.Nursery) -> QuicConn | None:
+        if self._client is not None:
+            return self._client
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except ValueError:
+            return None  # not QUIC: ignore, as any UDP service must
+        conn = self._by_cid.get(header.destination_cid)
+        if conn is not None:
+            return conn
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or len(data) < MIN_INITIAL_SIZE
+            or header.version not in self._configuration.supported_versions
+        ):
+            return None
+        quic = self._new_quic(original_destination_connection_id=header.destination_cid)
+        conn = self._make_connection(quic, self.sock, addr)
+        self._register(conn)
+        self._by_cid[header.destination_cid] = conn
+        try:
+            self._accepted.send_nowait(conn)
+        except trio.WouldBlock:
+            log.warning("dropping connection attempt from %s:%d: accept queue full", *addr)
+            self.forget(conn)
+            return None
+        return conn
+

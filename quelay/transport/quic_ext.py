@@ -1,0 +1,119 @@
+"""Our aioquic ``QuicConnection`` subclass: credit by consumption, client certs.
+
+aioquic raises receive windows when data *arrives*; for a relay that means a
+slow local reader never slows the sender. We replace the two window-writing
+hooks so that MAX_STREAM_DATA / MAX_DATA advance only by what the local
+consumer has taken (``consume``). The server side also requests a client
+certificate, so both agents can be pinned. These hooks are private aioquic
+API, which is why the dependency is pinned to ``aioquic<2`` and why this is the
+only module that touches them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aioquic.quic.connection import (
+    CONNECTION_LIMIT_FRAME_CAPACITY,
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    Limit,
+    QuicConnection,
+)
+from aioquic.quic.packet import QuicFrameType
+
+
+class QuelayQuicConnection(QuicConnection):
+    def __init__(
+        self,
+        *,
+        stream_window: int,
+        connection_window: int,
+        max_streams: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._stream_window = stream_window
+        self._connection_window = connection_window
+        self._consumed: dict[int, int] = {}
+        self._consumed_total = 0
+        self._local_max_data.value = self._local_max_data.sent = connection_window
+        self._local_max_stream_data_bidi_local = stream_window
+        self._local_max_stream_data_bidi_remote = stream_window
+        self._local_max_stream_data_uni = stream_window
+        self._local_max_streams_bidi = Limit(
+            frame_type=QuicFrameType.MAX_STREAMS_BIDI, name="max_streams_bidi", value=max_streams
+        )
+        self._local_max_streams_uni = Limit(
+            frame_type=QuicFrameType.MAX_STREAMS_UNI, name="max_streams_uni", value=max_streams
+        )
+
+    # -- peer authentication ----------------------------------------------
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            # Ask the client for its certificate; we check it against the pins.
+            self.tls._request_client_certificate = True
+
+    def peer_certificate_der(self) -> bytes | None:
+        """DER of the certificate the peer proved it holds the key of, if any."""
+        cert = getattr(self.tls, "_peer_certificate", None)
+        if cert is None:
+            return None
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        return bytes(cert.public_bytes(Encoding.DER))
+
+    # -- consumption-driven flow control ------------------------------------
+
+    def consume(self, stream_id: int, nbytes: int) -> None:
+        """Record that the local consumer took ``nbytes`` of ``stream_id``."""
+        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
+        self._consumed_total += nbytes
+
+    def forget_stream(self, stream_id: int) -> None:
+        self._consumed.pop(stream_id, None)
+
+    def stream_buffered(self, stream_id: int) -> int:
+        """Unsent + unacknowledged bytes aioquic holds for one of our streams."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def _write_connection_limits(self, builder: Any, space: Any) -> None:
+        max_data = self._local_max_data
+        target = self._consumed_total + self._connection_window
+        # Update in steps of a quarter window so we do not send MAX_DATA per packet.
+        if target - max_data.value >= self._connection_window // 4:
+            max_data.value = target
+        for limit in (max_data, self._local_max_streams_bidi, self._local_max_streams_uni):
+            if limit is not max_data and limit.sent - limit.used >= limit.value - limit.sent:
+                continue
+            if limit.value != limit.sent:
+                buf = builder.start_frame(
+                    limit.frame_type,
+                    capacity=CONNECTION_LIMIT_FRAME_CAPACITY,
+                    handler=self._on_connection_limit_delivery,
+                    handler_args=(limit,),
+                )
+                buf.push_uint_var(limit.value)
+                limit.sent = limit.value
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        if not stream.max_stream_data_local:
+            return  # our own unidirectional streams: nothing to grant
+        target = self._consumed.get(stream.stream_id, 0) + self._stream_window
+        if target - stream.max_stream_data_local >= self._stream_window // 4:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local

@@ -1,0 +1,107 @@
+"""Shared fixtures: real agents on UDP loopback, started by the tests themselves."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from quelay.agent import Agent, AgentConfig
+from quelay.identity import load_or_create_identity
+
+
+@dataclass
+class Site:
+    agent: Agent
+    root: Path
+
+    @property
+    def control(self) -> Path:
+        return self.agent.config.control
+
+    @property
+    def inbox(self) -> Path:
+        return self.agent.config.inbox
+
+
+@dataclass
+class Pair:
+    a: Site  # listens
+    b: Site  # dials
+
+
+def site_config(root: Path, **overrides: Any) -> AgentConfig:
+    fields: dict[str, Any] = {
+        "name": root.name,
+        "state_dir": root / "state",
+        "inbox": root / "inbox",
+        "control": root / "control.sock",
+        "reconnect_interval": 0.2,
+    }
+    fields.update(overrides)
+    return AgentConfig(**fields)
+
+
+async def start_pair(
+    nursery: trio.Nursery, tmp_path: Path, *, trust_a: list[str] | None = None,
+    trust_b: list[str] | None = None, wait_up: bool = True, **overrides: Any
+) -> Pair:
+    """Start a listening agent A and a dialling agent B that pin each other."""
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    fp_a = load_or_create_identity(root_a / "state").fingerprint
+    fp_b = load_or_create_identity(root_b / "state").fingerprint
+    agent_a = Agent(site_config(root_a, listen=("127.0.0.1", 0),
+                                trust=[fp_b] if trust_a is None else trust_a, **overrides))
+    await nursery.start(agent_a.run)
+    agent_b = Agent(site_config(root_b, peer=agent_a.udp_address,
+                                trust=[fp_a] if trust_b is None else trust_b, **overrides))
+    await nursery.start(agent_b.run)
+    pair = Pair(Site(agent_a, root_a), Site(agent_b, root_b))
+    if wait_up:
+        await wait_for(lambda: agent_a.link_state == "up" and agent_b.link_state == "up")
+    return pair
+
+
+async def wait_for(condition: Any, timeout: float = 30.0, poll: float = 0.01) -> None:
+    """Wait for a condition on live state (not for time to pass); fail loudly on timeout."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(poll)
+
+
+@pytest.fixture
+async def pair(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Pair]:
+    yield await start_pair(nursery, tmp_path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_file(path: Path, size: int, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rng.randbytes(n))
+            left -= n
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QUELAY_CONTROL", raising=False)
+    os.environ.setdefault("PYTHONHASHSEED", "0")
