@@ -1,0 +1,1 @@
+"""Local control protocol: server and message validation."""
