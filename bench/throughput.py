@@ -37,6 +37,7 @@ MB = 1e6
 CHUNK = 64 * 1024
 DATAGRAM = 1350
 MiB = 1024 * 1024
+SPOOL = int(__import__("os").environ.get("SPOOL", 1024 * 1024))
 
 
 def _conf(identity: object, is_client: bool) -> QuicConfiguration:
@@ -99,11 +100,13 @@ async def full_path(size: int, root: Path) -> tuple[float, float]:
     fa = load_or_create_identity(root / "a" / "state").fingerprint
     fb = load_or_create_identity(root / "b" / "state").fingerprint
     a = Agent(AgentConfig(state_dir=root / "a" / "state", inbox=root / "a" / "inbox",
-                          control=root / "a" / "c.sock", listen=("127.0.0.1", 0), trust=[fb]))
+                          control=root / "a" / "c.sock", listen=("127.0.0.1", 0), trust=[fb],
+                          spool_size=SPOOL))
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
         b = Agent(AgentConfig(state_dir=root / "b" / "state", inbox=root / "b" / "inbox",
-                              control=root / "b" / "c.sock", peer=a.udp_address, trust=[fa]))
+                              control=root / "b" / "c.sock", peer=a.udp_address, trust=[fa],
+                              spool_size=SPOOL))
         await nursery.start(b.run)
         while a.link_state != "up" or b.link_state != "up":
             await trio.sleep(0.01)

@@ -113,7 +113,9 @@ async def test_attach_to_finished_transfer(pair: Pair, tmp_path: Path) -> None:
         frames = await raw_exchange(pair.b.control, request("attach", {"id": s.id,
                                                                        "mode": "write"}))
         assert frames[-1]["error"]["code"] == "conflict"  # already attached
-        await s.finish()
+        assert (await client.cancel(s.id))["state"] == "canceled"
+        final = await s.finish()
+        assert final["state"] == "canceled"
         with pytest.raises(ClientError) as err:
             await client.cancel(s.id)
         assert err.value.code == "conflict"

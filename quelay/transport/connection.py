@@ -84,13 +84,22 @@ class InboundStream:
             if self.conn.closed is not None:
                 raise ConnectionClosed(self.conn.closed)
             await self._lot.park()
-        chunk = state.chunks.popleft()
-        if len(chunk) > max_bytes:
-            state.chunks.appendleft(chunk[max_bytes:])
-            chunk = chunk[:max_bytes]
-        state.buffered -= len(chunk)
-        self.conn.consume(self.stream_id, len(chunk))
-        return chunk
+        # Coalesce: aioquic delivers one event per packet (~1.3 KB); consumers want
+        # big writes (one socket send or file write per batch, not per packet).
+        chunks = state.chunks
+        parts: list[bytes] = []
+        taken = 0
+        while chunks and taken < max_bytes:
+            chunk = chunks.popleft()
+            room = max_bytes - taken
+            if len(chunk) > room:
+                chunks.appendleft(chunk[room:])
+                chunk = chunk[:room]
+            parts.append(chunk)
+            taken += len(chunk)
+        state.buffered -= taken
+        self.conn.consume(self.stream_id, taken)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _wake(self) -> None:
         self._lot.unpark_all()

@@ -20,6 +20,26 @@ from aioquic.quic.connection import (
     QuicConnection,
 )
 from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.recovery import QuicPacketPacer
+
+PACER_BURST_DATAGRAMS = 64
+
+
+class CoarsePacer(QuicPacketPacer):
+    """aioquic's pacer with a larger burst, so the driver wakes per batch, not per 2 packets.
+
+    Precise pacing at the operator's cap is the wire gate's job (one token
+    bucket for every byte); this pacer only smooths what congestion control
+    allows, and a burst of 64 datagrams is what GSO sends in one syscall.
+    """
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        super().update_rate(congestion_window, smoothed_rtt)
+        pacing_rate = congestion_window / max(smoothed_rtt, 1e-6)
+        burst = max(2 * self._max_datagram_size,
+                    min(congestion_window // 2, PACER_BURST_DATAGRAMS * self._max_datagram_size))
+        self.bucket_max = burst / pacing_rate
+        self.bucket_time = min(self.bucket_time, self.bucket_max)
 
 
 class QuelayQuicConnection(QuicConnection):
@@ -46,6 +66,7 @@ class QuelayQuicConnection(QuicConnection):
         self._local_max_streams_uni = Limit(
             frame_type=QuicFrameType.MAX_STREAMS_UNI, name="max_streams_uni", value=max_streams
         )
+        self._loss._pacer = CoarsePacer(max_datagram_size=self._max_datagram_size)
 
     # -- peer authentication ----------------------------------------------
 
