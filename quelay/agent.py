@@ -23,10 +23,12 @@ from .errors import ProtocolError
 from .events import EventHub
 from .identity import Identity, TrustStore, fingerprint_of_der, load_or_create_identity
 from .inbox import Inbox
+from .scheduler import FeedScheduler, feed_budget
 from .session import Session, SessionEnded
 from .transfers import State, Transfer
 from .transport.connection import ConnectionClosed, QuicConn
 from .transport.endpoint import QuicEndpoint
+from .transport.pacing import WireGate, tick_interval
 from .transport.udp import Address, UdpSocket, resolve
 
 log = logging.getLogger("quelay.agent")
@@ -55,6 +57,7 @@ class AgentConfig:
     reconnect_interval: float = 1.0
     congestion: str = "cubic"
     progress_interval: float = 0.5
+    rate: int = 0  # wire cap in bits/s; 0 = uncapped
 
     def __post_init__(self) -> None:
         if (self.listen is None) == (self.peer is None):
@@ -79,6 +82,13 @@ class Agent:
         self.sock: UdpSocket | None = None
         self.ready = trio.Event()
         self._session_changed = trio.lowlevel.ParkingLot()
+        self._nursery: trio.Nursery | None = None
+        self.stopping = False
+        self.feed = FeedScheduler()
+        self._feed_wake = trio.Event()
+        self.feed.on_demand = self._on_feed_demand
+        self.gate: WireGate | None = None
+        self.rate = config.rate
 
     # -- life ----------------------------------------------------------------------
 
@@ -92,6 +102,7 @@ class Agent:
             family, peer = resolve(*cfg.peer)
             bind_host = "::" if family.name == "AF_INET6" else "0.0.0.0"
         self.sock = UdpSocket((bind_host, bind_port), family=family)
+        self.gate = WireGate(cfg.rate, trio.current_time(), cfg.max_datagram_size)
         self.endpoint = QuicEndpoint(
             self.sock,
             make_connection=self._make_connection,
@@ -105,10 +116,12 @@ class Agent:
         log.info("agent %s starting (udp %s:%d)", self.identity.fingerprint, *self.sock.address)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 control = ControlServer(self, cfg.control)
                 await nursery.start(control.serve)
                 nursery.start_soon(self.endpoint.run, nursery)
                 nursery.start_soon(self._progress_loop)
+                nursery.start_soon(self._feed_loop)
                 if cfg.peer is not None:
                     nursery.start_soon(self._dial_loop, peer)
                 else:
@@ -117,6 +130,22 @@ class Agent:
                 task_status.started()
         finally:
             self.sock.close()
+
+    async def shutdown(self, reason: str = "agent shutting down") -> None:
+        """Stop cleanly: close the QUIC connection with a reason, then stop every task.
+
+        The control server's cleanup removes the socket as its task unwinds.
+        """
+        if self._nursery is None or self.stopping:
+            return
+        self.stopping = True
+        log.info("%s: shutting down: %s", self.label, reason)
+        session = self.session
+        if session is not None:
+            session.conn.close(reason)
+            with trio.move_on_after(1.0):  # let the CONNECTION_CLOSE reach the wire
+                await session.conn.terminated.wait()
+        self._nursery.cancel_scope.cancel()
 
     @property
     def label(self) -> str:
@@ -146,6 +175,7 @@ class Agent:
         return conf
 
     def _make_connection(self, quic: Any, sock: UdpSocket, peer: Address) -> QuicConn:
+        quic.set_cap(self.rate / 8)
         return QuicConn(
             quic,
             sock,
@@ -154,6 +184,7 @@ class Agent:
             send_high_water=self.config.send_high_water,
             keepalive=self.config.keepalive,
             label=self.label,
+            gate=self.gate,
         )
 
     def _verify_peer(self, der: bytes | None) -> str | None:
@@ -263,8 +294,19 @@ class Agent:
     def _start(self, t: Transfer) -> None:
         assert self.session is not None
         t.move_to(State.ACTIVE)
+        t.sched_key = self.feed.add(t.priority)
+        log.info("transfer %s started: %s %s %r, priority %d", t.id, t.kind, t.direction, t.name,
+                 t.priority)
         self.publish_transfer("transfer.started", t)
         self.session.start_outbound(t)
+
+    def _release(self, t: Transfer) -> None:
+        """Give back what a finished transfer held: scheduler entry, spool memory."""
+        if t.sched_key is not None:
+            self.feed.remove(t.sched_key)
+            t.sched_key = None
+        if t.spool is not None and not t.spool.released:
+            t.spool.release()
 
     def submit(self, t: Transfer) -> None:
         """Accept a new outbound transfer; it starts now or when the link is up."""
@@ -276,6 +318,7 @@ class Agent:
 
     def complete_transfer(self, t: Transfer) -> None:
         if t.move_to(State.DONE):
+            self._release(t)
             log.info("transfer %s done: %s, %d bytes, sha256 %s", t.id, t.name, t.offset,
                      t.sha256)
             self.publish_transfer("transfer.done", t)
@@ -286,6 +329,7 @@ class Agent:
         if not t.fail(code, message, canceled=canceled):
             return
         log.warning("transfer %s %s: %s: %s", t.id, t.state.value, code, message)
+        self._release(t)
         t.space.unpark_all()
         if self.session is not None and t.data_stream is not None and t.direction == "out":
             self.session.conn.reset_stream(t.data_stream)
@@ -300,6 +344,39 @@ class Agent:
         if self.session is not None and t.state is State.ACTIVE:
             self.session.send(wire.Cancel(t.id, reason))
         self.finish_transfer(t, "canceled", reason, canceled=True)
+
+    # -- the rate cap and the feed -------------------------------------------------
+
+    def set_rate(self, rate_bps: int) -> None:
+        """Change the wire cap at run time; the next tick and datagram obey it."""
+        assert self.gate is not None
+        self.gate.set_rate(rate_bps, trio.current_time())  # validates
+        self.rate = rate_bps
+        if self.session is not None:
+            self.session.conn.quic.set_cap(rate_bps / 8)
+        log.info("%s: rate cap %s", self.label, f"{rate_bps} bit/s" if rate_bps else "off")
+        self._feed_wake.set()
+
+    def _on_feed_demand(self) -> None:
+        # Uncapped, a waiting pump need not wait for the next tick; capped, the tick
+        # interval is what spreads the budget, so demand waits for it.
+        if self.rate == 0:
+            self._feed_wake.set()
+
+    async def _feed_loop(self) -> None:
+        """The ticker: each interval, grant bulk transfers their share of the budget."""
+        uncapped_target = 4 * self.config.send_high_water
+        while True:
+            interval = tick_interval(self.rate, self.config.max_datagram_size)
+            with trio.move_on_after(interval):
+                await self._feed_wake.wait()
+            self._feed_wake = trio.Event()
+            session = self.session
+            if session is None:
+                continue
+            budget = feed_budget(self.rate, interval, session.unsent_bulk(),
+                                 self.feed.outstanding, uncapped_target)
+            self.feed.allocate(budget)
 
     def publish_transfer(self, name: str, t: Transfer) -> None:
         self.events.publish(name, t.info())

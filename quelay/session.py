@@ -181,8 +181,8 @@ class Session:
             self.send(wire.Error(t.id, "protocol_error", "ack out of range"))
             return
         t.offset = msg.offset
-        if t.spool is not None:
-            t.spool.ack(msg.offset)
+        if t.spool is not None and not t.terminal:
+            t.spool.ack(msg.offset)  # within 0..sent, checked above, so within the spool
             t.space.unpark_all()
         if msg.final:
             if t.size is not None and msg.offset == t.size:
@@ -204,8 +204,8 @@ class Session:
                 await self._pump_file(t, sid)
             else:
                 await self._pump_spool(t, sid)
-        except ConnectionClosed:
-            return  # the agent fails the transfer when it learns the session ended
+        except (ConnectionClosed, trio.ClosedResourceError):
+            return  # the session ended or the transfer left the scheduler
         except OSError as exc:
             self.agent.finish_transfer(t, "io_error", f"reading {t.path}: {exc}")
             self.send(wire.Cancel(t.id, "sender could not read its source"))
@@ -219,32 +219,50 @@ class Session:
         self.send(wire.Finish(t.id, t.sent, t.hasher.digest()))
 
     async def _pump_file(self, t: Transfer, sid: int) -> None:
-        assert t.path is not None
+        assert t.path is not None and t.size is not None and t.sched_key is not None
+        feed = self.agent.feed
         with open(t.path, "rb") as source:
-            while not t.terminal:
-                chunk = source.read(CHUNK)
+            while not t.terminal and t.sent < t.size:
+                remaining = t.size - t.sent
+                allowed = await feed.acquire(t.sched_key, min(CHUNK, remaining), remaining)
+                chunk = source.read(allowed)
                 if not chunk:
-                    break
+                    raise OSError(f"file shrank while sending ({t.sent} of {t.size} bytes)")
                 t.hasher.update(chunk)
                 await self.conn.send(sid, chunk)
                 t.sent += len(chunk)
-        if t.size is not None and t.sent != t.size and not t.terminal:
-            raise OSError(f"file changed size while sending ({t.sent} != {t.size})")
+            if not t.terminal and source.read(1):
+                raise OSError(f"file grew while sending (more than {t.size} bytes)")
         if not t.terminal:
             await self.conn.send(sid, b"", end_stream=True)
 
     async def _pump_spool(self, t: Transfer, sid: int) -> None:
+        assert t.sched_key is not None
         spool = t.spool
+        feed = self.agent.feed
         while not t.terminal:
             if spool.pending:
-                chunk = spool.read(min(spool.pending, CHUNK))
+                allowed = await feed.acquire(t.sched_key, min(spool.pending, CHUNK),
+                                             spool.pending)
+                chunk = spool.read(allowed)
                 await self.conn.send(sid, chunk)
                 t.sent += len(chunk)
+                t.space.unpark_all()
             elif spool.eof:
                 await self.conn.send(sid, b"", end_stream=True)
                 return
             else:
+                feed.idle(t.sched_key)
                 await t.space.park()
+
+    def unsent_bulk(self) -> int:
+        """Bytes the pumps handed to QUIC that have not been put in a packet yet."""
+        quic = self.conn.quic
+        return sum(
+            quic.stream_unsent(t.data_stream)
+            for t in self.agent.transfers.values()
+            if t.direction == "out" and t.data_stream is not None and not t.terminal
+        )
 
     # -- inbound -----------------------------------------------------------------
 

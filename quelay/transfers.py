@@ -72,6 +72,7 @@ class Transfer:
     finish: Any = field(default=None, repr=False)  # in: the peer's wire.Finish
     finish_seen: trio.Event = field(default_factory=trio.Event, repr=False)
     data_stream: int | None = None  # QUIC stream id carrying the bytes, this session
+    sched_key: int | None = None  # out: this transfer's entry in the feed scheduler
 
     @property
     def terminal(self) -> bool:

@@ -183,8 +183,9 @@ class ClientConnection:
             if not pending:
                 data = await self.stream.receive_some(READ_CHUNK)
                 if not data:
-                    spool.close()
-                    t.space.unpark_all()
+                    if not t.terminal:
+                        spool.close()
+                        t.space.unpark_all()
                     return
                 pending = memoryview(data)
             while pending and not t.terminal:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import trio
 from aioquic.quic import events
 
+from .pacing import WireGate
 from .quic_ext import QuelayQuicConnection
 from .udp import Address, UdpSocket
 
@@ -116,6 +117,7 @@ class QuicConn:
         send_high_water: int,
         keepalive: float,
         label: str = "agent",
+        gate: WireGate | None = None,
     ) -> None:
         self.quic = quic
         self.sock = sock
@@ -124,6 +126,9 @@ class QuicConn:
         self.send_high_water = send_high_water
         self.keepalive = keepalive
         self.label = label
+        self.gate = gate if gate is not None else WireGate(0, trio.current_time())
+        self._outbox: deque[tuple[bytes, Address]] = deque()
+        self._gate_at: float | None = None
         self.authenticated = trio.Event()
         self.terminated = trio.Event()
         self.closed: str | None = None
@@ -158,7 +163,10 @@ class QuicConn:
     async def _timer_loop(self) -> None:
         while True:
             timer = self.quic.get_timer()
-            with trio.move_on_at(timer if timer is not None else math.inf):
+            deadline = timer if timer is not None else math.inf
+            if self._gate_at is not None:
+                deadline = min(deadline, self._gate_at)
+            with trio.move_on_at(deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
@@ -170,9 +178,30 @@ class QuicConn:
                 return
 
     async def transmit(self) -> None:
-        datagrams = self.quic.datagrams_to_send(trio.current_time())
-        if datagrams:
-            await self.sock.send_batch(datagrams)
+        """Send what QUIC has, as far as the wire gate allows; hold the rest.
+
+        Held datagrams are few: aioquic's pacer already runs at the cap, so the
+        gate only trims bursts. aioquic is asked for more only once they are out.
+        """
+        now = trio.current_time()
+        outbox = self._outbox
+        if not outbox:
+            outbox.extend(self.quic.datagrams_to_send(now))
+            if not outbox:
+                self._gate_at = None
+                return
+        gate = self.gate
+        if gate.capped:
+            batch = []
+            while outbox and gate.try_send(len(outbox[0][0]), now):
+                batch.append(outbox.popleft())
+        else:
+            batch = list(outbox)
+            outbox.clear()
+            gate.try_send(sum(len(d) for d, _ in batch), now)
+        self._gate_at = gate.ready_at(len(outbox[0][0]), now) if outbox else None
+        if batch:
+            await self.sock.send_batch(batch)
 
     async def _keepalive_loop(self) -> None:
         await self.authenticated.wait()

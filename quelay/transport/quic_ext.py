@@ -33,11 +33,18 @@ class CoarsePacer(QuicPacketPacer):
     allows, and a burst of 64 datagrams is what GSO sends in one syscall.
     """
 
+    cap_bytes_per_second: float = 0.0  # the operator's cap; 0 = none
+
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        super().update_rate(congestion_window, smoothed_rtt)
         pacing_rate = congestion_window / max(smoothed_rtt, 1e-6)
         burst = max(2 * self._max_datagram_size,
                     min(congestion_window // 2, PACER_BURST_DATAGRAMS * self._max_datagram_size))
+        if self.cap_bytes_per_second > 0:
+            # Never pace above the cap: datagrams are made no faster than the gate lets
+            # them out, so none waits long enough to look lost to loss detection.
+            pacing_rate = min(pacing_rate, self.cap_bytes_per_second)
+            burst = max(2 * self._max_datagram_size, min(burst, pacing_rate * 0.01))
+        self.packet_time = max(1e-6, min(self._max_datagram_size / pacing_rate, 1.0))
         self.bucket_max = burst / pacing_rate
         self.bucket_time = min(self.bucket_time, self.bucket_max)
 
@@ -91,6 +98,23 @@ class QuelayQuicConnection(QuicConnection):
         """Record that the local consumer took ``nbytes`` of ``stream_id``."""
         self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
         self._consumed_total += nbytes
+
+    def set_cap(self, bytes_per_second: float) -> None:
+        """Tell pacing (and an allotment-aware congestion control) the operator's cap."""
+        pacer = self._loss._pacer
+        if isinstance(pacer, CoarsePacer):
+            pacer.cap_bytes_per_second = bytes_per_second
+        set_allotment = getattr(self._loss._cc, "set_allotment", None)
+        if set_allotment is not None:
+            set_allotment(bytes_per_second)
+
+    def stream_unsent(self, stream_id: int) -> int:
+        """Bytes queued on one of our streams that were never put in a packet."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return max(0, int(sender._buffer_stop - sender.highest_offset))
 
     def forget_stream(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
