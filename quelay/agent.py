@@ -23,12 +23,12 @@ from .errors import ProtocolError
 from .events import EventHub
 from .identity import Identity, TrustStore, fingerprint_of_der, load_or_create_identity
 from .inbox import Inbox
-from .scheduler import FeedScheduler, feed_budget
+from .scheduler import FeedScheduler
 from .session import Session, SessionEnded
 from .transfers import State, Transfer
 from .transport.connection import ConnectionClosed, QuicConn
 from .transport.endpoint import QuicEndpoint
-from .transport.pacing import WireGate, tick_interval
+from .transport.pacing import WireGate
 from .transport.udp import Address, UdpSocket, resolve
 
 log = logging.getLogger("quelay.agent")
@@ -62,6 +62,12 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if (self.listen is None) == (self.peer is None):
             raise ValueError("an agent needs exactly one of --listen HOST:PORT or --peer HOST:PORT")
+        from .transport.allotted import CONGESTION_CONTROLS
+
+        if self.congestion not in CONGESTION_CONTROLS:
+            raise ValueError(f"congestion must be one of {', '.join(CONGESTION_CONTROLS)}")
+        if self.rate < 0:
+            raise ValueError("rate must be >= 0 bit/s (0 = uncapped)")
 
 
 class Agent:
@@ -85,8 +91,9 @@ class Agent:
         self._nursery: trio.Nursery | None = None
         self.stopping = False
         self.feed = FeedScheduler()
-        self._feed_wake = trio.Event()
-        self.feed.on_demand = self._on_feed_demand
+        self.feed.rate_bps = config.rate
+        self.feed.uncapped_target = 4 * config.send_high_water
+        self.feed.max_datagram = config.max_datagram_size
         self.gate: WireGate | None = None
         self.rate = config.rate
 
@@ -121,7 +128,7 @@ class Agent:
                 await nursery.start(control.serve)
                 nursery.start_soon(self.endpoint.run, nursery)
                 nursery.start_soon(self._progress_loop)
-                nursery.start_soon(self._feed_loop)
+                nursery.start_soon(self.feed.run, self._unsent)
                 if cfg.peer is not None:
                     nursery.start_soon(self._dial_loop, peer)
                 else:
@@ -355,28 +362,11 @@ class Agent:
         if self.session is not None:
             self.session.conn.quic.set_cap(rate_bps / 8)
         log.info("%s: rate cap %s", self.label, f"{rate_bps} bit/s" if rate_bps else "off")
-        self._feed_wake.set()
+        self.feed.rate_bps = rate_bps
+        self.feed.wake()
 
-    def _on_feed_demand(self) -> None:
-        # Uncapped, a waiting pump need not wait for the next tick; capped, the tick
-        # interval is what spreads the budget, so demand waits for it.
-        if self.rate == 0:
-            self._feed_wake.set()
-
-    async def _feed_loop(self) -> None:
-        """The ticker: each interval, grant bulk transfers their share of the budget."""
-        uncapped_target = 4 * self.config.send_high_water
-        while True:
-            interval = tick_interval(self.rate, self.config.max_datagram_size)
-            with trio.move_on_after(interval):
-                await self._feed_wake.wait()
-            self._feed_wake = trio.Event()
-            session = self.session
-            if session is None:
-                continue
-            budget = feed_budget(self.rate, interval, session.unsent_bulk(),
-                                 self.feed.outstanding, uncapped_target)
-            self.feed.allocate(budget)
+    def _unsent(self) -> int | None:
+        return None if self.session is None else self.session.unsent_bulk()
 
     def publish_transfer(self, name: str, t: Transfer) -> None:
         self.events.publish(name, t.info())
@@ -408,8 +398,12 @@ class Agent:
             "transfers": states,
             "wire": None,
         }
+        out["rate"] = self.rate
         if counters is not None:
+            now = trio.current_time()
             out["wire"] = {
+                "rate": self.gate.window_bytes(now) * 8 if self.gate else 0,
+                "held_datagrams": self.gate.held if self.gate else 0,
                 "bytes_sent": counters.bytes_sent,
                 "bytes_received": counters.bytes_received,
                 "datagrams_sent": counters.datagrams_sent,
@@ -420,6 +414,9 @@ class Agent:
             out["link"]["rtt"] = rec._rtt_smoothed if rec._rtt_initialized else None
             out["link"]["cwnd"] = rec._cc.congestion_window
             out["link"]["bytes_in_flight"] = rec._cc.bytes_in_flight
+            out["link"]["lost_packets"] = self.session.conn.quic.lost_packets
+            out["link"]["lost_bytes"] = self.session.conn.quic.lost_bytes
+            out["link"]["congestion"] = self.config.congestion
         return out
 
 

@@ -36,7 +36,8 @@ async def _progress(label: str, get: Any, total: int | None, done: trio.Event) -
         count = await get()
         elapsed = max(time.monotonic() - start, 1e-6)
         pct = f"{100 * count / total:5.1f}% " if total else ""
-        line = f"  {label}: {pct}{format_size(count)} at {format_rate(8 * count / elapsed, zero='0 bit/s')}"
+        rate = format_rate(8 * count / elapsed, zero="0 bit/s")
+        line = f"  {label}: {pct}{format_size(count)} at {rate}"
         if tty:
             sys.stdout.write("\r" + line + "\x1b[K")
             sys.stdout.flush()

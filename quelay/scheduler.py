@@ -21,6 +21,7 @@ from collections.abc import Callable
 import trio
 
 from .native import DrrTable
+from .transport.pacing import tick_interval
 
 BASE_QUANTUM = 16 * 1024
 MIN_TARGET = 4 * 1350
@@ -29,10 +30,8 @@ MIN_TARGET = 4 * 1350
 def feed_budget(rate_bps: int, interval: float, unsent: int, outstanding: int,
                 uncapped_target: int) -> int:
     """Bytes to grant this tick so QUIC holds about the target of unsent data."""
-    if rate_bps > 0:
-        target = max(MIN_TARGET, int(rate_bps / 8 * interval * 2))
-    else:
-        target = uncapped_target
+    capped = max(MIN_TARGET, int(rate_bps / 8 * interval * 2))
+    target = capped if rate_bps > 0 else uncapped_target
     return max(0, target - unsent - outstanding)
 
 
@@ -42,7 +41,10 @@ class FeedScheduler:
         self._keys = itertools.count(1)
         self._grants: dict[int, int] = {}
         self._lot = trio.lowlevel.ParkingLot()
-        self.on_demand: Callable[[], None] | None = None  # lets the ticker run early
+        self.rate_bps = 0  # the operator's cap; 0 = uncapped
+        self.uncapped_target = 8 * 1024 * 1024
+        self.max_datagram = 1350
+        self._wake = trio.Event()
 
     @property
     def outstanding(self) -> int:
@@ -78,8 +80,10 @@ class FeedScheduler:
         granted = self._grants.get(key, 0)
         if granted == 0:
             self.drr.set_backlog(key, max(want, backlog or 0))
-            if self.on_demand is not None:
-                self.on_demand()
+            if self.rate_bps == 0:
+                # Uncapped, a waiting transfer need not wait for the next tick; capped,
+                # the tick interval is what spreads the budget, so demand waits for it.
+                self._wake.set()
             return 0
         nbytes = min(granted, want)
         self._grants[key] = granted - nbytes
@@ -104,6 +108,23 @@ class FeedScheduler:
             if nbytes:
                 return nbytes
             await self._lot.park()
+
+    def wake(self) -> None:
+        """Run the next tick now (the cap changed, or demand appeared uncapped)."""
+        self._wake.set()
+
+    async def run(self, unsent: Callable[[], int | None]) -> None:
+        """The ticker: every interval, grant the budget; ``unsent`` None = no link."""
+        while True:
+            interval = tick_interval(self.rate_bps, self.max_datagram)
+            with trio.move_on_after(interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            backlog = unsent()
+            if backlog is None:
+                continue
+            self.allocate(feed_budget(self.rate_bps, interval, backlog, self.outstanding,
+                                      self.uncapped_target))
 
     def release(self) -> None:
         self.drr.release()

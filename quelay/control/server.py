@@ -24,6 +24,7 @@ import trio
 from ..errors import FrameTooLarge, RemoteProtocolError
 from ..framing import FrameDecoder, encode_frame
 from ..transfers import State, Transfer
+from ..units import UnitError, parse_rate
 from ..wire import PRIORITY_RANGE, new_transfer_id
 from . import protocol as p
 from .protocol import ControlError
@@ -218,6 +219,8 @@ class ControlServer:
             "wait": self.op_wait,
             "cancel": self.op_cancel,
             "subscribe": self.op_subscribe,
+            "get_rate": self.op_get_rate,
+            "set_rate": self.op_set_rate,
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -341,6 +344,24 @@ class ControlServer:
             raise ControlError(p.CONFLICT, f"transfer is already {t.state.value}")
         self.agent.cancel(t)
         return t.info()
+
+    async def op_get_rate(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        return {"rate": self.agent.rate}
+
+    async def op_set_rate(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        rate = args.get("rate")
+        if isinstance(rate, str):
+            try:
+                rate = parse_rate(rate)
+            except UnitError as exc:
+                raise ControlError(p.INVALID_ARGUMENT, str(exc)) from exc
+        if not isinstance(rate, int) or isinstance(rate, bool):
+            raise ControlError(p.INVALID_ARGUMENT, "argument 'rate' must be bits/s or '2Mbps'")
+        try:
+            self.agent.set_rate(rate)
+        except ValueError as exc:
+            raise ControlError(p.INVALID_ARGUMENT, str(exc)) from exc
+        return {"rate": self.agent.rate}
 
     async def op_subscribe(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         sub = self.agent.events.subscribe()

@@ -22,6 +22,7 @@ from collections import deque
 
 WINDOW = 1.0
 BURST_SECONDS = 0.01  # the bucket holds at most 10 ms at the cap (>= 2 datagrams)
+EPSILON = 1e-6  # bytes of float slack
 
 
 def tick_interval(rate_bps: int, max_datagram: int = 1350) -> float:
@@ -65,7 +66,8 @@ class WireGate:
 
     def _refill(self, now: float) -> None:
         if now > self._last:
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.bytes_per_second)
+            refill = (now - self._last) * self.bytes_per_second
+            self._tokens = min(self.burst, self._tokens + refill)
             self._last = now
 
     def _expire(self, now: float) -> None:
@@ -91,7 +93,7 @@ class WireGate:
             return True
         self._refill(now)
         self._expire(now)
-        if self._tokens < nbytes or self._window_bytes + nbytes > self.bytes_per_second:
+        if self._tokens + EPSILON < nbytes or self._window_bytes + nbytes > self.bytes_per_second:
             self.held += 1
             return False
         self._tokens -= nbytes
@@ -117,4 +119,4 @@ class WireGate:
                     break
             else:
                 at = math.inf  # a datagram larger than one second's allotment
-        return at
+        return at if at == now else at + 1e-9  # float slack: at `at`, try_send succeeds

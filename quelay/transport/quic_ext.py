@@ -22,6 +22,8 @@ from aioquic.quic.connection import (
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.recovery import QuicPacketPacer
 
+from . import allotted  # noqa: F401  (registers the "allotted" congestion control)
+
 PACER_BURST_DATAGRAMS = 64
 
 
@@ -74,6 +76,17 @@ class QuelayQuicConnection(QuicConnection):
             frame_type=QuicFrameType.MAX_STREAMS_UNI, name="max_streams_uni", value=max_streams
         )
         self._loss._pacer = CoarsePacer(max_datagram_size=self._max_datagram_size)
+        self.lost_packets = 0
+        self.lost_bytes = 0
+        original = self._loss._on_packets_lost
+
+        def counting(*, packets: Any, **kw: Any) -> None:
+            packets = list(packets)
+            self.lost_packets += len(packets)
+            self.lost_bytes += sum(p.sent_bytes for p in packets)
+            original(packets=packets, **kw)
+
+        self._loss._on_packets_lost = counting  # loss statistics for `quelay status`
 
     # -- peer authentication ----------------------------------------------
 
