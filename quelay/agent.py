@@ -51,7 +51,9 @@ class AgentConfig:
     max_streams: int = 1024
     spool_size: int = 1 * MiB
     max_datagram_size: int = 1350
-    keepalive: float = 5.0
+    keepalive: float = 1.0
+    dead_after: float = 3.0  # silence (or 4 RTTs) after which the link is declared dead
+    probe_interval: float = 1.0  # a dial attempt nobody answers is replaced this often
     idle_timeout: float = 30.0
     handshake_timeout: float = 10.0
     reconnect_interval: float = 1.0
@@ -84,6 +86,9 @@ class Agent:
         self.link_state = "connecting"
         self.link_reason = ""
         self.peer_fingerprint: str | None = None
+        self.peer_epoch: int | None = None
+        self._last_rtt = 0.0
+        self._last_attempt_heard = True
         self.endpoint: QuicEndpoint | None = None
         self.sock: UdpSocket | None = None
         self.ready = trio.Event()
@@ -192,6 +197,7 @@ class Agent:
             keepalive=self.config.keepalive,
             label=self.label,
             gate=self.gate,
+            dead_after=self.config.dead_after,
         )
 
     def _verify_peer(self, der: bytes | None) -> str | None:
@@ -215,13 +221,15 @@ class Agent:
     async def _dial_loop(self, peer: Address) -> None:
         assert self.endpoint is not None
         while True:
-            self._set_link("connecting")
+            if self.link_state != "down":
+                self._set_link("connecting")
             conn = self.endpoint.connect(peer)
             try:
                 await self._run_connection(conn, dialer=True)
             finally:
                 self.endpoint.forget(conn)
-            await trio.sleep(self.config.reconnect_interval)
+            if self.link_state != "down" or self._last_attempt_heard:
+                await trio.sleep(self.config.reconnect_interval)
 
     async def _accept_loop(self, nursery: trio.Nursery) -> None:
         assert self.endpoint is not None
@@ -238,8 +246,20 @@ class Agent:
     async def _run_connection(self, conn: QuicConn, *, dialer: bool) -> None:
         """Drive one connection: authenticate, run a session, report why it ended."""
         reason = "connection closed"
+        self._last_attempt_heard = True
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.run)
+            if dialer:
+                # Probe: an attempt that hears nothing is replaced quickly by a fresh one,
+                # so the link's return is noticed within one probe interval, not after
+                # QUIC's exponential Initial backoff.
+                with trio.move_on_after(self._probe_interval()):
+                    await _first(conn.first_rx.wait, conn.terminated.wait)
+                if not conn.first_rx.is_set():
+                    self._last_attempt_heard = False
+                    conn.abandon("no answer to this dial attempt", quiet=True)
+                    nursery.cancel_scope.cancel()
+                    return
             try:
                 with trio.fail_after(self.config.handshake_timeout):
                     await _first(conn.authenticated.wait, conn.terminated.wait)
@@ -271,26 +291,54 @@ class Agent:
                     await conn.terminated.wait()
                 nursery.cancel_scope.cancel()
 
+    def _probe_interval(self) -> float:
+        return max(self.config.probe_interval, 1.5 * self._last_rtt)
+
     def session_up(self, session: Session) -> None:
         old = self.session
         if old is not None and old.conn is not session.conn:
             old.conn.close("replaced by a newer connection from the peer")
         self.session = session
         self.peer_fingerprint = session.conn.peer_fingerprint
+        hello = session.peer_hello
+        assert hello is not None
+        if self.peer_epoch is not None and hello.epoch != self.peer_epoch:
+            self._peer_restarted()
+        self.peer_epoch = hello.epoch
         self._set_link("up")
-        for t in self.transfers.values():
-            if t.direction == "out" and t.state is State.PENDING:
+        for t in list(self.transfers.values()):
+            if t.direction != "out":
+                continue
+            if t.state is State.PENDING:
                 self._start(t)
+            elif t.state is State.ACTIVE:
+                session.start_outbound(t)  # resume from the receiver's offset
         self._session_changed.unpark_all()
+
+    def _peer_restarted(self) -> None:
+        """The peer lost its memory: what lived only there cannot continue."""
+        log.warning("%s: the peer restarted (new boot epoch)", self.label)
+        for t in list(self.transfers.values()):
+            if t.terminal:
+                continue
+            if t.direction == "in":
+                self.finish_transfer(t, "peer_restarted",
+                                     "the sending agent restarted; its in-memory data is gone")
+            elif t.kind == "stream" and t.state is State.ACTIVE:
+                self.finish_transfer(t, "peer_restarted",
+                                     "the receiving agent restarted; the stream cannot resume")
 
     def _session_ended(self, conn: QuicConn, reason: str) -> None:
         if self.session is None or self.session.conn is not conn:
             return
+        loss = conn.quic._loss
+        if loss._rtt_initialized:
+            self._last_rtt = loss._rtt_smoothed
         self.session = None
         self._set_link("down", reason)
-        for t in list(self.transfers.values()):
-            if t.state is State.ACTIVE:
-                self.finish_transfer(t, "link_lost", f"link lost: {reason}")
+        live = sum(1 for t in self.transfers.values() if t.state is State.ACTIVE)
+        if live:
+            log.info("%s: %d transfers wait for the link to resume", self.label, live)
 
     # -- transfers -------------------------------------------------------------------
 

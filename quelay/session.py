@@ -11,6 +11,7 @@ session when it concerns the control stream itself — never the agent.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ CHUNK = 64 * 1024
 HELLO_TIMEOUT = 10.0
 OPEN_WAIT = 30.0
 FSYNC_EVERY = 4 * 1024 * 1024
+READER_GRACE = 30.0  # seconds a reader may take to finish a write once the session ended
 ACK_EVERY = 64 * 1024
 
 
@@ -48,6 +50,7 @@ class Session:
         self.peer_hello: wire.Hello | None = None
         self.control_sid: int | None = None
         self._nursery: trio.Nursery | None = None
+        self._shields: set[trio.CancelScope] = set()
 
     # -- sending ---------------------------------------------------------------
 
@@ -83,6 +86,8 @@ class Session:
             try:
                 await self._control_loop(control, decoder)
             finally:
+                for shield in self._shields:
+                    shield.deadline = trio.current_time() + READER_GRACE
                 nursery.cancel_scope.cancel()
 
     async def _open_control(self) -> InboundStream:
@@ -134,6 +139,11 @@ class Session:
             if t is None or t.direction != "out":
                 return  # late ack for a transfer we forgot: harmless
             self._on_ack(t, msg)
+        elif isinstance(msg, wire.Resume):
+            t = agent.transfers.get(msg.id)
+            if t is not None and t.direction == "out" and not t.terminal:
+                t.resume_offset = msg.offset
+                t.resumed.set()
         elif isinstance(msg, wire.Finish):
             t = agent.transfers.get(msg.id)
             if t is not None and t.direction == "in" and t.finish is None:
@@ -155,7 +165,18 @@ class Session:
 
     def _on_open(self, msg: wire.Open) -> None:
         agent = self.agent
-        if msg.id in agent.transfers:
+        known = agent.transfers.get(msg.id)
+        if msg.resume:
+            if known is None or known.direction != "in":
+                self.send(wire.Error(msg.id, "unknown_transfer",
+                                     "the receiver has no record of this transfer"))
+            elif known.terminal:
+                self.send(wire.Error(msg.id, "finished", f"the transfer is {known.state.value}"))
+            else:
+                known.resumes += 1
+                self.send(wire.Resume(msg.id, known.offset))
+            return
+        if known is not None:
             self.send(wire.Error(msg.id, "duplicate", "a transfer with this id exists"))
             return
         t = Transfer(msg.id, "in", msg.kind, msg.name, msg.size, msg.priority, msg.attrs)
@@ -193,12 +214,40 @@ class Session:
     # -- outbound ----------------------------------------------------------------
 
     async def _pump_out(self, t: Transfer) -> None:
+        async with t.busy:  # a pump of an earlier session may still be unwinding
+            if not t.terminal:
+                await self._pump_out_locked(t)
+
+    async def _pump_out_locked(self, t: Transfer) -> None:
         conn = self.conn
+        resume = t.opened
+        t.resume_offset = None
+        t.resumed = trio.Event()
         self.send(wire.Open(t.id, t.kind, t.size if t.kind == "file" else None, t.priority,
-                            t.name, t.attrs))
+                            t.name, t.attrs, resume))
+        t.opened = True
+        start = 0
+        if resume:
+            with trio.move_on_after(OPEN_WAIT):
+                await t.resumed.wait()
+            if t.terminal:
+                return
+            start = t.resume_offset if t.resume_offset is not None else -1
+            if not t.offset <= start <= t.sent:
+                self.agent.finish_transfer(
+                    t, "protocol_error",
+                    f"receiver resumed at {start}, outside acked..sent {t.offset}..{t.sent}")
+                return
+            t.resumes += 1
+            log.info("transfer %s resumes at byte %d (%d sent before)", t.id, start, t.sent)
+            t.offset = start
+            t.sent = start
+            if t.spool is not None:
+                t.spool.ack(start)
+                t.spool.rewind()
         sid = conn.open_stream()
         t.data_stream = sid
-        conn.send_nowait(sid, encode_frame(wire.encode_message(wire.DataHeader(t.id, 0))))
+        conn.send_nowait(sid, encode_frame(wire.encode_message(wire.DataHeader(t.id, start))))
         try:
             if t.kind == "file":
                 await self._pump_file(t, sid)
@@ -215,20 +264,24 @@ class Session:
             conn.reset_stream(sid)
             return
         t.size = t.sent
-        t.sha256 = t.hasher.hexdigest()
-        self.send(wire.Finish(t.id, t.sent, t.hasher.digest()))
+        if t.kind == "file":
+            assert t.path is not None
+            t.sha256 = await trio.to_thread.run_sync(_hash_file, t.path)
+        else:
+            t.sha256 = t.hasher.hexdigest()  # fed by the writer, in order, once per byte
+        self.send(wire.Finish(t.id, t.sent, bytes.fromhex(t.sha256)))
 
     async def _pump_file(self, t: Transfer, sid: int) -> None:
         assert t.path is not None and t.size is not None and t.sched_key is not None
         feed = self.agent.feed
         with open(t.path, "rb") as source:
+            source.seek(t.sent)
             while not t.terminal and t.sent < t.size:
                 remaining = t.size - t.sent
                 allowed = await feed.acquire(t.sched_key, min(CHUNK, remaining), remaining)
                 chunk = source.read(allowed)
                 if not chunk:
                     raise OSError(f"file shrank while sending ({t.sent} of {t.size} bytes)")
-                t.hasher.update(chunk)
                 await self.conn.send(sid, chunk)
                 t.sent += len(chunk)
             if not t.terminal and source.read(1):
@@ -282,13 +335,18 @@ class Session:
             if not isinstance(header, wire.DataHeader):
                 raise RemoteProtocolError("a data stream must start with a data header")
             t = await self._wait_for_open(header.id)
-            if header.offset != 0:
-                raise RemoteProtocolError("data stream starts past offset 0")
-            leftover = decoder.take_rest()
-            if t.kind == "file":
-                await self._sink_file(t, stream, leftover)
-            else:
-                await self._sink_stream(t, stream, leftover)
+            async with t.busy:  # the sink of an earlier session may still be unwinding
+                if t.terminal:
+                    return
+                if header.offset > t.offset:
+                    raise RemoteProtocolError(
+                        f"gap: data resumes at byte {header.offset}, "
+                        f"only {t.offset} were delivered")
+                leftover = await self._skip(stream, decoder.take_rest(), t.offset - header.offset)
+                if t.kind == "file":
+                    await self._sink_file(t, stream, leftover)
+                else:
+                    await self._sink_stream(t, stream, leftover)
         except (RemoteProtocolError, SessionEnded) as exc:
             log.warning("data stream %d: %s", stream.stream_id, exc)
             if t is not None:
@@ -301,6 +359,18 @@ class Session:
             return
         finally:
             self.conn.discard_stream(stream.stream_id)
+
+    async def _skip(self, stream: InboundStream, first: bytes, overlap: int) -> bytes:
+        """Discard replayed bytes the reader already has (a resume may overlap)."""
+        data = first
+        while overlap > 0:
+            if not data:
+                data = await stream.receive_some(min(overlap, 256 * 1024))
+                if not data:
+                    raise RemoteProtocolError("data stream ended inside the replayed overlap")
+            cut = min(overlap, len(data))
+            data, overlap = data[cut:], overlap - cut
+        return data
 
     async def _wait_for_open(self, transfer_id: str) -> Transfer:
         with trio.move_on_after(OPEN_WAIT):
@@ -326,9 +396,11 @@ class Session:
         partial = inbox.partial_path(t.id)
         assert t.size is not None
         pending = [first] if first else []
-        synced = 0
+        synced = t.offset
         try:
-            with open(partial, "wb") as out:
+            with open(partial, "r+b" if t.offset else "wb") as out:
+                out.truncate(t.offset)
+                out.seek(t.offset)
                 while True:
                     chunk = await self._take(stream, pending)
                     if not chunk:
@@ -347,8 +419,8 @@ class Session:
                 await trio.to_thread.run_sync(os.fsync, out.fileno())
             await self._verify(t)
             final = inbox.finalize(partial, t.name)
-        except BaseException:
-            inbox.discard(partial)  # no resume across sessions yet: a partial is garbage
+        except (RemoteProtocolError, StreamReset, OSError):
+            inbox.discard(partial)  # the transfer fails: its partial file is garbage
             raise
         t.path = str(final)
         self.agent.complete_transfer(t)
@@ -358,18 +430,32 @@ class Session:
         await t.reader_ready.wait()
         reader = t.reader
         pending = [first] if first else []
-        acked = 0
+        acked = t.offset
         try:
             while True:
                 chunk = await self._take(stream, pending)
                 if not chunk:
                     break
-                await reader.send_all(chunk)
+                # Shielded: a write cut in half by the session ending would leave us not
+                # knowing how much the reader got, and the resume would duplicate it.
+                # When the session ends, the shield gets a grace deadline (see run()).
+                with trio.CancelScope(shield=True) as shield:
+                    self._shields.add(shield)
+                    try:
+                        await reader.send_all(chunk)
+                    finally:
+                        self._shields.discard(shield)
+                if shield.cancelled_caught:
+                    raise trio.TooSlowError
                 t.hasher.update(chunk)
                 t.offset += len(chunk)
                 if t.offset - acked >= ACK_EVERY or stream.buffered == 0:
                     acked = t.offset
                     self._ack(t)
+        except trio.TooSlowError as exc:
+            self.agent.finish_transfer(t, "reader_stalled", "the local reader stopped reading")
+            self.send(wire.Cancel(t.id, "the receiving reader stalled"))
+            raise ConnectionClosed("reader stalled") from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.agent.finish_transfer(t, "reader_gone", "the local reader disconnected")
             self.send(wire.Cancel(t.id, "the receiving reader disconnected"))
@@ -391,3 +477,12 @@ class Session:
         t.size = finish.total
         t.sha256 = finish.sha256.hex()
 
+
+
+def _hash_file(path: str) -> str:
+    """SHA-256 of a whole file (the sender's digest, independent of resumes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

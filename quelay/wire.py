@@ -46,6 +46,15 @@ class Open:
     priority: int
     name: str
     attrs: dict[str, str] = field(default_factory=dict)
+    resume: bool = False  # re-announced after a reconnect: answer with Resume
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Answer to a resumed Open: the receiver has delivered ``offset`` bytes; go on from there."""
+
+    id: str
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,12 @@ class DataHeader:
     offset: int
 
 
-Message = Hello | Open | Ack | Finish | Cancel | Error | DataHeader
+Message = Hello | Open | Resume | Ack | Finish | Cancel | Error | DataHeader
 
 _TYPES: dict[str, type] = {
     "hello": Hello,
     "open": Open,
+    "resume": Resume,
     "ack": Ack,
     "finish": Finish,
     "cancel": Cancel,
@@ -170,6 +180,9 @@ def decode_message_untrusted(body: Any) -> Message:
         priority = _uint(body, "priority")
         if priority not in PRIORITY_RANGE:
             raise RemoteProtocolError("field 'priority' must be within 0..15")
+        resume = body.get("resume", False)
+        if not isinstance(resume, bool):
+            raise RemoteProtocolError("field 'resume' must be a boolean")
         return Open(
             _transfer_id(body),
             tkind,
@@ -177,7 +190,12 @@ def decode_message_untrusted(body: Any) -> Message:
             priority,
             _str(body, "name"),
             _attrs(body),
+            resume,
         )
+    if kind == "resume":
+        offset = _uint(body, "offset")
+        assert offset is not None
+        return Resume(_transfer_id(body), offset)
     if kind == "ack":
         offset = _uint(body, "offset")
         assert offset is not None

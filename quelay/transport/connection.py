@@ -29,6 +29,23 @@ APP_ERROR_UNTRUSTED = 0x101
 APP_ERROR_SHUTDOWN = 0x100
 
 
+class Liveness:
+    """Sans-IO dead-link detector: silent for ``dead_after`` (or 4 RTTs) means dead."""
+
+    def __init__(self, dead_after: float) -> None:
+        self.dead_after = dead_after
+        self.last_heard = -math.inf
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+
+    def limit(self, rtt: float | None) -> float:
+        return max(self.dead_after, 4 * rtt) if rtt else self.dead_after
+
+    def is_dead(self, now: float, rtt: float | None) -> bool:
+        return now - self.last_heard > self.limit(rtt)
+
+
 class ConnectionClosed(Exception):
     """The QUIC connection ended; ``reason`` says how (and from which side)."""
 
@@ -118,6 +135,7 @@ class QuicConn:
         keepalive: float,
         label: str = "agent",
         gate: WireGate | None = None,
+        dead_after: float = 3.0,
     ) -> None:
         self.quic = quic
         self.sock = sock
@@ -129,6 +147,8 @@ class QuicConn:
         self.gate = gate if gate is not None else WireGate(0, trio.current_time())
         self._outbox: deque[tuple[bytes, Address]] = deque()
         self._gate_at: float | None = None
+        self.liveness = Liveness(dead_after)
+        self.first_rx = trio.Event()
         self.authenticated = trio.Event()
         self.terminated = trio.Event()
         self.closed: str | None = None
@@ -148,6 +168,9 @@ class QuicConn:
         self._wake.set()
 
     def datagram_received(self, data: bytes, addr: Address, now: float) -> None:
+        self.liveness.heard(now)
+        if not self.first_rx.is_set():
+            self.first_rx.set()
         self.quic.receive_datagram(data, addr, now)
 
     async def run(self) -> None:
@@ -204,12 +227,26 @@ class QuicConn:
             await self.sock.send_batch(batch)
 
     async def _keepalive_loop(self) -> None:
+        """PING every interval; declare the link dead when nothing comes back in time."""
         await self.authenticated.wait()
+        self.liveness.heard(trio.current_time())
         while self.closed is None:
             await trio.sleep(self.keepalive)
+            now = trio.current_time()
+            rtt = self.quic._loss._rtt_smoothed if self.quic._loss._rtt_initialized else None
+            if self.liveness.is_dead(now, rtt):
+                self.abandon(f"link dead: nothing heard from the peer for "
+                             f"{now - self.liveness.last_heard:.1f}s")
+                return
             self._ping_seq += 1
             self.quic.send_ping(self._ping_seq)
             self.kick()
+
+    def abandon(self, reason: str, *, quiet: bool = False) -> None:
+        """Give up on a connection we cannot reach: no close handshake, it is gone."""
+        log.log(logging.DEBUG if quiet else logging.INFO, "%s: %s", self.label, reason)
+        self._terminate(events.ConnectionTerminated(
+            error_code=APP_ERROR_SHUTDOWN, frame_type=None, reason_phrase=reason))
 
     def process_events(self) -> None:
         while (event := self.quic.next_event()) is not None:
