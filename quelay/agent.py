@@ -23,6 +23,7 @@ from .errors import ProtocolError
 from .events import EventHub
 from .identity import Identity, TrustStore, fingerprint_of_der, load_or_create_identity
 from .inbox import Inbox
+from .journal import Journal
 from .scheduler import FeedScheduler
 from .session import Session, SessionEnded
 from .transfers import State, Transfer
@@ -34,6 +35,7 @@ from .transport.udp import Address, UdpSocket, resolve
 log = logging.getLogger("quelay.agent")
 
 MiB = 1024 * 1024
+RESUME_GRACE = 30.0  # after a peer restart, how long an incoming file waits to be resumed
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Agent:
         self.identity: Identity = load_or_create_identity(config.state_dir)
         self.trust = TrustStore.from_specs(config.trust)
         self.inbox = Inbox(config.inbox)
+        self.journal = Journal(config.state_dir / "journal.sqlite3")
         self.epoch = secrets.randbits(63)
         self.events = EventHub()
         self.transfers: dict[str, Transfer] = {}
@@ -89,6 +92,7 @@ class Agent:
         self.peer_epoch: int | None = None
         self._last_rtt = 0.0
         self._last_attempt_heard = True
+        self._recover()
         self.endpoint: QuicEndpoint | None = None
         self.sock: UdpSocket | None = None
         self.ready = trio.Event()
@@ -142,6 +146,7 @@ class Agent:
                 task_status.started()
         finally:
             self.sock.close()
+            self.journal.close()
 
     async def shutdown(self, reason: str = "agent shutting down") -> None:
         """Stop cleanly: close the QUIC connection with a reason, then stop every task.
@@ -321,12 +326,22 @@ class Agent:
         for t in list(self.transfers.values()):
             if t.terminal:
                 continue
-            if t.direction == "in":
+            if t.direction == "in" and t.kind == "file":
+                # The sender journals files: give it a moment to resume them.
+                assert self._nursery is not None
+                self._nursery.start_soon(self._expect_resume, t, t.resumes)
+            elif t.direction == "in":
                 self.finish_transfer(t, "peer_restarted",
                                      "the sending agent restarted; its in-memory data is gone")
             elif t.kind == "stream" and t.state is State.ACTIVE:
                 self.finish_transfer(t, "peer_restarted",
                                      "the receiving agent restarted; the stream cannot resume")
+
+    async def _expect_resume(self, t: Transfer, resumes: int) -> None:
+        await trio.sleep(RESUME_GRACE)
+        if not t.terminal and t.resumes == resumes:
+            self.finish_transfer(t, "peer_restarted",
+                                 "the sending agent restarted and did not resume this file")
 
     def _session_ended(self, conn: QuicConn, reason: str) -> None:
         if self.session is None or self.session.conn is not conn:
@@ -363,8 +378,51 @@ class Agent:
         if t.spool is not None and not t.spool.released:
             t.spool.release()
 
+    def _recover(self) -> None:
+        """Reload unfinished file transfers from the journal (after a restart or crash)."""
+        for row in self.journal.unfinished():
+            t = Transfer(row.id, row.direction, "file", row.name, row.size,  # type: ignore[arg-type]
+                         row.priority, row.attrs)
+            t.resumed_from = row.resumed_from
+            if row.direction == "out":
+                t.path, t.offset, t.opened = row.path, row.offset, row.opened
+                t.sent = row.offset
+                if row.path is None or not Path(row.path).is_file():
+                    self._journal_end(t, "failed")
+                    continue
+            else:
+                partial = self.inbox.partial_path(row.id)
+                have = partial.stat().st_size if partial.exists() else 0
+                t.offset = min(have, row.offset)
+                with open(partial, "ab") as f:
+                    f.truncate(t.offset)
+                with open(partial, "rb") as f:  # the receiver's digest so far
+                    left = t.offset
+                    while left:
+                        chunk = f.read(min(left, 1 << 20))
+                        t.hasher.update(chunk)
+                        left -= len(chunk)
+                t.move_to(State.ACTIVE)
+            self.transfers[t.id] = t
+            log.info("%s: recovered %s file transfer %s (%s) at byte %d of %d", self.label,
+                     "outbound" if t.direction == "out" else "inbound", t.id, t.name, t.offset,
+                     row.size)
+
+    def _journal_end(self, t: Transfer, state: str) -> None:
+        if t.kind == "file":
+            self.journal.update(t.id, state=state, offset=t.offset, sha256=t.sha256,
+                                path=t.path)
+
+    def journal_offset(self, t: Transfer) -> None:
+        """Record a file's durable offset (the receiver does this before acking it)."""
+        if t.kind == "file":
+            self.journal.update(t.id, offset=t.offset)
+
     def submit(self, t: Transfer) -> None:
         """Accept a new outbound transfer; it starts now or when the link is up."""
+        if t.kind == "file":
+            self.journal.record(id=t.id, direction="out", name=t.name, path=t.path,
+                                size=t.size or 0, priority=t.priority, attrs=t.attrs)
         self.add_transfer(t)
         if self.session is not None:
             self._start(t)
@@ -374,6 +432,7 @@ class Agent:
     def complete_transfer(self, t: Transfer) -> None:
         if t.move_to(State.DONE):
             self._release(t)
+            self._journal_end(t, "done")
             log.info("transfer %s done: %s, %d bytes, sha256 %s", t.id, t.name, t.offset,
                      t.sha256)
             self.publish_transfer("transfer.done", t)
@@ -385,6 +444,7 @@ class Agent:
             return
         log.warning("transfer %s %s: %s: %s", t.id, t.state.value, code, message)
         self._release(t)
+        self._journal_end(t, t.state.value)
         t.space.unpark_all()
         if self.session is not None and t.data_stream is not None and t.direction == "out":
             self.session.conn.reset_stream(t.data_stream)

@@ -1,31 +1,50 @@
-"""The ``quelay`` command line: ``run`` starts an agent, the rest are its clients."""
+"""The ``quelay`` command line: ``run`` starts an agent, the rest are its clients.
+
+Client commands are thin: each is a few calls into :mod:`quelay.client`
+(and :mod:`quelay.watch` for what is drawn), so the CLI and the Python API
+never disagree.
+
+Exit codes: 0 success; 1 the request was refused or the transfer did not
+complete (failed, canceled) or a setting is invalid; 2 no agent answers on
+the control socket (and command-line usage errors); 130 interrupted.
+With ``--json`` a command prints one JSON document on standard output (for
+errors too: ``{"ok": false, "error": {"code", "message"}}``).
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import signal
 import sys
-import tomllib
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import trio
 import typer
 
+from . import config as cfgmod
 from .client import AgentUnavailable, Client, ClientError, open_client
-from .units import format_rate, format_size, parse_size
+from .config import ConfigError, default_state_dir
+from .logs import setup_logging
+from .units import UnitError, format_rate, format_size, parse_rate, parse_size
+from .watch import ProgressPrinter, run_watch
+
+log = logging.getLogger("quelay.cli")
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Relay files and streams between two sites over one QUIC link.",
 )
+config_app = typer.Typer(no_args_is_help=True, help="Check settings and list every key.")
+app.add_typer(config_app, name="config")
 
-
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "quelay"
+__all__ = ["app", "main", "default_state_dir", "default_control", "parse_hostport"]
 
 
 def default_control() -> Path:
@@ -36,7 +55,8 @@ DEFAULT_CONTROL = default_control()
 ControlOpt = Annotated[
     Path, typer.Option("--control", help="Agent control socket.", envvar="QUELAY_CONTROL")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -44,7 +64,12 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def run_client(control: Path, fn: Any) -> Any:
+def _json_out(value: Any) -> None:
+    typer.echo(json.dumps(value))
+
+
+def run_client(control: Path, fn: Callable[[Client], Awaitable[Any]], *,
+               as_json: bool = False) -> Any:
     """Run ``fn(client)`` against the agent, turning client errors into exit codes."""
 
     async def main() -> Any:
@@ -54,103 +79,187 @@ def run_client(control: Path, fn: Any) -> Any:
     try:
         return trio.run(main)
     except AgentUnavailable as exc:
-        raise fail(str(exc), 2) from exc
+        if as_json:
+            _json_out({"ok": False, "error": {"code": "agent_unavailable", "message": str(exc)}})
+        raise fail(f"{exc} (is the agent running? see --control)", 2) from exc
     except ClientError as exc:
+        if as_json:
+            _json_out({"ok": False, "error": {"code": exc.code, "message": exc.message}})
         raise fail(str(exc), 1) from exc
+    except UnitError as exc:
+        raise fail(str(exc), 1) from exc
+    except KeyboardInterrupt as exc:
+        raise fail("interrupted", 130) from exc
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise typer.BadParameter(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    """``HOST:PORT`` as the command line takes it (kept for scripts importing it)."""
+    try:
+        return cfgmod.parse_address(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 # -- run ------------------------------------------------------------------------------
 
-RUN_KEYS = {
-    "listen",
-    "peer",
-    "control",
-    "state_dir",
-    "inbox",
-    "trust",
-    "name",
-    "spool",
-    "log_level",
-}
+
+async def serve_agent(agent: Any) -> str | None:
+    """Run ``agent`` until it ends or SIGTERM/SIGINT stops it cleanly; the signal name."""
+    stopped_by: str | None = None
+    signals_ok = threading.current_thread() is threading.main_thread()
+    with (trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) if signals_ok
+          else _no_signals()) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def agent_main(*, task_status: trio.TaskStatus[None]) -> None:
+                await agent.run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # the agent ended: stop waiting for signals
+
+            await nursery.start(agent_main)
+            host, port = agent.udp_address
+            log.info("agent ready: control socket %s, udp %s:%d, %s", agent.config.control,
+                     host, port, f"rate cap {format_rate(agent.rate)}")
+            async for signum in signals:
+                stopped_by = signal.Signals(signum).name
+                log.info("received %s: stopping", stopped_by)
+                await agent.shutdown(f"peer agent stopped ({stopped_by})")
+                break
+    return stopped_by
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
+class _no_signals:
+    """Stands in for a signal receiver off the main thread: never yields a signal."""
+
+    def __enter__(self) -> _no_signals:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __aiter__(self) -> AsyncIterator[int]:
+        return self._never()
+
+    async def _never(self) -> AsyncIterator[int]:
+        await trio.sleep_forever()
+        yield 0  # pragma: no cover
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _run_command(**options: Any) -> None:
+    """Start an agent (runs until SIGTERM or SIGINT, then stops cleanly)."""
+    from .agent import Agent
+    from .errors import QuelayError
+
+    config_file = options.pop("config", None) or os.environ.get(cfgmod.CONFIG_ENV) or None
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise fail(f"config {path}: {exc}") from exc
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - RUN_KEYS)
-    if unknown:
-        raise fail(f"config {path}: unknown key {unknown[0]!r}")
-    return data
-
-
-@app.command()
-def run(
-    listen: Annotated[str | None, typer.Option(help="Accept the peer on HOST:PORT (UDP).")] = None,
-    peer: Annotated[str | None, typer.Option(help="Dial the peer at HOST:PORT (UDP).")] = None,
-    control: Annotated[Path | None, typer.Option(help="Control socket path.")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Identity and state.")] = None,
-    inbox: Annotated[Path | None, typer.Option(help="Where incoming files land.")] = None,
-    trust: Annotated[
-        list[str] | None,
-        typer.Option(help="Pinned peer: sha256:<hex> or a certificate file (repeatable)."),
-    ] = None,
-    name: Annotated[str | None, typer.Option(help="A label for this agent.")] = None,
-    spool: Annotated[str | None, typer.Option(help="Per-stream spool size, e.g. 1MiB.")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML file with these options.")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning.")] = None,
-) -> None:
-    """Start an agent (runs until interrupted)."""
-    from .agent import Agent, AgentConfig
-
-    settings: dict[str, Any] = load_config_file(config) if config else {}
-    given = {
-        "listen": listen,
-        "peer": peer,
-        "control": control,
-        "state_dir": state_dir,
-        "inbox": inbox,
-        "name": name,
-        "spool": spool,
-        "log_level": log_level,
-    }
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if trust:
-        settings["trust"] = list(trust)
-    logging.basicConfig(
-        level=str(settings.get("log_level", "info")).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    state = Path(settings.get("state_dir") or default_state_dir())
+        settings = cfgmod.load(Path(config_file) if config_file else None, flags=options)
+    except ConfigError as exc:
+        raise fail(f"config error: {exc}", 1) from exc
+    setup_logging(settings.log_level, settings.log_format)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     try:
-        cfg = AgentConfig(
-            state_dir=state,
-            inbox=Path(settings.get("inbox") or state / "inbox"),
-            control=Path(settings.get("control") or state / "control.sock"),
-            listen=parse_hostport(settings["listen"]) if settings.get("listen") else None,
-            peer=parse_hostport(settings["peer"]) if settings.get("peer") else None,
-            trust=list(settings.get("trust", [])),
-            name=str(settings.get("name", "")),
-            spool_size=parse_size(settings.get("spool", "1MiB")),
-        )
-        agent = Agent(cfg)
-    except (ValueError, OSError) as exc:
-        raise fail(str(exc)) from exc
-    if not cfg.trust:
-        typer.echo("quelay: warning: no --trust given; every peer will be refused", err=True)
+        agent = Agent(settings.agent)
+    except (QuelayError, ValueError, OSError) as exc:
+        raise fail(f"cannot start: {exc}", 1) from exc
     try:
-        trio.run(agent.run)
+        stopped_by = trio.run(serve_agent, agent)
     except KeyboardInterrupt:
-        typer.echo("quelay: stopped", err=True)
+        stopped_by = "SIGINT"
+    except BaseException as exc:  # an agent that cannot start says why, in one line
+        leaf = _leaf(exc)
+        if isinstance(leaf, QuelayError | OSError | ValueError):
+            raise fail(f"agent stopped: {leaf}", 1) from exc
+        raise
+    log.info("agent stopped%s", f" ({stopped_by})" if stopped_by else "")
+
+
+METAVARS = {"path": "PATH", "address": "HOST:PORT", "trust": "PIN", "list": "VALUE",
+            "str": "TEXT", "choice": "NAME", "size": "SIZE", "rate": "RATE", "count": "N",
+            "seconds": "SECONDS", "bool": "BOOL"}
+
+
+def _build_run_command() -> Callable[..., None]:
+    """``quelay run`` with one option per setting (derived from AgentConfig)."""
+    params = []
+    for s in cfgmod.settings().values():
+        annotation: Any = Optional[list[str]] if s.kind in ("trust", "list") else Optional[str]  # noqa: UP045
+        params.append(inspect.Parameter(
+            s.key, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+            default=typer.Option(None, *s.flags, help=f"{s.help} (env {s.env})",
+                                 metavar=METAVARS.get(s.kind, "VALUE"), show_default=False)))
+    params.append(inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],  # noqa: UP045
+        default=typer.Option(None, "--config", metavar="FILE", help="TOML file with these "
+                             f"settings, keys as the option names (env {cfgmod.CONFIG_ENV})")))
+
+    def run(**options: Any) -> None:
+        _run_command(**options)
+
+    run.__doc__ = (
+        "Start an agent (runs until SIGTERM or SIGINT, then stops cleanly).\n\n"
+        "Settings come from --config FILE, then QUELAY_<KEY> environment variables, "
+        "then these flags (highest). Sizes take units (1MiB), rates are bits/s (2Mbps), "
+        "durations seconds (5, 250ms).")
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
+
+app.command("run")(_build_run_command())
+
+
+# -- config ---------------------------------------------------------------------------
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="TOML settings file.")],
+    env: Annotated[bool, typer.Option("--env/--no-env",
+                                      help="Apply QUELAY_* variables too.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a settings file and print the effective settings (exit 1 if invalid)."""
+    try:
+        settings = cfgmod.load(file, env=os.environ if env else {})
+    except ConfigError as exc:
+        if as_json:
+            _json_out({"ok": False, "error": {"code": exc.code, "key": exc.key,
+                                              "message": str(exc)}})
+        raise fail(f"config error: {exc}", 1) from exc
+    for warning in settings.warnings:
+        typer.echo(f"quelay: warning: {warning}", err=True)
+    if as_json:
+        _json_out({"ok": True, "settings": cfgmod.to_dict(settings),
+                   "warnings": settings.warnings})
+    else:
+        typer.echo(f"# {file}: valid. Effective settings (value  # source):")
+        typer.echo(cfgmod.to_toml(settings), nl=False)
+
+
+@config_app.command("keys")
+def config_keys(as_json: JsonOpt = False) -> None:
+    """List every setting: key, kind, flag, environment variable, default."""
+    rows = []
+    for s in cfgmod.settings().values():
+        default = cfgmod.plain_value(s, s.default)
+        rows.append({"key": s.key, "kind": s.kind, "flags": list(s.flags), "env": s.env,
+                     "default": default, "help": s.help})
+    if as_json:
+        _json_out(rows)
+        return
+    for r in rows:
+        if r["default"] is None:
+            default = "(derived)" if r["key"] in ("state_dir", "inbox", "control") else "-"
+        else:
+            default = json.dumps(r["default"])
+        typer.echo(f"{r['key']:<20} {r['kind']:<8} {'/'.join(r['flags']):<28} "
+                   f"{r['env']:<28} {default:<10} {r['help']}")
 
 
 # -- identity -------------------------------------------------------------------------
@@ -159,64 +268,27 @@ def run(
 @app.command()
 def identity(
     state_dir: Annotated[Path | None, typer.Option(help="Agent state directory.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print this agent's fingerprint (creating the identity on first use)."""
     from .identity import load_or_create_identity
 
-    ident = load_or_create_identity(state_dir or default_state_dir())
-    typer.echo(ident.fingerprint)
+    try:
+        ident = load_or_create_identity(state_dir or default_state_dir())
+    except Exception as exc:  # IdentityError, OSError: the state directory is unusable
+        raise fail(f"identity: {exc}", 1) from exc
+    if as_json:
+        _json_out({"fingerprint": ident.fingerprint, "certificate": str(ident.cert_path)})
+    else:
+        typer.echo(ident.fingerprint)
 
 
 # -- transfers ------------------------------------------------------------------------
 
 
-def _progress_line(info: dict[str, Any], rate: float) -> str:
-    size = info.get("size")
-    done = info.get("bytes", 0)
-    pct = f" {100 * done / size:5.1f}%" if size else ""
-    total = f"/{format_size(size)}" if size else ""
-    return f"{info['name'] or info['id'][:8]}: {format_size(done)}{total}{pct} {format_rate(rate, zero='0 bit/s')}"
-
-
-async def follow(client: Client, transfer_id: str, *, show: bool) -> dict[str, Any]:
-    """Print progress until the transfer is terminal; return its final info."""
-    async with trio.open_nursery() as nursery:
-        result: dict[str, Any] = {}
-
-        async def waiter() -> None:
-            result.update(await client.wait(transfer_id))
-            nursery.cancel_scope.cancel()
-
-        async def progress() -> None:
-            last_bytes, last_time = 0, trio.current_time()
-            while True:
-                await trio.sleep(0.5)
-                info = await client.get(transfer_id)
-                now = trio.current_time()
-                rate = 8 * (info["bytes"] - last_bytes) / max(now - last_time, 1e-6)
-                last_bytes, last_time = info["bytes"], now
-                show_progress(_progress_line(info, rate))
-
-        nursery.start_soon(waiter)
-        if show:
-            nursery.start_soon(progress)
-    if show and sys.stderr.isatty():
-        sys.stderr.write("\n")
-    return result
-
-
-def show_progress(line: str) -> None:
-    """Update in place on a terminal; plain lines otherwise (logs, pipes)."""
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + line + "\x1b[K")
-        sys.stderr.flush()
-    else:
-        print(line, file=sys.stderr, flush=True)
-
-
 def _print_info(info: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(info))
+        _json_out(info)
     else:
         typer.echo(info["id"])
 
@@ -230,6 +302,30 @@ def _exit_for(info: dict[str, Any]) -> None:
         )
 
 
+def _parse_attrs(attrs: list[str] | None) -> dict[str, str] | None:
+    if not attrs:
+        return None
+    out = {}
+    for item in attrs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--attr")
+        out[key] = value
+    return out
+
+
+AttrOpt = Annotated[list[str] | None, typer.Option("--attr", help="KEY=VALUE (repeatable).")]
+
+
+async def follow(client: Client, transfer_id: str, *, show: bool) -> dict[str, Any]:
+    """Show progress (stderr) until the transfer is terminal; its final info."""
+    printer = ProgressPrinter(sys.stderr) if show else None
+    final = await client.track(transfer_id, printer.update if printer else None)
+    if printer is not None:
+        printer.finish(final)
+    return final
+
+
 @app.command()
 def send(
     file: Annotated[Path, typer.Argument(help="File to send.", exists=True, dir_okay=False)],
@@ -237,25 +333,49 @@ def send(
     priority: Annotated[int, typer.Option(min=0, max=15)] = 4,
     name: Annotated[str | None, typer.Option(help="Name at the far side.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the peer verified it.")] = False,
+    attr: AttrOpt = None,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Send a file; prints its transfer id."""
+    """Send a file; prints its transfer id (with --wait: progress, then the verdict)."""
+    attrs = _parse_attrs(attr)
 
     async def go(client: Client) -> dict[str, Any]:
-        info = await client.send_file(file, priority=priority, name=name)
+        info = await client.send_file(file, priority=priority, name=name, attrs=attrs)
         if not wait:
-            return info  # type: ignore[no-any-return]
+            return info
         if not as_json:
             typer.echo(info["id"])
-        return await follow(client, info["id"], show=not as_json)
+        return await follow(client, info["id"], show=not (as_json or quiet))
 
-    info = run_client(control, go)
+    info = run_client(control, go, as_json=as_json)
     if wait:
         if as_json:
-            typer.echo(json.dumps(info))
+            _json_out(info)
         _exit_for(info)
     else:
         _print_info(info, as_json)
+
+
+async def _stdin_chunks(size: int = 65536) -> AsyncIterator[bytes]:
+    """Standard input as chunks without blocking the Trio loop (fd or file object)."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is not None:
+        async with trio.lowlevel.FdStream(os.dup(fd)) as stdin:
+            while data := await stdin.receive_some(size):
+                yield data
+        return
+    source: Any = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
+
+    def read() -> bytes:
+        data = source.read(size)
+        return data if isinstance(data, bytes) else data.encode()
+
+    while data := await trio.to_thread.run_sync(read):
+        yield data
 
 
 @app.command()
@@ -263,21 +383,45 @@ def stream(
     control: ControlOpt = DEFAULT_CONTROL,
     name: Annotated[str | None, typer.Option(help="Stream name at the far side.")] = None,
     priority: Annotated[int, typer.Option(min=0, max=15)] = 4,
+    attr: AttrOpt = None,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Send standard input as an open-ended stream; exits 0 once every byte is acknowledged."""
+    """Send standard input as an open-ended stream; exits 0 once every byte is acknowledged.
+
+    Interrupting it (Ctrl-C) cancels the stream at both ends: the far side
+    never mistakes a cut stream for a complete one.
+    """
+    attrs = _parse_attrs(attr)
+    show = not (as_json or quiet)
 
     async def go(client: Client) -> dict[str, Any]:
-        out = await client.open_stream(name=name, priority=priority)
-        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-        async with stdin:
-            while data := await stdin.receive_some(65536):
-                await out.send_all(data)
-        return await out.finish()
+        printer = ProgressPrinter(sys.stderr) if show else None
+        async with await client.open_stream(name=name, priority=priority, attrs=attrs) as out:
+            if not as_json and not quiet:
+                typer.echo(f"stream {out.id}", err=True)
+            async with trio.open_nursery() as nursery:
+                if printer is not None:
 
-    info = run_client(control, go)
+                    async def progress() -> None:
+                        assert printer is not None
+                        while True:
+                            await trio.sleep(0.5)
+                            printer.written = out.sent
+                            printer.update(await client.get(out.id))
+
+                    nursery.start_soon(progress)
+                async for data in _stdin_chunks():
+                    await out.send_all(data)
+                final = await out.finish()
+                nursery.cancel_scope.cancel()
+        if printer is not None:
+            printer.finish(final)
+        return final
+
+    info = run_client(control, go, as_json=as_json)
     if as_json:
-        typer.echo(json.dumps(info))
+        _json_out(info)
     _exit_for(info)
 
 
@@ -286,26 +430,34 @@ def recv(
     control: ControlOpt = DEFAULT_CONTROL,
     name: Annotated[str | None, typer.Option(help="Only a stream with this name.")] = None,
     transfer_id: Annotated[str | None, typer.Option("--id", help="Only this transfer.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the final transfer info as JSON on standard error.")] = False,
 ) -> None:
     """Write the next matching incoming stream to standard output."""
 
     async def go(client: Client) -> dict[str, Any]:
         incoming = await client.accept_incoming(name=name, transfer_id=transfer_id)
-        stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
-        async with stdout:
-            async for chunk in incoming:
-                await stdout.send_all(chunk)
-        return await client.wait(incoming.id)
+        async with incoming, trio.lowlevel.FdStream(os.dup(sys.stdout.fileno())) as stdout:
+            try:
+                async for chunk in incoming:
+                    await stdout.send_all(chunk)
+            except ClientError as exc:
+                # The agent reset the stream: the final info below says why.
+                log.debug("stream %s aborted: %s", incoming.id, exc)
+        return await incoming.wait()
 
-    _exit_for(run_client(control, go))
+    info = run_client(control, go)
+    if as_json:
+        typer.echo(json.dumps(info), err=True)
+    _exit_for(info)
 
 
 @app.command()
 def status(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> None:
-    """Show the agent's link and counters."""
-    info = run_client(control, lambda c: c.status())
+    """Show the agent's link, cap and counters."""
+    info = run_client(control, lambda c: c.status(), as_json=as_json)
     if as_json:
-        typer.echo(json.dumps(info))
+        _json_out(info)
         return
     link = info["link"]
     typer.echo(f"agent   {info['agent']} ({info['role']}, udp {info['udp']})")
@@ -314,6 +466,10 @@ def status(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> N
     if link.get("rtt") is not None:
         typer.echo(f"rtt     {link['rtt'] * 1000:.1f} ms  cwnd {format_size(link['cwnd'])}")
     wire_ = info.get("wire") or {}
+    if "rate" in info:
+        typer.echo(f"cap     {format_rate(info['rate'])}"
+                   + (f"  (wire now {format_rate(wire_['rate'], zero='0 bit/s')})"
+                      if wire_.get("rate") is not None else ""))
     typer.echo(
         f"wire    sent {format_size(wire_.get('bytes_sent', 0))}, "
         f"received {format_size(wire_.get('bytes_received', 0))}"
@@ -326,9 +482,9 @@ def status(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> N
 @app.command()
 def ls(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> None:
     """List transfers."""
-    transfers = run_client(control, lambda c: c.ls())
+    transfers = run_client(control, lambda c: c.ls(), as_json=as_json)
     if as_json:
-        typer.echo(json.dumps(transfers))
+        _json_out(transfers)
         return
     for t in transfers:
         size = format_size(t["size"]) if t["size"] is not None else "?"
@@ -339,12 +495,223 @@ def ls(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def get(
+    transfer_id: str, control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False
+) -> None:
+    """Show one transfer."""
+    info = run_client(control, lambda c: c.get(transfer_id), as_json=as_json)
+    if as_json:
+        _json_out(info)
+        return
+    for key, value in info.items():
+        typer.echo(f"{key:<10} {value}")
+
+
+@app.command()
+def wait(
+    transfer_id: str, control: ControlOpt = DEFAULT_CONTROL, quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Wait until a transfer ends; exit 0 only if it is done (delivered and verified)."""
+    info = run_client(control, lambda c: follow(c, transfer_id, show=not (quiet or as_json)),
+                      as_json=as_json)
+    if as_json:
+        _json_out(info)
+    _exit_for(info)
+
+
+@app.command()
 def cancel(
     transfer_id: str, control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False
 ) -> None:
     """Cancel a transfer (both sides release it)."""
-    info = run_client(control, lambda c: c.cancel(transfer_id))
+    info = run_client(control, lambda c: c.cancel(transfer_id), as_json=as_json)
     _print_info(info, as_json)
+
+
+@app.command()
+def rate(
+    new_rate: Annotated[str | None, typer.Argument(
+        metavar="[RATE]", help="New wire cap, e.g. 2Mbps, 500kbit/s, 0 (uncapped).")] = None,
+    control: ControlOpt = DEFAULT_CONTROL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show or set the wire rate cap (bits per second; 0 = uncapped)."""
+    bps: int | None = None
+    if new_rate is not None:
+        try:
+            bps = parse_rate(new_rate)
+        except UnitError as exc:
+            raise fail(f"rate: {exc}", 1) from exc
+
+    async def go(client: Client) -> int:
+        return await (client.get_rate() if bps is None else client.set_rate(bps))
+
+    value = run_client(control, go, as_json=as_json)
+    if as_json:
+        _json_out({"rate": value})
+    else:
+        typer.echo(format_rate(value))
+
+
+@app.command()
+def health(
+    control: ControlOpt = DEFAULT_CONTROL,
+    link: Annotated[bool, typer.Option("--link", help="Healthy only while the link is up.")]
+    = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Exit 0 if the agent answers (with --link: and its link is up); for healthchecks.
+
+    Exit codes: 0 healthy; 1 the agent answers but the link is not up (--link);
+    2 no agent answers on the control socket within --timeout.
+    """
+
+    async def probe() -> dict[str, Any]:
+        with trio.move_on_after(timeout):
+            async with open_client(control) as client:
+                return await client.status()
+        raise AgentUnavailable(f"agent on {control} did not answer within {timeout:g} s")
+
+    report: dict[str, Any] = {"ok": False, "agent": False, "link": None, "reason": None}
+    code = 0
+    try:
+        status_ = trio.run(probe)
+    except (AgentUnavailable, ClientError) as exc:
+        report["error"] = str(exc)
+        code = 2
+    else:
+        report["agent"] = True
+        report["link"] = status_["link"]["state"]
+        report["reason"] = status_["link"].get("reason") or None
+        code = 1 if link and report["link"] != "up" else 0
+    report["ok"] = code == 0
+    if as_json:
+        _json_out(report)
+    elif code == 2:
+        typer.echo(f"unhealthy: {report['error']}", err=True)
+    elif code == 1:
+        why = f": {report['reason']}" if report["reason"] else ""
+        typer.echo(f"unhealthy: agent answers, link {report['link']}{why}", err=True)
+    else:
+        typer.echo(f"ok: agent answers, link {report['link']}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def watch(
+    control: ControlOpt = DEFAULT_CONTROL,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.05)] = 1.0,
+    count: Annotated[int | None, typer.Option(help="Stop after this many refreshes.",
+                                              min=1)] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per refresh (status, transfers, rates).")] = False,
+) -> None:
+    """Live view of the link and every transfer, updated in place (Ctrl-C to quit)."""
+
+    async def go(client: Client) -> int:
+        return await run_watch(client, sys.stdout, interval=interval, count=count,
+                               as_json=as_json)
+
+    try:
+        run_client(control, go, as_json=as_json)
+    except typer.Exit as exc:
+        if exc.exit_code == 130:  # Ctrl-C is how one leaves a live view
+            raise typer.Exit(0) from None
+        raise
+
+
+@app.command()
+def events(
+    control: ControlOpt = DEFAULT_CONTROL,
+    count: Annotated[int | None, typer.Option(help="Stop after this many events.",
+                                              min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Events are always JSON lines; "
+                                          "accepted for uniformity.")] = True,
+) -> None:
+    """Print the agent's events as JSON lines, as they happen."""
+
+    async def go(client: Client) -> None:
+        seen = 0
+        async for event in client.events():
+            typer.echo(json.dumps(event))
+            sys.stdout.flush()
+            seen += 1
+            if count is not None and seen >= count:
+                return
+
+    try:
+        run_client(control, go)
+    except typer.Exit as exc:
+        if exc.exit_code == 130:
+            raise typer.Exit(0) from None
+        raise
+
+
+# -- link simulator -------------------------------------------------------------------
+
+
+@app.command()
+def linksim(
+    listen: Annotated[str, typer.Option(help="HOST:PORT the dialling agent sends to.",
+                                        envvar="QUELAY_LINKSIM_LISTEN")] = "127.0.0.1:0",
+    upstream: Annotated[str | None, typer.Option(help="HOST:PORT of the listening agent.",
+                                                 envvar="QUELAY_LINKSIM_UPSTREAM")] = None,
+    profile: Annotated[str, typer.Option(help="NAME[,key=value...]: clean, LOS-250ms, "
+                                         "BLOS-750ms, Degraded-BLOS.",
+                                         envvar="QUELAY_LINKSIM_PROFILE")] = "clean",
+    outage: Annotated[list[str] | None, typer.Option(
+        metavar="START:SECONDS", help="Scheduled outage, seconds after start (repeatable).")]
+    = None,
+    stats: Annotated[Path | None, typer.Option(metavar="FILE",
+                                               help="Write stats JSON here.")] = None,
+    seed: Annotated[int | None, typer.Option(help="RNG seed (default: random).")] = None,
+    control: Annotated[Path | None, typer.Option(
+        help="Unix socket for text commands (outage on|off|toggle, stats).")] = None,
+    stats_interval: Annotated[float, typer.Option(
+        help="Seconds between summaries and stats writes; 0 disables.")] = 5.0,
+    list_profiles: Annotated[bool, typer.Option("--list-profiles",
+                                                help="Print the profiles and exit.")] = False,
+) -> None:
+    """Run the link simulator: a UDP proxy that impairs traffic between two agents."""
+    from .linksim.command import parse_hostport as parse_sim_address
+    from .linksim.command import parse_outage, run_linksim
+    from .linksim.profiles import PROFILES, parse_profile
+
+    if list_profiles:
+        for pname, prof in PROFILES.items():
+            typer.echo(f"{pname}: up={prof.up} down={prof.down}")
+        return
+    if not upstream:
+        raise fail("--upstream: required (HOST:PORT of the listening agent)", 2)
+    checks: list[tuple[str, Callable[[], Any]]] = [
+        ("--listen", lambda: parse_sim_address(listen)),
+        ("--upstream", lambda: parse_sim_address(upstream)),
+        ("--profile", lambda: parse_profile(profile)),
+    ]
+    values = []
+    for option, check in checks:
+        try:
+            values.append(check())
+        except ValueError as exc:
+            raise fail(f"{option}: {exc}", 2) from exc
+    outages = []
+    for text in outage or []:
+        try:
+            outages.append(parse_outage(text))
+        except ValueError as exc:
+            raise fail(f"--outage: {exc}", 2) from exc
+    try:
+        trio.run(lambda: run_linksim(values[0], values[1], profile, outages, stats, seed,
+                                     stats_interval, control_path=control))
+    except KeyboardInterrupt:
+        return
+    except OSError as exc:
+        raise fail(f"linksim: {exc}", 1) from exc
+
+
+# -- demo -----------------------------------------------------------------------------
 
 
 @app.command()

@@ -1,31 +1,75 @@
-"""Python client for a running agent's control socket (Trio, plus a blocking wrapper).
+"""Python client for a running agent's control socket: async for Trio, blocking for scripts.
 
-::
+Everything the ``quelay`` command line does goes through this module; the
+wire format it speaks is docs/control-protocol.md.
 
-    async with quelay.client.open_client("/path/control.sock") as client:
+Trio::
+
+    from quelay.client import connect
+
+    async with connect("/run/quelay/control.sock") as client:
+        status = await client.status()               # link state, RTT, cap, counters
         info = await client.send_file("/data/report.bin", priority=6)
-        final = await client.wait(info["id"])
+        final = await client.wait(info["id"])         # terminal info; state "done" = verified
+
         async with await client.open_stream(name="telemetry") as out:
-            await out.send_all(b"...")
-        # out.result holds the final transfer info once every byte was acknowledged
+            await out.send_all(b"...")                # blocks while the spool is full
+        print(out.result["state"])                    # "done": every byte acknowledged
+
+        incoming = await client.accept_incoming(name="telemetry")
+        async with incoming:
+            async for chunk in incoming:              # clean end = complete and verified
+                ...
+
+        async for event in client.events():           # subscribes on first use
+            print(event["event"], event["data"])
+
+        await client.set_rate("2Mbps")                # wire cap; 0 = uncapped
+        await client.cancel(info["id"])
+
+Blocking (one Trio loop per call, or one background loop inside ``with``)::
+
+    from quelay.client import BlockingClient
+
+    c = BlockingClient("/run/quelay/control.sock")
+    c.send_file("/data/report.bin", wait=True)
+    with BlockingClient(path) as c:                   # one connection for many calls
+        with c.open_stream(name="telemetry") as out:
+            out.write(b"...")
+        for event in c.events():
+            ...
 
 Stream bytes never ride in control messages: ``open_stream`` and
 ``accept_incoming`` attach a second connection that carries raw bytes.
+
+Errors say whose fault they are: :class:`AgentUnavailable` (no agent answers:
+start it, or check ``--control``), :class:`ClientError` (the agent refused a
+request; ``code`` is one of the protocol's stable codes), :class:`ClientUsageError`
+(this library was called wrongly).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from .control.protocol import MAX_CONTROL_FRAME
 from .errors import QuelayError
 from .framing import FrameDecoder, encode_frame
+from .units import parse_rate
+
+T = TypeVar("T")
+
+log = logging.getLogger("quelay.client")
+
+TERMINAL_STATES = frozenset({"done", "failed", "canceled"})
 
 
 class ClientError(QuelayError):
@@ -38,14 +82,19 @@ class ClientError(QuelayError):
 
 
 class AgentUnavailable(QuelayError):
-    """No agent answers on the control socket."""
+    """No agent answers on the control socket (or it went away mid-request)."""
+
+
+class ClientUsageError(QuelayError):
+    """This library was used in a way it does not support: the caller's fault."""
 
 
 async def _connect(path: str | Path) -> trio.SocketStream:
     try:
         return await trio.open_unix_socket(str(path))
     except OSError as exc:
-        raise AgentUnavailable(f"no agent on control socket {path}: {exc.strerror}") from exc
+        raise AgentUnavailable(
+            f"no agent on control socket {path}: {exc.strerror or exc}") from exc
 
 
 async def _read_frame(stream: trio.SocketStream, decoder: FrameDecoder) -> Any | None:
@@ -63,10 +112,14 @@ async def _attach(path: str | Path, transfer_id: str, mode: str) -> tuple[
     trio.SocketStream, dict[str, Any], bytes
 ]:
     stream = await _connect(path)
-    await stream.send_all(encode_frame({"id": 1, "op": "attach",
-                                        "args": {"id": transfer_id, "mode": mode}}))
-    decoder = FrameDecoder(16 * MAX_CONTROL_FRAME)
-    reply = await _read_frame(stream, decoder)
+    try:
+        await stream.send_all(encode_frame({"id": 1, "op": "attach",
+                                            "args": {"id": transfer_id, "mode": mode}}))
+        decoder = FrameDecoder(16 * MAX_CONTROL_FRAME)
+        reply = await _read_frame(stream, decoder)
+    except trio.BrokenResourceError as exc:
+        await stream.aclose()
+        raise AgentUnavailable("agent closed the connection during attach") from exc
     if reply is None:
         await stream.aclose()
         raise AgentUnavailable("agent closed the connection during attach")
@@ -77,27 +130,84 @@ async def _attach(path: str | Path, transfer_id: str, mode: str) -> tuple[
     return stream, reply["result"], decoder.take_rest()
 
 
-class OutgoingStream:
-    """Raw writer for an outbound stream; closing the write side ends the stream."""
+def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The single error inside a group from our own nursery, else the group itself."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
-    def __init__(self, stream: trio.SocketStream, info: dict[str, Any]) -> None:
+
+class OutgoingStream:
+    """Raw writer for an outbound stream (from :meth:`Client.open_stream`).
+
+    ``send_all`` blocks while the agent's spool is full (back-pressure).
+    ``finish()`` ends the stream and waits until the peer acknowledged every
+    byte; ``result`` then holds the final transfer info. Used as an async
+    context manager it finishes on a clean exit and aborts (cancels the
+    transfer, so the far side never sees a truncated stream as complete) on
+    an exception. ``aclose()`` without ``finish()`` aborts too.
+    """
+
+    def __init__(self, stream: trio.SocketStream, info: dict[str, Any],
+                 client: Client | None = None) -> None:
         self._stream = stream
+        self._client = client
         self.info = info
         self.id: str = info["id"]
         self.result: dict[str, Any] | None = None
+        self.sent = 0  # bytes handed to the agent by this writer
+        self._closed = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        try:
+            await self._stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            raise ClientError("stream_failed",
+                              "the agent stopped reading this stream (it failed or was "
+                              "canceled; wait() tells why)") from exc
+        self.sent += len(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
 
     async def finish(self) -> dict[str, Any]:
         """End the stream and wait until the peer acknowledged (or it failed)."""
-        await self._stream.send_eof()
-        reply = await _read_frame(self._stream, FrameDecoder(16 * MAX_CONTROL_FRAME))
-        await self._stream.aclose()
+        if self.result is not None:
+            return self.result
+        try:
+            await self._stream.send_eof()
+            reply = await _read_frame(self._stream, FrameDecoder(16 * MAX_CONTROL_FRAME))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            reply = None
+        finally:
+            self._closed = True
+            await self._stream.aclose()
         if reply is None:
+            if self._client is not None and not self._client.closed:
+                self.result = await self._client.wait(self.id)
+                return self.result
             raise AgentUnavailable("agent closed the stream without a final report")
         self.result = reply["data"]
         return self.result
+
+    async def abort(self, reason: str = "writer aborted") -> None:
+        """Cancel the transfer (both agents release it), then close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            if self._client is not None and not self._client.closed:
+                try:
+                    await self._client.cancel(self.id)
+                except (ClientError, AgentUnavailable) as exc:
+                    # Already terminal, or the agent is gone: closing is all that is left.
+                    log.debug("abort of stream %s (%s): %s", self.id, reason, exc)
+            await self._stream.aclose()
+
+    async def aclose(self) -> None:
+        if self.result is None:
+            await self.abort()
 
     async def __aenter__(self) -> OutgoingStream:
         return self
@@ -106,33 +216,68 @@ class OutgoingStream:
         if exc_type is None:
             await self.finish()
         else:
-            await self._stream.aclose()
+            await self.abort(f"writer failed: {exc_type.__name__}")
 
 
 class IncomingStream:
-    """Raw reader for an incoming stream. Clean EOF means verified and complete."""
+    """Raw reader for an incoming stream. A clean end means complete and verified.
 
-    def __init__(self, stream: trio.SocketStream, info: dict[str, Any], first: bytes) -> None:
+    If the transfer fails, the end of the bytes is not a silent EOF:
+    ``receive_some`` asks the agent and raises :class:`ClientError` (code
+    ``stream_failed``, message with the reason); ``await wait()`` gives the
+    final info either way.
+    """
+
+    def __init__(self, stream: trio.SocketStream, info: dict[str, Any], first: bytes,
+                 client: Client | None = None) -> None:
         self._stream = stream
+        self._client = client
         self.info = info
         self.id: str = info["id"]
+        self.received = 0
         self._first = first
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         if self._first:
             data, self._first = self._first, b""
-            return data
-        try:
-            return await self._stream.receive_some(max_bytes)
-        except trio.BrokenResourceError as exc:
-            raise ClientError("stream_failed", "the agent aborted the stream") from exc
+        else:
+            try:
+                data = await self._stream.receive_some(max_bytes)
+            except trio.BrokenResourceError as exc:
+                raise ClientError("stream_failed", "the agent aborted the stream") from exc
+            if not data and self._client is not None:
+                # A Unix socket cannot carry a reset: the agent closes it either way, so
+                # the end is checked with the agent before it is reported as complete.
+                final = await self._client.wait(self.id)
+                if final.get("state") != "done":
+                    err = final.get("error") or {}
+                    raise ClientError("stream_failed",
+                                      f"{err.get('code')}: {err.get('message')}")
+        self.received += len(data)
+        return data
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while data := await self.receive_some():
             yield data
 
+    async def read_all(self) -> bytes:
+        """Every byte of the stream (for small streams; iterate for large ones)."""
+        return b"".join([chunk async for chunk in self])
+
+    async def wait(self) -> dict[str, Any]:
+        """The transfer's final info (needs the client that accepted it)."""
+        if self._client is None:
+            raise ClientUsageError("this stream was not accepted through a Client")
+        return await self._client.wait(self.id)
+
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+    async def __aenter__(self) -> IncomingStream:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
 
 
 class Client:
@@ -145,6 +290,7 @@ class Client:
         self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._events_send, self._events = trio.open_memory_channel[dict[str, Any]](4096)
         self._lock = trio.Lock()
+        self._subscribed = False
         self.closed = False
 
     async def _reader(self) -> None:
@@ -160,6 +306,8 @@ class Client:
                 waiter = self._waiting.pop(frame.get("id"), None)
                 if waiter is not None:
                     waiter.send_nowait(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("control connection lost: %r", exc)  # waiters learn it below
         finally:
             self.closed = True
             self._events_send.close()
@@ -167,22 +315,31 @@ class Client:
                 waiter.close()
 
     async def request(self, op: str, **args: Any) -> Any:
+        """Send one request and return its result; ``None`` arguments are left out."""
+        if self.closed:
+            raise AgentUnavailable("the agent closed the control connection")
         request_id = next(self._ids)
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[request_id] = send
         args = {k: v for k, v in args.items() if v is not None}
-        async with self._lock:
-            await self._stream.send_all(encode_frame({"id": request_id, "op": op, "args": args}))
         try:
+            async with self._lock:
+                await self._stream.send_all(
+                    encode_frame({"id": request_id, "op": op, "args": args}))
             reply = await receive.receive()
-        except trio.EndOfChannel as exc:
+        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise AgentUnavailable("the agent closed the control connection") from exc
+        finally:
+            self._waiting.pop(request_id, None)
         if not reply.get("ok"):
             err = reply.get("error") or {}
             raise ClientError(err.get("code", "unknown"), err.get("message", ""))
         return reply.get("result")
 
     # -- operations -------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self.request("ping")
 
     async def status(self) -> dict[str, Any]:
         return await self.request("status")  # type: ignore[no-any-return]
@@ -196,9 +353,19 @@ class Client:
     async def identity(self) -> str:
         return (await self.request("identity"))["fingerprint"]  # type: ignore[no-any-return]
 
+    async def get_rate(self) -> int:
+        """The wire cap in bits/s (0 = uncapped)."""
+        return int((await self.request("get_rate"))["rate"])
+
+    async def set_rate(self, rate: int | str) -> int:
+        """Set the wire cap: bits/s or text like ``"2Mbps"`` (0 = uncapped); returns it."""
+        bps = parse_rate(rate)  # refuse "10" or "2MB/s" here, with the same message
+        return int((await self.request("set_rate", rate=bps))["rate"])
+
     async def send_file(self, path: str | Path, *, priority: int | None = None,
                         name: str | None = None, attrs: dict[str, str] | None = None
                         ) -> dict[str, Any]:
+        """Hand a file to the agent (it reads the file itself); returns its info."""
         return await self.request(  # type: ignore[no-any-return]
             "send_file", path=str(Path(path).resolve()), priority=priority, name=name,
             attrs=attrs)
@@ -206,74 +373,335 @@ class Client:
     async def open_stream(self, *, name: str | None = None, priority: int | None = None,
                           attrs: dict[str, str] | None = None, spool: int | None = None
                           ) -> OutgoingStream:
+        """Start an outbound stream; returns its writer (attached on a second connection)."""
         info = await self.request("open_stream", name=name, priority=priority, attrs=attrs,
                                   spool=spool)
-        stream, info, _ = await _attach(self.path, info["id"], "write")
-        return OutgoingStream(stream, info)
+        try:
+            stream, info, _ = await _attach(self.path, info["id"], "write")
+        except BaseException:
+            # Nobody will ever write it: release it rather than leave it open at both ends.
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.request("cancel", id=info["id"])
+                except (ClientError, AgentUnavailable) as exc:
+                    log.debug("could not cancel unattached stream %s: %s", info["id"], exc)
+            raise
+        return OutgoingStream(stream, info, self)
 
     async def accept_incoming(self, *, name: str | None = None, transfer_id: str | None = None
                               ) -> IncomingStream:
+        """Wait for the next unclaimed incoming stream (matching), and attach to read it."""
         info = await self.request("accept_incoming", name=name, id=transfer_id)
         stream, info, first = await _attach(self.path, info["id"], "read")
-        return IncomingStream(stream, info, first)
+        return IncomingStream(stream, info, first, self)
+
+    async def incoming(self, *, name: str | None = None) -> AsyncIterator[IncomingStream]:
+        """Every incoming stream (matching ``name``), one after the other, forever."""
+        while True:
+            yield await self.accept_incoming(name=name)
 
     async def wait(self, transfer_id: str) -> dict[str, Any]:
+        """Block until the transfer is terminal; its final info."""
         return await self.request("wait", id=transfer_id)  # type: ignore[no-any-return]
 
     async def cancel(self, transfer_id: str) -> dict[str, Any]:
         return await self.request("cancel", id=transfer_id)  # type: ignore[no-any-return]
 
     async def subscribe(self) -> None:
-        await self.request("subscribe")
+        if not self._subscribed:
+            self._subscribed = True
+            await self.request("subscribe")
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Events pushed by the agent (call ``subscribe`` first)."""
+        """Events pushed by the agent, ``{"event": name, "data": {...}}`` (subscribes first)."""
+        await self.subscribe()
         async for event in self._events:
             yield event
+
+    async def next_event(self) -> dict[str, Any]:
+        """The next event (subscribes first); AgentUnavailable when the agent went away."""
+        await self.subscribe()
+        try:
+            return await self._events.receive()
+        except trio.EndOfChannel as exc:
+            raise AgentUnavailable("the agent closed the control connection") from exc
+
+    async def track(self, transfer_id: str,
+                    on_update: Callable[[dict[str, Any]], Any] | None = None,
+                    interval: float = 0.5) -> dict[str, Any]:
+        """Wait until the transfer is terminal, calling ``on_update(info)`` meanwhile.
+
+        ``on_update`` gets the live info every ``interval`` seconds (and is not
+        called again once the transfer ended); returns the terminal info as soon
+        as the agent reports it.
+        """
+        final: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def waiter() -> None:
+                final.update(await self.wait(transfer_id))
+                nursery.cancel_scope.cancel()
+
+            async def poller() -> None:
+                assert on_update is not None
+                while True:
+                    info = await self.get(transfer_id)
+                    if info["state"] in TERMINAL_STATES:
+                        return
+                    on_update(info)
+                    await trio.sleep(interval)
+
+            nursery.start_soon(waiter)
+            if on_update is not None:
+                nursery.start_soon(poller)
+        return final
 
 
 @asynccontextmanager
 async def open_client(path: str | Path) -> AsyncIterator[Client]:
+    """Connect to the agent's control socket (``AgentUnavailable`` if nobody answers)."""
     stream = await _connect(path)
     client = Client(path, stream)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client._reader)
-        try:
-            yield client
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._reader)
+            try:
+                yield client
+            finally:
+                # No await here: a checkpoint in a cancelled scope would raise Cancelled,
+                # which the nursery absorbs, and the caller's own error would be lost.
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery is an implementation detail: callers get the error itself.
+        raise _unwrap(group) from None
+    finally:
+        with trio.CancelScope(shield=True):
             await stream.aclose()
 
 
-class BlockingClient:
-    """A synchronous wrapper for scripts: each call runs one Trio event loop."""
+connect = open_client
+
+
+# -- blocking -------------------------------------------------------------------------
+
+
+class _Portal:
+    """A Trio loop in a background thread holding one client connection."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = path
+        self.client: Client | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._thread_main, name="quelay-client",
+                                        daemon=True)
 
-    def _call(self, fn: Callable[[Client], Any]) -> Any:
-        async def main() -> Any:
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def _thread_main(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # handed to the caller's thread by start()
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._stop = trio.Event()
+        async with open_client(self.path) as client:
+            self.client = client
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self._stop.wait()
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if self._token is None:
+            raise ClientUsageError("the blocking client is not connected")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def stop(self) -> None:
+        if self._token is not None and self._stop is not None:
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            except trio.RunFinishedError:
+                log.debug("client loop already finished")
+        self._thread.join()
+
+
+class BlockingOutgoingStream:
+    """Blocking writer for :meth:`BlockingClient.open_stream`."""
+
+    def __init__(self, portal: _Portal, stream: OutgoingStream) -> None:
+        self._portal = portal
+        self.stream = stream
+        self.id = stream.id
+        self.info = stream.info
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return self.stream.result
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._portal.run(self.stream.send_all, bytes(data))
+
+    def finish(self) -> dict[str, Any]:
+        return self._portal.run(self.stream.finish)
+
+    def abort(self) -> None:
+        self._portal.run(self.stream.abort)
+
+    def __enter__(self) -> BlockingOutgoingStream:
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+
+class BlockingIncomingStream:
+    """Blocking reader for :meth:`BlockingClient.accept_incoming`."""
+
+    def __init__(self, portal: _Portal, stream: IncomingStream) -> None:
+        self._portal = portal
+        self.stream = stream
+        self.id = stream.id
+        self.info = stream.info
+
+    def read(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes``; ``b""`` at the (verified) end."""
+        return self._portal.run(self.stream.receive_some, max_bytes)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while data := self.read():
+            yield data
+
+    def read_all(self) -> bytes:
+        return b"".join(self)
+
+    def close(self) -> None:
+        self._portal.run(self.stream.aclose)
+
+    def __enter__(self) -> BlockingIncomingStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class BlockingClient:
+    """A synchronous client for scripts.
+
+    Outside ``with``, each call connects, runs one Trio loop and disconnects.
+    Inside ``with BlockingClient(path) as c:``, one connection in a background
+    thread serves every call; streams and events need that form.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        self._portal: _Portal | None = None
+
+    def __enter__(self) -> BlockingClient:
+        portal = _Portal(self.path)
+        portal.start()
+        self._portal = portal
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        portal, self._portal = self._portal, None
+        if portal is not None:
+            portal.stop()
+
+    def _call(self, fn: Callable[[Client], Awaitable[T]]) -> T:
+        if self._portal is not None:
+            assert self._portal.client is not None
+            return self._portal.run(fn, self._portal.client)
+
+        async def main() -> T:
             async with open_client(self.path) as client:
                 return await fn(client)
 
         return trio.run(main)
 
+    def _need_portal(self, what: str) -> _Portal:
+        if self._portal is None or self._portal.client is None:
+            raise ClientUsageError(f"{what} needs a connection: use "
+                                   f"`with BlockingClient(path) as client:`")
+        return self._portal
+
+    def ping(self) -> None:
+        self._call(lambda c: c.ping())
+
     def status(self) -> dict[str, Any]:
-        return self._call(lambda c: c.status())  # type: ignore[no-any-return]
+        return self._call(lambda c: c.status())
 
     def ls(self) -> list[dict[str, Any]]:
-        return self._call(lambda c: c.ls())  # type: ignore[no-any-return]
+        return self._call(lambda c: c.ls())
+
+    def get(self, transfer_id: str) -> dict[str, Any]:
+        return self._call(lambda c: c.get(transfer_id))
+
+    def identity(self) -> str:
+        return self._call(lambda c: c.identity())
+
+    def get_rate(self) -> int:
+        return self._call(lambda c: c.get_rate())
+
+    def set_rate(self, rate: int | str) -> int:
+        return self._call(lambda c: c.set_rate(rate))
 
     def send_file(self, path: str | Path, *, priority: int | None = None,
+                  name: str | None = None, attrs: dict[str, str] | None = None,
                   wait: bool = False) -> dict[str, Any]:
-        async def go(c: Client) -> Any:
-            info = await c.send_file(path, priority=priority)
+        async def go(c: Client) -> dict[str, Any]:
+            info = await c.send_file(path, priority=priority, name=name, attrs=attrs)
             return await c.wait(info["id"]) if wait else info
 
-        return self._call(go)  # type: ignore[no-any-return]
+        return self._call(go)
 
     def cancel(self, transfer_id: str) -> dict[str, Any]:
-        return self._call(lambda c: c.cancel(transfer_id))  # type: ignore[no-any-return]
+        return self._call(lambda c: c.cancel(transfer_id))
 
     def wait(self, transfer_id: str) -> dict[str, Any]:
-        return self._call(lambda c: c.wait(transfer_id))  # type: ignore[no-any-return]
+        return self._call(lambda c: c.wait(transfer_id))
+
+    def open_stream(self, *, name: str | None = None, priority: int | None = None,
+                    attrs: dict[str, str] | None = None, spool: int | None = None
+                    ) -> BlockingOutgoingStream:
+        portal = self._need_portal("open_stream")
+        assert portal.client is not None
+        client = portal.client
+        out = portal.run(lambda: client.open_stream(name=name, priority=priority,
+                                                    attrs=attrs, spool=spool))
+        return BlockingOutgoingStream(portal, out)
+
+    def accept_incoming(self, *, name: str | None = None, transfer_id: str | None = None
+                        ) -> BlockingIncomingStream:
+        portal = self._need_portal("accept_incoming")
+        assert portal.client is not None
+        client = portal.client
+        incoming = portal.run(lambda: client.accept_incoming(name=name,
+                                                             transfer_id=transfer_id))
+        return BlockingIncomingStream(portal, incoming)
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Events as they come (blocks); ends if the agent goes away."""
+        portal = self._need_portal("events")
+        assert portal.client is not None
+        client = portal.client
+        while True:
+            try:
+                yield portal.run(client.next_event)
+            except AgentUnavailable:
+                return

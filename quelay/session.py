@@ -174,6 +174,9 @@ class Session:
                 self.send(wire.Error(msg.id, "finished", f"the transfer is {known.state.value}"))
             else:
                 known.resumes += 1
+                known.resumed_from = known.offset
+                if known.kind == "file":
+                    agent.journal.update(known.id, resumed_from=known.offset)
                 self.send(wire.Resume(msg.id, known.offset))
             return
         if known is not None:
@@ -190,18 +193,24 @@ class Session:
             if msg.size is None:
                 self.send(wire.Error(msg.id, "bad_open", "a file transfer must carry its size"))
                 return
+        if t.kind == "file":
+            assert t.size is not None
+            agent.journal.record(id=t.id, direction="in", name=t.name, path=None, size=t.size,
+                                 priority=t.priority, attrs=t.attrs, state="active")
         agent.add_transfer(t)
         t.move_to(State.ACTIVE)
         agent.publish_transfer("transfer.incoming", t)
 
     def _on_ack(self, t: Transfer, msg: wire.Ack) -> None:
-        if msg.offset > t.sent or msg.offset < t.offset:
+        if msg.offset > max(t.sent, t.size or 0) or msg.offset < t.offset:
             self.agent.finish_transfer(
                 t, "protocol_error", f"peer acked offset {msg.offset} outside {t.offset}..{t.sent}"
             )
             self.send(wire.Error(t.id, "protocol_error", "ack out of range"))
             return
         t.offset = msg.offset
+        if t.kind == "file" and not msg.final:
+            self.agent.journal_offset(t)
         if t.spool is not None and not t.terminal:
             t.spool.ack(msg.offset)  # within 0..sent, checked above, so within the spool
             t.space.unpark_all()
@@ -225,6 +234,8 @@ class Session:
         t.resumed = trio.Event()
         self.send(wire.Open(t.id, t.kind, t.size if t.kind == "file" else None, t.priority,
                             t.name, t.attrs, resume))
+        if not t.opened and t.kind == "file":
+            self.agent.journal.update(t.id, opened=1, state="active")
         t.opened = True
         start = 0
         if resume:
@@ -233,12 +244,16 @@ class Session:
             if t.terminal:
                 return
             start = t.resume_offset if t.resume_offset is not None else -1
-            if not t.offset <= start <= t.sent:
+            # Files may resume anywhere up to their size (after our restart we do not know
+            # what we had sent); streams only within what the spool still holds.
+            upper = t.size if t.kind == "file" and t.size is not None else t.sent
+            if not t.offset <= start <= upper:
                 self.agent.finish_transfer(
                     t, "protocol_error",
-                    f"receiver resumed at {start}, outside acked..sent {t.offset}..{t.sent}")
+                    f"receiver resumed at {start}, outside acked..sent {t.offset}..{upper}")
                 return
             t.resumes += 1
+            t.resumed_from = start
             log.info("transfer %s resumes at byte %d (%d sent before)", t.id, start, t.sent)
             t.offset = start
             t.sent = start
@@ -414,7 +429,8 @@ class Session:
                         out.flush()
                         await trio.to_thread.run_sync(os.fsync, out.fileno())
                         synced = t.offset
-                        self._ack(t)
+                        self.agent.journal_offset(t)  # durable on disk, then in the journal,
+                        self._ack(t)  # then acknowledged
                 out.flush()
                 await trio.to_thread.run_sync(os.fsync, out.fileno())
             await self._verify(t)

@@ -79,6 +79,7 @@ class Transfer:
     # One pump / one sink at a time: a new session's task waits for the old one to exit.
     busy: trio.Lock = field(default_factory=trio.Lock, repr=False)
     resumes: int = 0  # how many times this transfer continued after a reconnect
+    resumed_from: int | None = None  # the offset of the latest resume
 
     @property
     def terminal(self) -> bool:
@@ -123,6 +124,7 @@ class Transfer:
             "path": self.path,
             "error": None,
             "resumes": self.resumes,
+            "resumed_from": self.resumed_from,
         }
         if self.error_code is not None:
             out["error"] = {"code": self.error_code, "message": self.error_message}

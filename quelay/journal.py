@@ -1,0 +1,114 @@
+"""The file-transfer journal: what must survive ``kill -9`` (SQLite in the state directory).
+
+Only files are journaled — their bytes live on disk at both ends, so knowing
+the transfer (id, path, size, name, priority) and the receiver's durable
+offset is enough to resume after either agent restarts. Streams live in
+memory and cannot survive a restart of their sender; they are not journaled.
+
+Writes are small and happen at the same cadence as the receiver's fsync'd
+acks. The receiver records an offset *before* acknowledging it, so an ack
+always names bytes that are on disk and in the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import QuelayError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS transfers (
+    id TEXT PRIMARY KEY,
+    direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+    name TEXT NOT NULL,
+    path TEXT,
+    size INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    attrs TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    opened INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    sha256 TEXT,
+    resumed_from INTEGER,
+    updated REAL NOT NULL
+)
+"""
+
+
+class JournalError(QuelayError):
+    """The journal on disk is unreadable or not ours (a local problem)."""
+
+    code = "journal_error"
+
+
+@dataclass(frozen=True)
+class JournalRow:
+    id: str
+    direction: str
+    name: str
+    path: str | None
+    size: int
+    priority: int
+    attrs: dict[str, str]
+    offset: int
+    opened: bool
+    state: str
+    sha256: str | None
+    resumed_from: int | None
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"journal {path} is unusable: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def record(self, *, id: str, direction: str, name: str, path: str | None, size: int,
+               priority: int, attrs: dict[str, str], offset: int = 0, state: str = "pending"
+               ) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO transfers (id, direction, name, path, size, priority, attrs,"
+            " offset, opened, state, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+            (id, direction, name, path, size, priority, json.dumps(attrs), offset, state,
+             time.time()),
+        )
+
+    def update(self, transfer_id: str, **fields: Any) -> None:
+        allowed = {"offset", "opened", "state", "sha256", "path", "resumed_from"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"cannot update journal fields {sorted(set(fields) - allowed)}")
+        names = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(
+            f"UPDATE transfers SET {names}, updated = ? WHERE id = ?",  # noqa: S608 - fixed names
+            (*fields.values(), time.time(), transfer_id),
+        )
+
+    def get(self, transfer_id: str) -> JournalRow | None:
+        rows = self._select("WHERE id = ?", (transfer_id,))
+        return rows[0] if rows else None
+
+    def unfinished(self) -> list[JournalRow]:
+        return self._select("WHERE state IN ('pending', 'active') ORDER BY updated", ())
+
+    def _select(self, where: str, args: tuple[Any, ...]) -> list[JournalRow]:
+        cur = self._db.execute(
+            "SELECT id, direction, name, path, size, priority, attrs, offset, opened, state,"
+            f" sha256, resumed_from FROM transfers {where}", args)
+        return [
+            JournalRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], bool(r[8]),
+                       r[9], r[10], r[11])
+            for r in cur.fetchall()
+        ]

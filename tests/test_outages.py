@@ -1,0 +1,211 @@
+"""Outages and reconnects: every transfer resumes from the last delivered byte, exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from quelay import wire
+from quelay.agent import Agent
+from quelay.client import ClientError, open_client
+from quelay.framing import encode_frame
+from quelay.identity import load_or_create_identity
+from quelay.linksim import CLEAN, open_linksim
+from quelay.transport.connection import Liveness
+
+from .conftest import make_file, sha256_file, site_config, start_pair, wait_for
+
+MiB = 1024 * 1024
+LINK = CLEAN.with_overrides(name="outage-test", rtt_s=0.01)
+
+
+def test_liveness_detector_on_explicit_time() -> None:
+    live = Liveness(dead_after=3.0)
+    live.heard(10.0)
+    assert not live.is_dead(12.9, rtt=None)
+    assert live.is_dead(13.1, rtt=None)
+    # On a long path, the bound grows with the RTT (4 RTTs).
+    assert not live.is_dead(13.1, rtt=0.9)
+    assert live.is_dead(13.7, rtt=0.9)
+    live.heard(13.7)
+    assert not live.is_dead(14.0, rtt=0.9)
+
+
+async def start_via_sim(nursery: trio.Nursery, tmp_path: Path, sim_factory: Any,
+                        **overrides: Any) -> tuple[Agent, Agent, Any]:
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    fp_a = load_or_create_identity(root_a / "state").fingerprint
+    fp_b = load_or_create_identity(root_b / "state").fingerprint
+    a = Agent(site_config(root_a, listen=("127.0.0.1", 0), trust=[fp_b], **overrides))
+    await nursery.start(a.run)
+    sim = await nursery.start(sim_factory, a.udp_address)
+    b = Agent(site_config(root_b, peer=sim.address, trust=[fp_a], **overrides))
+    await nursery.start(b.run)
+    await wait_for(lambda: a.link_state == "up" and b.link_state == "up")
+    return a, b, sim
+
+
+async def run_sim(upstream: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async with open_linksim(upstream=upstream, profile=LINK, seed=3) as sim:
+        task_status.started(sim)
+        await trio.sleep_forever()
+
+
+async def test_file_and_stream_survive_five_outages(nursery: trio.Nursery,
+                                                    tmp_path: Path) -> None:
+    a, b, sim = await start_via_sim(nursery, tmp_path, run_sim)
+    src = make_file(tmp_path / "big.bin", 30 * MiB, seed=11)
+    stream_size = 20 * MiB
+    payload = random.Random(12).randbytes(stream_size)
+    got = hashlib.sha256()
+    delivered = {"n": 0}
+    link_states: list[str] = []
+    rng = random.Random(13)
+
+    async def reader() -> None:
+        async with open_client(a.config.control) as client:
+            incoming = await client.accept_incoming(name="survivor")
+            async for chunk in incoming:
+                got.update(chunk)
+                delivered["n"] += len(chunk)
+
+    async def outages() -> None:
+        # Outages at random points of the stream's progress, 1–6 s long: shorter ones
+        # are bridged by QUIC, longer ones by the supervisor and resume.
+        for k in range(5):
+            threshold = stream_size * (k + rng.random()) / 6
+            await wait_for(lambda t=threshold: delivered["n"] >= t, timeout=120)
+            sim.set_outage(True)
+            await trio.sleep(rng.uniform(1.0, 6.0))  # the outage's length, not a wait
+            sim.set_outage(False)
+
+    async def watch() -> None:
+        async with open_client(b.config.control) as client:
+            await client.subscribe()
+            async for event in client.events():
+                if event["event"] == "link.state":
+                    link_states.append(event["data"]["state"])
+
+    nursery.start_soon(watch)
+    async with trio.open_nursery() as inner:
+        inner.start_soon(reader)
+        inner.start_soon(outages)
+        async with open_client(b.config.control) as client:
+            info = await client.send_file(src)
+            async with await client.open_stream(name="survivor") as out:
+                for i in range(0, stream_size, 100_000):
+                    await out.send_all(payload[i : i + 100_000])
+            final = await client.wait(info["id"])
+    assert final["state"] == "done"
+    assert sha256_file(a.config.inbox / "big.bin") == sha256_file(src)
+    assert out.result is not None and out.result["state"] == "done"
+    # Exactly once: the reader got every byte, and no byte twice.
+    assert delivered["n"] == stream_size
+    assert got.digest() == hashlib.sha256(payload).digest()
+    t_in = a.transfers[out.id]
+    assert t_in.offset == stream_size
+    assert "down" in link_states and link_states[-1] == "up"
+    assert sim.stats.up.dropped_outage > 0
+    assert out.result["resumes"] + final["resumes"] >= 1
+
+
+async def test_outage_longer_than_the_spool(nursery: trio.Nursery, tmp_path: Path) -> None:
+    spool = 256 * 1024
+    a, b, sim = await start_via_sim(nursery, tmp_path, run_sim, spool_size=spool)
+    payload = random.Random(5).randbytes(6 * MiB)
+    got = hashlib.sha256()
+    count = {"n": 0}
+
+    async def reader() -> None:
+        async with open_client(a.config.control) as client:
+            incoming = await client.accept_incoming(name="long")
+            async for chunk in incoming:
+                got.update(chunk)
+                count["n"] += len(chunk)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(reader)
+        async with open_client(b.config.control) as client:
+            out = await client.open_stream(name="long")
+            t_out = b.transfers[out.id]
+            await out.send_all(payload[: 1 * MiB])
+            await wait_for(lambda: count["n"] >= 512 * 1024)
+            sim.set_outage(True)
+            writer_done = trio.Event()
+
+            async def write_rest() -> None:
+                for i in range(1 * MiB, len(payload), 64 * 1024):
+                    await out.send_all(payload[i : i + 64 * 1024])
+                writer_done.set()
+
+            inner.start_soon(write_rest)
+            await wait_for(lambda: b.link_state == "down" and t_out.spool.free == 0)
+            # The writer is held back: the agent holds at most one spool of unacked bytes.
+            assert t_out.accepted - t_out.offset <= spool
+            assert not writer_done.is_set()
+            sim.set_outage(False)
+            await writer_done.wait()
+            final = await out.finish()
+    assert final["state"] == "done"
+    assert count["n"] == len(payload)
+    assert got.digest() == hashlib.sha256(payload).digest()
+
+
+async def test_overlap_is_trimmed_and_gap_fails(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A forged peer replays with overlap (trimmed), then with a gap (the transfer fails)."""
+    pair = await start_pair(nursery, tmp_path)
+    a, b = pair.a.agent, pair.b.agent
+    results: dict[str, Any] = {}
+
+    async def forged_transfer(name: str, second_offset: int, tail: bytes) -> None:
+        tid = wire.new_transfer_id()
+        assert a.session is not None
+        a.session._dispatch(wire.Open(tid, "stream", None, 4, name, {}))
+        received = bytearray()
+
+        async def reader() -> None:
+            async with open_client(a.config.control) as client:
+                incoming = await client.accept_incoming(name=name)
+                try:
+                    async for chunk in incoming:
+                        received.extend(chunk)
+                except ClientError as exc:
+                    results[name + ".error"] = exc.code
+                results[name + ".final"] = await client.wait(tid)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(reader)
+            # Session 1: bytes 0..10 on a data stream that never ends.
+            assert b.session is not None
+            conn = b.session.conn
+            sid = conn.open_stream()
+            header = encode_frame(wire.encode_message(wire.DataHeader(tid, 0)))
+            conn.send_nowait(sid, header + b"0123456789")
+            await wait_for(lambda: a.transfers[tid].offset == 10)
+            # The link breaks; the dialler comes back with a new connection.
+            old_session = a.session
+            conn.abandon("test: connection lost")
+            await wait_for(lambda: a.session is not None and a.session is not old_session
+                           and b.session is not None and b.link_state == "up")
+            conn = b.session.conn
+            sid = conn.open_stream()
+            header = encode_frame(wire.encode_message(wire.DataHeader(tid, second_offset)))
+            conn.send_nowait(sid, header + tail, end_stream=True)
+            whole = b"0123456789ABCDEF"
+            b.session.send(wire.Finish(tid, len(whole), hashlib.sha256(whole).digest()))
+        results[name + ".bytes"] = bytes(received)
+
+    await forged_transfer("overlap", 5, b"56789ABCDEF")
+    assert results["overlap.final"]["state"] == "done"
+    assert results["overlap.bytes"] == b"0123456789ABCDEF"
+
+    await forged_transfer("gap", 12, b"CDEF")
+    final = results["gap.final"]
+    assert final["state"] == "failed"
+    assert final["error"]["code"] == "protocol_error" and "gap" in final["error"]["message"]
+    assert results["gap.bytes"] == b"0123456789"  # nothing past the gap reached the reader
+    assert results.get("gap.error") == "stream_failed"  # an error, not a silent EOF
