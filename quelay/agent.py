@@ -62,6 +62,7 @@ class AgentConfig:
     congestion: str = "cubic"
     progress_interval: float = 0.5
     rate: int = 0  # wire cap in bits/s; 0 = uncapped
+    max_concurrent: int = 0  # outbound transfers active at once; 0 = no limit
 
     def __post_init__(self) -> None:
         if (self.listen is None) == (self.peer is None):
@@ -72,6 +73,8 @@ class AgentConfig:
             raise ValueError(f"congestion must be one of {', '.join(CONGESTION_CONTROLS)}")
         if self.rate < 0:
             raise ValueError("rate must be >= 0 bit/s (0 = uncapped)")
+        if self.max_concurrent < 0:
+            raise ValueError("max_concurrent must be >= 0 (0 = no limit)")
 
 
 class Agent:
@@ -92,6 +95,8 @@ class Agent:
         self.peer_epoch: int | None = None
         self._last_rtt = 0.0
         self._last_attempt_heard = True
+        self._unsent_cancels: dict[str, str] = {}
+        self._queue_snapshot: tuple[str, ...] = ()
         self._recover()
         self.endpoint: QuicEndpoint | None = None
         self.sock: UdpSocket | None = None
@@ -311,13 +316,13 @@ class Agent:
             self._peer_restarted()
         self.peer_epoch = hello.epoch
         self._set_link("up")
+        for tid, reason in self._unsent_cancels.items():
+            session.send(wire.Cancel(tid, reason))  # canceled here while the link was down
+        self._unsent_cancels.clear()
         for t in list(self.transfers.values()):
-            if t.direction != "out":
-                continue
-            if t.state is State.PENDING:
-                self._start(t)
-            elif t.state is State.ACTIVE:
+            if t.direction == "out" and t.state is State.ACTIVE:
                 session.start_outbound(t)  # resume from the receiver's offset
+        self._fill()
         self._session_changed.unpark_all()
 
     def _peer_restarted(self) -> None:
@@ -364,6 +369,7 @@ class Agent:
     def _start(self, t: Transfer) -> None:
         assert self.session is not None
         t.move_to(State.ACTIVE)
+        t.queue_position = None
         t.sched_key = self.feed.add(t.priority)
         log.info("transfer %s started: %s %s %r, priority %d", t.id, t.kind, t.direction, t.name,
                  t.priority)
@@ -424,15 +430,43 @@ class Agent:
             self.journal.record(id=t.id, direction="out", name=t.name, path=t.path,
                                 size=t.size or 0, priority=t.priority, attrs=t.attrs)
         self.add_transfer(t)
-        if self.session is not None:
-            self._start(t)
-        else:
+        self._fill()
+        if t.state is State.PENDING:
             self.publish_transfer("transfer.queued", t)
+
+    # -- the pending queue -------------------------------------------------------------
+
+    def queue(self) -> list[Transfer]:
+        """Outbound transfers waiting to start: priority order, FIFO within a priority."""
+        pending = [t for t in self.transfers.values()
+                   if t.direction == "out" and t.state is State.PENDING]
+        pending.sort(key=lambda t: (-t.priority, t.seq))
+        return pending
+
+    def _fill(self) -> None:
+        """Start queued transfers while the link is up and --max-concurrent allows."""
+        queue = self.queue()
+        if self.session is not None:
+            limit = self.config.max_concurrent
+            active = sum(1 for t in self.transfers.values()
+                         if t.direction == "out" and t.state is State.ACTIVE)
+            while queue and (not limit or active < limit):
+                self._start(queue.pop(0))
+                active += 1
+        for position, t in enumerate(queue, 1):
+            t.queue_position = position
+        snapshot = tuple(t.id for t in queue)
+        if snapshot != self._queue_snapshot:
+            self._queue_snapshot = snapshot
+            self.events.publish("queue.status", {"pending": [
+                {"id": t.id, "name": t.name, "priority": t.priority,
+                 "position": t.queue_position} for t in queue]})
 
     def complete_transfer(self, t: Transfer) -> None:
         if t.move_to(State.DONE):
             self._release(t)
             self._journal_end(t, "done")
+            self._fill()
             log.info("transfer %s done: %s, %d bytes, sha256 %s", t.id, t.name, t.offset,
                      t.sha256)
             self.publish_transfer("transfer.done", t)
@@ -445,6 +479,7 @@ class Agent:
         log.warning("transfer %s %s: %s: %s", t.id, t.state.value, code, message)
         self._release(t)
         self._journal_end(t, t.state.value)
+        self._fill()
         t.space.unpark_all()
         if self.session is not None and t.data_stream is not None and t.direction == "out":
             self.session.conn.reset_stream(t.data_stream)
@@ -454,10 +489,14 @@ class Agent:
         self.publish_transfer("transfer.canceled" if canceled else "transfer.failed", t)
 
     def cancel(self, t: Transfer, reason: str = "canceled by local client") -> None:
+        """Cancel in any state; the peer hears of it now, or when the link returns."""
         if t.terminal:
             return
-        if self.session is not None and t.state is State.ACTIVE:
+        peer_knows = t.direction == "in" or t.opened
+        if peer_knows and self.session is not None:
             self.session.send(wire.Cancel(t.id, reason))
+        elif peer_knows:
+            self._unsent_cancels[t.id] = reason
         self.finish_transfer(t, "canceled", reason, canceled=True)
 
     # -- the rate cap and the feed -------------------------------------------------

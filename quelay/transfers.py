@@ -10,6 +10,7 @@ transfer and a cancel can't undo a completion.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,6 +22,7 @@ import trio
 from .errors import LocalProtocolError
 
 Direction = Literal["out", "in"]
+_SEQ = itertools.count()
 
 
 class State(StrEnum):
@@ -80,6 +82,8 @@ class Transfer:
     busy: trio.Lock = field(default_factory=trio.Lock, repr=False)
     resumes: int = 0  # how many times this transfer continued after a reconnect
     resumed_from: int | None = None  # the offset of the latest resume
+    queue_position: int | None = None  # out, pending: 1 = starts next
+    seq: int = field(default_factory=lambda: next(_SEQ))  # FIFO order within a priority
 
     @property
     def terminal(self) -> bool:
@@ -125,6 +129,7 @@ class Transfer:
             "error": None,
             "resumes": self.resumes,
             "resumed_from": self.resumed_from,
+            "queue_position": self.queue_position,
         }
         if self.error_code is not None:
             out["error"] = {"code": self.error_code, "message": self.error_message}
