@@ -293,7 +293,8 @@ class Agent:
                     conn.close("internal error")
             finally:
                 reason = conn.closed or reason
-                log.warning("%s: connection with %s:%d ended: %s", self.label, *conn.peer, reason)
+                log.log(logging.INFO if self.stopping else logging.WARNING,
+                        "%s: connection with %s:%d ended: %s", self.label, *conn.peer, reason)
                 self._session_ended(conn, reason)
                 if conn.closed is None:
                     conn.close(reason[:200])

@@ -92,6 +92,8 @@ async def _demo(root: Path, size: int) -> bool:
             "site B dialling"
         )
         ok = await _exchange(site_a, site_b, size)
+        await agent_b.shutdown("demo finished")
+        await agent_a.shutdown("demo finished")
         nursery.cancel_scope.cancel()
     return ok
 
