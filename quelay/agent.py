@@ -135,11 +135,16 @@ class Agent:
             },
         )
         log.info("agent %s starting (udp %s:%d)", self.identity.fingerprint, *self.sock.address)
+        control = ControlServer(self, cfg.control)
+        try:
+            listener = control.bind()
+        except BaseException:
+            self.sock.close()
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                control = ControlServer(self, cfg.control)
-                await nursery.start(control.serve)
+                await nursery.start(control.serve, listener)
                 nursery.start_soon(self.endpoint.run, nursery)
                 nursery.start_soon(self._progress_loop)
                 nursery.start_soon(self.feed.run, self._unsent)

@@ -178,7 +178,7 @@ def decode_message_untrusted(body: Any) -> Message:
         if tkind not in ("file", "stream"):
             raise RemoteProtocolError("field 'kind' must be 'file' or 'stream'")
         priority = _uint(body, "priority")
-        if priority not in PRIORITY_RANGE:
+        if priority is None or priority not in PRIORITY_RANGE:
             raise RemoteProtocolError("field 'priority' must be within 0..15")
         resume = body.get("resume", False)
         if not isinstance(resume, bool):

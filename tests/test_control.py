@@ -155,3 +155,15 @@ async def test_events_are_pushed_to_subscribers(pair: Pair, tmp_path: Path) -> N
     async with open_client(pair.a.control) as client:
         incoming = [t for t in await client.ls() if t["id"] == info["id"]]
     assert incoming and incoming[0]["direction"] == "in" and incoming[0]["state"] == "done"
+
+
+async def test_second_agent_on_the_same_socket_is_refused(pair: Pair, tmp_path: Path) -> None:
+    from quelay.agent import Agent
+
+    from .conftest import site_config
+
+    clash = Agent(site_config(tmp_path / "clash", listen=("127.0.0.1", 0),
+                              control=pair.a.control))
+    with pytest.raises(FileExistsError, match="another agent"):
+        await clash.run()  # fails at start-up, before serving anything
+    await assert_still_serving(pair)

@@ -209,3 +209,24 @@ async def test_overlap_is_trimmed_and_gap_fails(nursery: trio.Nursery, tmp_path:
     assert final["error"]["code"] == "protocol_error" and "gap" in final["error"]["message"]
     assert results["gap.bytes"] == b"0123456789"  # nothing past the gap reached the reader
     assert results.get("gap.error") == "stream_failed"  # an error, not a silent EOF
+
+
+async def test_malformed_control_frame_from_peer_ends_only_the_session(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    import logging
+
+    pair = await start_pair(nursery, tmp_path)
+    a, b = pair.a.agent, pair.b.agent
+    src = make_file(tmp_path / "after.bin", 100_000)
+    assert b.session is not None and b.session.control_sid is not None
+    old = a.session
+    # A forged peer: a frame announcing 10 MB on the control stream.
+    b.session.conn.send_nowait(b.session.control_sid, b"\x00\x98\x96\x80garbage")
+    await wait_for(lambda: a.session is not None and a.session is not old
+                   and b.link_state == "up")
+    # The agent survived, reconnected, and still moves data.
+    async with open_client(b.config.control) as client:
+        info = await client.send_file(src)
+        assert (await client.wait(info["id"]))["state"] == "done"
+    assert logging.getLogger("quelay").isEnabledFor(logging.WARNING)

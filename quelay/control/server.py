@@ -223,8 +223,11 @@ class ControlServer:
             "set_rate": self.op_set_rate,
         }
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = self._bind()
+    async def serve(self, listener: trio.SocketListener | None = None, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients until cancelled; removes the socket file on the way out."""
+        if listener is None:
+            listener = self.bind()
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
@@ -236,13 +239,20 @@ class ControlServer:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
-    def _bind(self) -> trio.SocketListener:
+    def bind(self) -> trio.SocketListener:
+        """Create the owner-only socket (separately, so start-up errors are plain errors)."""
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 raise FileExistsError(f"control path {path} exists and is not a socket")
-            path.unlink()  # stale socket from an earlier run
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(path))
+                except OSError:
+                    path.unlink()  # stale socket left by an agent that died
+                else:
+                    raise FileExistsError(f"another agent is serving on {path}")
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # owner-only from the first instant
         try:

@@ -39,7 +39,7 @@ class CoarsePacer(QuicPacketPacer):
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         pacing_rate = congestion_window / max(smoothed_rtt, 1e-6)
-        burst = max(2 * self._max_datagram_size,
+        burst: float = max(2 * self._max_datagram_size,
                     min(congestion_window // 2, PACER_BURST_DATAGRAMS * self._max_datagram_size))
         if self.cap_bytes_per_second > 0:
             # Never pace above the cap: datagrams are made no faster than the gate lets
@@ -86,7 +86,7 @@ class QuelayQuicConnection(QuicConnection):
             self.lost_bytes += sum(p.sent_bytes for p in packets)
             original(packets=packets, **kw)
 
-        self._loss._on_packets_lost = counting  # loss statistics for `quelay status`
+        self._loss._on_packets_lost = counting  # type: ignore[method-assign]  # loss statistics
 
     # -- peer authentication ----------------------------------------------
 
