@@ -26,7 +26,7 @@ from .inbox import Inbox
 from .journal import Journal
 from .scheduler import FeedScheduler
 from .session import Session, SessionEnded
-from .transfers import State, Transfer
+from .transfers import State, Transfer, hash_file
 from .transport.connection import ConnectionClosed, QuicConn
 from .transport.endpoint import QuicEndpoint
 from .transport.pacing import WireGate
@@ -408,12 +408,7 @@ class Agent:
                 t.offset = min(have, row.offset)
                 with open(partial, "ab") as f:
                     f.truncate(t.offset)
-                with open(partial, "rb") as f:  # the receiver's digest so far
-                    left = t.offset
-                    while left:
-                        chunk = f.read(min(left, 1 << 20))
-                        t.hasher.update(chunk)
-                        left -= len(chunk)
+                hash_file(partial, t.hasher, t.offset)  # the receiver's digest so far
                 t.move_to(State.ACTIVE)
             self.transfers[t.id] = t
             log.info("%s: recovered %s file transfer %s (%s) at byte %d of %d", self.label,

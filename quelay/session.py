@@ -11,7 +11,6 @@ session when it concerns the control stream itself — never the agent.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ from . import wire
 from .errors import RemoteProtocolError
 from .framing import FrameDecoder, encode_frame
 from .inbox import UnsafeNameError, safe_name_untrusted
-from .transfers import State, Transfer
+from .transfers import State, Transfer, hash_file
 from .transport.connection import ConnectionClosed, InboundStream, QuicConn, StreamReset
 
 if TYPE_CHECKING:
@@ -281,7 +280,8 @@ class Session:
         t.size = t.sent
         if t.kind == "file":
             assert t.path is not None
-            t.sha256 = await trio.to_thread.run_sync(_hash_file, t.path)
+            # The sender's digest is of the whole file, independent of resumes.
+            t.sha256 = (await trio.to_thread.run_sync(hash_file, t.path)).hexdigest()
         else:
             t.sha256 = t.hasher.hexdigest()  # fed by the writer, in order, once per byte
         self.send(wire.Finish(t.id, t.sent, bytes.fromhex(t.sha256)))
@@ -494,11 +494,3 @@ class Session:
         t.sha256 = finish.sha256.hex()
 
 
-
-def _hash_file(path: str) -> str:
-    """SHA-256 of a whole file (the sender's digest, independent of resumes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

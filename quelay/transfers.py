@@ -136,5 +136,16 @@ class Transfer:
         return out
 
 
-def sanitize_local_path(path: str) -> Path:
-    return Path(path).expanduser().resolve()
+def hash_file(path: str | Path, hasher: Any = None, limit: int | None = None) -> Any:
+    """Feed a file (or its first ``limit`` bytes) to a SHA-256 hasher and return the hasher."""
+    h = hasher if hasher is not None else hashlib.sha256()
+    left = limit
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            chunk = f.read(1 << 20 if left is None else min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import trio
 
 from quelay.agent import Agent, AgentConfig
 from quelay.identity import load_or_create_identity
+from quelay.transfers import hash_file
 
 
 @dataclass
@@ -81,11 +81,7 @@ async def pair(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Pair]:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return str(hash_file(path).hexdigest())
 
 
 def make_file(path: Path, size: int, seed: int = 0) -> Path:

@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from ..transport.udp import resolve
 from .impairment import BIN_S, Direction, DirectionStats, HistogramKey, LinkModel
 from .profiles import CLEAN, Profile, parse_profile
 
@@ -72,15 +73,6 @@ class _Mapping:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     in_flight: int = 0
     closed: bool = False
-
-
-def resolve(host: str, port: int) -> tuple[socket.AddressFamily, Address]:
-    """Resolve a UDP ``(host, port)``; the family decides the socket type."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    if not infos:
-        raise OSError(f"cannot resolve {host}:{port}")
-    family, _, _, _, sockaddr = infos[0]
-    return family, (str(sockaddr[0]), int(sockaddr[1]))
 
 
 def _udp_socket(family: socket.AddressFamily, buffer_bytes: int) -> socket.socket:
