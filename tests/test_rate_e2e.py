@@ -79,3 +79,29 @@ async def test_rate_changes_at_run_time(nursery: trio.Nursery, tmp_path: Path) -
                 await client.request("set_rate", rate=bad)
             assert err.value.code == "invalid_argument"
         assert (await client.request("set_rate", rate=0))["rate"] == 0
+
+
+async def test_control_goes_ahead_of_bulk_under_saturation(nursery: trio.Nursery,
+                                                           tmp_path: Path) -> None:
+    from .conftest import start_pair
+
+    pair = await start_pair(nursery, tmp_path, rate=1_000_000)
+    a, b = pair.a.agent, pair.b.agent
+    src = make_file(tmp_path / "bulk.bin", 10_000_000, seed=2)
+    async with open_client(pair.b.control) as client:
+        idle = await client.open_stream(name="idle")
+        await wait_for(lambda: idle.id in a.transfers)
+        info = await client.send_file(src, priority=15)
+        # Saturated: the bulk transfer is flowing at the cap.
+        await wait_for(lambda: info["id"] in a.transfers
+                       and a.transfers[info["id"]].offset > 300_000)
+        assert b.gate is not None
+        before = b.gate.total_bytes
+        await client.cancel(idle.id)
+        await wait_for(lambda: a.transfers[idle.id].terminal)
+        spent = b.gate.total_bytes - before
+        # The cancel did not queue behind bulk bytes: it crossed within a few ticks'
+        # worth of wire bytes (at 1 Mbit/s, 64 kB is half a second).
+        assert spent <= 64_000, spent
+        assert a.transfers[idle.id].error_code == "canceled"
+        await client.cancel(info["id"])
