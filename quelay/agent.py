@@ -308,7 +308,7 @@ class Agent:
                 nursery.cancel_scope.cancel()
 
     def _probe_interval(self) -> float:
-        return max(self.config.probe_interval, 1.5 * self._last_rtt)
+        return max(self.config.probe_interval, 1.2 * self._last_rtt)
 
     def session_up(self, session: Session) -> None:
         old = self.session
@@ -316,11 +316,6 @@ class Agent:
             old.conn.close("replaced by a newer connection from the peer")
         self.session = session
         self.peer_fingerprint = session.conn.peer_fingerprint
-        hello = session.peer_hello
-        assert hello is not None
-        if self.peer_epoch is not None and hello.epoch != self.peer_epoch:
-            self._peer_restarted()
-        self.peer_epoch = hello.epoch
         self._set_link("up")
         for tid, reason in self._unsent_cancels.items():
             session.send(wire.Cancel(tid, reason))  # canceled here while the link was down
@@ -330,6 +325,14 @@ class Agent:
                 session.start_outbound(t)  # resume from the receiver's offset
         self._fill()
         self._session_changed.unpark_all()
+
+    def peer_identified(self, session: Session) -> None:
+        """The peer's hello arrived: a new boot epoch means it restarted."""
+        hello = session.peer_hello
+        assert hello is not None
+        if self.peer_epoch is not None and hello.epoch != self.peer_epoch:
+            self._peer_restarted()
+        self.peer_epoch = hello.epoch
 
     def _peer_restarted(self) -> None:
         """The peer lost its memory: what lived only there cannot continue."""

@@ -76,8 +76,6 @@ class Transfer:
     data_stream: int | None = None  # QUIC stream id carrying the bytes, this session
     sched_key: int | None = None  # out: this transfer's entry in the feed scheduler
     opened: bool = False  # out: the peer has heard of it (a later Open is a resume)
-    resume_offset: int | None = None  # out: the receiver's answer to a resumed Open
-    resumed: trio.Event = field(default_factory=trio.Event, repr=False)
     # One pump / one sink at a time: a new session's task waits for the old one to exit.
     busy: trio.Lock = field(default_factory=trio.Lock, repr=False)
     resumes: int = 0  # how many times this transfer continued after a reconnect
