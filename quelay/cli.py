@@ -122,7 +122,7 @@ async def serve_agent(agent: Any) -> str | None:
             async for signum in signals:
                 stopped_by = signal.Signals(signum).name
                 log.info("received %s: stopping", stopped_by)
-                await agent.shutdown(f"peer agent stopped ({stopped_by})")
+                await agent.shutdown(f"{agent.label} stopping ({stopped_by})")
                 break
     return stopped_by
 
@@ -174,7 +174,8 @@ def _run_command(**options: Any) -> None:
     except BaseException as exc:  # an agent that cannot start says why, in one line
         leaf = _leaf(exc)
         if isinstance(leaf, QuelayError | OSError | ValueError):
-            raise fail(f"agent stopped: {leaf}", 1) from exc
+            what = "agent failed" if agent.ready.is_set() else "cannot start"
+            raise fail(f"{what}: {leaf}", 1) from exc
         raise
     log.info("agent stopped%s", f" ({stopped_by})" if stopped_by else "")
 
@@ -271,11 +272,12 @@ def identity(
     as_json: JsonOpt = False,
 ) -> None:
     """Print this agent's fingerprint (creating the identity on first use)."""
+    from .errors import QuelayError
     from .identity import load_or_create_identity
 
     try:
         ident = load_or_create_identity(state_dir or default_state_dir())
-    except Exception as exc:  # IdentityError, OSError: the state directory is unusable
+    except (QuelayError, OSError) as exc:  # the state directory or the key is unusable
         raise fail(f"identity: {exc}", 1) from exc
     if as_json:
         _json_out({"fingerprint": ident.fingerprint, "certificate": str(ident.cert_path)})
@@ -722,7 +724,7 @@ def demo(
     """Start two agents on loopback, send a file and a stream, verify both."""
     from .demo import run_demo
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     ok = trio.run(run_demo, parse_size(size), keep)
     raise typer.Exit(0 if ok else 1)
 

@@ -177,7 +177,11 @@ class OutgoingStream:
             return self.result
         try:
             await self._stream.send_eof()
-            reply = await _read_frame(self._stream, FrameDecoder(16 * MAX_CONTROL_FRAME))
+            decoder = FrameDecoder(16 * MAX_CONTROL_FRAME)
+            reply = await _read_frame(self._stream, decoder)
+            if reply is not None and reply.get("event") == "stream.eof":
+                # The agent saw our end and knows we are alive; now the final report.
+                reply = await _read_frame(self._stream, decoder)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             reply = None
         finally:
@@ -694,6 +698,11 @@ class BlockingClient:
         incoming = portal.run(lambda: client.accept_incoming(name=name,
                                                              transfer_id=transfer_id))
         return BlockingIncomingStream(portal, incoming)
+
+    def subscribe(self) -> None:
+        """Start receiving events now (``events()`` would, but only once iterated)."""
+        self._need_portal("subscribe")
+        self._call(lambda c: c.subscribe())
 
     def events(self) -> Iterator[dict[str, Any]]:
         """Events as they come (blocks); ends if the agent goes away."""

@@ -78,7 +78,8 @@ HELP: dict[str, str] = {
     "log_format": "human or json (one JSON object per line).",
 }
 
-# Keys whose zero value is meaningful ("off" / "uncapped"); other numbers must be positive.
+# Keys whose zero value is meaningful ("off" / "uncapped"); other sizes and durations must
+# be positive. Counts may be 0 (``max_concurrent = 0`` means no limit).
 ZERO_ALLOWED = frozenset({"keepalive", "rate"})
 # (minimum, maximum) for known numeric keys, in the setting's unit.
 LIMITS: dict[str, tuple[float, float | None]] = {
@@ -305,8 +306,9 @@ def _parse_trust(value: Any, base: Path | None) -> list[str]:
 
 
 def _check_range(s: Setting, value: float) -> None:
+    """Limits from LIMITS; otherwise sizes and durations must be positive (counts may be 0)."""
     lo, hi = LIMITS.get(s.key, (0, None))
-    if value == 0 and s.key not in ZERO_ALLOWED and lo == 0:
+    if value == 0 and s.kind != "count" and s.key not in ZERO_ALLOWED and lo == 0:
         raise ValueError("must be greater than 0")
     if value < lo or (hi is not None and value > hi):
         bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
@@ -464,7 +466,9 @@ def load(
             try:
                 values[key] = parse_value(s, value, base)
             except (ValueError, UnitError, QuelayError) as exc:
-                raise ConfigError(key, f"{_show(value)}: {exc}", where) from exc
+                # Trust errors name the bad entry themselves; others get the value shown.
+                shown = "" if s.kind == "trust" else f"{_show(value)}: "
+                raise ConfigError(key, f"{shown}{exc}", where) from exc
             sources[key] = where
     result = Settings(values, sources, file)
     _derive(result)

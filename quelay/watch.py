@@ -12,10 +12,11 @@ prints one frame per refresh separated by a blank line.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -137,7 +138,13 @@ class ProgressPrinter:
         self.written: int | None = None
 
     def _width(self) -> int:
-        return shutil.get_terminal_size((80, 24)).columns
+        """The width of the terminal we draw on (stderr), not of stdout; COLUMNS wins."""
+        if os.environ.get("COLUMNS", "").isdigit():
+            return int(os.environ["COLUMNS"])
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            return shutil.get_terminal_size((80, 24)).columns
 
     def update(self, info: dict[str, Any]) -> None:
         now = self.clock()
@@ -205,7 +212,9 @@ class WatchState:
                 del self.transfer_meters[tid]
         state = (status.get("link") or {}).get("state")
         if state != self.link_state:
-            self.link_state, self.link_since = state, wall
+            # Since when: known only for a change seen here, not for the first frame.
+            self.link_since = wall if self.link_state is not None else None
+            self.link_state = state
         return rates
 
 
@@ -244,7 +253,7 @@ def _progress_cell(t: dict[str, Any], width: int) -> str:
 
 
 def render_watch(status: dict[str, Any], transfers: list[dict[str, Any]],
-                 rates: dict[str, float | None], *, width: int = 100, height: int = 30,
+                 rates: Mapping[str, float | None], *, width: int = 100, height: int = 30,
                  wall: float | None = None, link_since: float | None = None) -> list[str]:
     """The live view as at most ``height`` lines of exactly ``width`` characters."""
     width, height = max(width, 40), max(height, 1)

@@ -15,7 +15,7 @@ import trio
 from quelay.client import ClientError, open_client
 from quelay.framing import FrameDecoder, encode_frame
 
-from .conftest import Pair, make_file
+from .conftest import Pair, make_file, wait_for
 
 
 async def raw_exchange(control: Path, payload: bytes) -> list[Any]:
@@ -167,3 +167,23 @@ async def test_second_agent_on_the_same_socket_is_refused(pair: Pair, tmp_path: 
     with pytest.raises(FileExistsError, match="another agent"):
         await clash.run()  # fails at start-up, before serving anything
     await assert_still_serving(pair)
+
+
+async def test_writer_that_dies_cancels_instead_of_completing(pair: Pair) -> None:
+    async with open_client(pair.b.control) as client:
+        info = await client.request("open_stream", name="crash")
+        raw = await trio.open_unix_socket(str(pair.b.control))
+        await raw.send_all(request("attach", {"id": info["id"], "mode": "write"}))
+        decoder = FrameDecoder()
+        while (reply := decoder.next_frame_untrusted()) is None:
+            decoder.feed(await raw.receive_some(65536))
+        assert reply["ok"]
+        await raw.send_all(b"partial data")
+        await raw.aclose()  # gone without a half-close: a crash, not an end
+        final = await client.wait(info["id"])
+    assert final["state"] == "canceled"
+    assert "writer disconnected" in final["error"]["message"]
+    t_in = pair.a.agent.transfers.get(info["id"])
+    if t_in is not None:  # the peer heard of it: it must not call it complete
+        await wait_for(lambda: t_in.terminal)
+        assert t_in.state.value == "canceled"

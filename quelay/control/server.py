@@ -176,6 +176,23 @@ class ClientConnection:
         name = "transfer.done" if t.state is State.DONE else f"transfer.{t.state.value}"
         await self.send({"event": name, "data": t.info()})
 
+    async def _end_of_writer(self, t: Transfer) -> None:
+        """EOF from the writer: a finished stream, or a writer that died?
+
+        Both look the same to a read. A writer that half-closed is still there to
+        read our answer; a dead one is not, and the write fails. Only the first
+        ends the stream; the second cancels it, so the far side never takes a
+        truncated stream for a complete one.
+        """
+        if t.terminal:
+            return
+        await self.send({"event": "stream.eof", "data": {"id": t.id, "bytes": t.accepted}})
+        if self.gone:
+            self.agent.cancel(t, "the writer disconnected without ending the stream")
+            return
+        t.spool.close()
+        t.space.unpark_all()
+
     async def _pump_writer(self, t: Transfer, first: bytes) -> None:
         """Client bytes into the spool; stop reading while it is full (back-pressure)."""
         spool = t.spool
@@ -184,9 +201,7 @@ class ClientConnection:
             if not pending:
                 data = await self.stream.receive_some(READ_CHUNK)
                 if not data:
-                    if not t.terminal:
-                        spool.close()
-                        t.space.unpark_all()
+                    await self._end_of_writer(t)
                     return
                 pending = memoryview(data)
             while pending and not t.terminal:
