@@ -59,7 +59,7 @@ class AgentConfig:
     idle_timeout: float = 30.0
     handshake_timeout: float = 10.0
     reconnect_interval: float = 1.0
-    congestion: str = "cubic"
+    congestion: str = "allotted"  # see docs/performance.md for the measurements
     progress_interval: float = 0.5
     rate: int = 0  # wire cap in bits/s; 0 = uncapped
     max_concurrent: int = 0  # outbound transfers active at once; 0 = no limit

@@ -71,7 +71,7 @@ HELP: dict[str, str] = {
     "idle_timeout": "Seconds of silence before the link is declared lost.",
     "handshake_timeout": "Seconds a connection attempt may take.",
     "reconnect_interval": "Seconds between reconnect attempts.",
-    "congestion": "Congestion control: cubic, reno or allotted.",
+    "congestion": "Congestion control: allotted (default), cubic or reno.",
     "progress_interval": "Seconds between progress events.",
     "rate": "Wire rate cap in bits/s, e.g. 2Mbps (0 = uncapped).",
     "log_level": "debug, info, warning, error or critical.",
