@@ -25,6 +25,7 @@ from aioquic.quic.recovery import QuicPacketPacer
 from . import allotted  # noqa: F401  (registers the "allotted" congestion control)
 
 PACER_BURST_DATAGRAMS = 64
+MAX_PTO_BACKOFF = 1  # probe at most every 2 PTOs while the path is silent
 
 
 class CoarsePacer(QuicPacketPacer):
@@ -111,6 +112,17 @@ class QuelayQuicConnection(QuicConnection):
         """Record that the local consumer took ``nbytes`` of ``stream_id``."""
         self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
         self._consumed_total += nbytes
+
+    def handle_timer(self, now: float) -> None:
+        """Like aioquic's, but the probe timeout backs off once, not exponentially.
+
+        During an outage shorter than the dead-link bound, QUIC's own probes are
+        what notice the link's return; with unbounded doubling the next probe
+        can be many seconds after it, which is the whole recovery delay.
+        """
+        super().handle_timer(now)
+        if self._loss._pto_count > MAX_PTO_BACKOFF:
+            self._loss._pto_count = MAX_PTO_BACKOFF
 
     def set_cap(self, bytes_per_second: float) -> None:
         """Tell pacing (and an allotment-aware congestion control) the operator's cap."""
