@@ -11,7 +11,9 @@ the cap. It still backs off when the path is really narrower than the cap:
 * persistent queueing delay (smoothed RTT above twice the minimum plus a
   margin for a whole epoch),
 
-each shrink the window by ``BACKOFF``; clean epochs grow it back. Without a
+each shrink the window by ``BACKOFF``; clean epochs grow it back. An epoch in
+which nothing at all got through is an outage, not congestion, and changes
+nothing: the link supervisor deals with it. Without a
 cap (no allotment known), it behaves like slow start with the same
 loss-tolerant backoff, bounded by the receiver's flow control.
 """
@@ -70,7 +72,9 @@ class AllottedCongestionControl(QuicCongestionControl):
             return
         total = self._epoch_acked + self._epoch_lost
         loss_rate = self._epoch_lost / total if total else 0.0
-        if loss_rate > LOSS_BACKOFF or (self._epoch_queued and total):
+        if self._epoch_acked == 0:
+            pass  # nothing got through at all: an outage, not a narrower path; keep the window
+        elif loss_rate > LOSS_BACKOFF or self._epoch_queued:
             self.scale = max(MIN_SCALE, self.scale * BACKOFF)
             if self.allotment <= 0:
                 self.congestion_window = max(int(self.congestion_window * BACKOFF),
@@ -103,8 +107,10 @@ class AllottedCongestionControl(QuicCongestionControl):
         self._end_epoch(now)
 
     def on_persistent_congestion(self) -> None:
-        self.scale = max(MIN_SCALE, self.scale * BACKOFF * BACKOFF)
-        self._update_window()
+        # Every packet over several PTOs was lost: on a granted link that is an outage
+        # (the supervisor's business), not congestion. The epoch rules still back off
+        # when some packets get through but too many are lost.
+        return
 
     def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
         if self.min_rtt is None or rtt < self.min_rtt:
