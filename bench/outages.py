@@ -59,7 +59,8 @@ The phases table shows where the recovery time went (times from the return):
 B's first datagram after the return (as the simulator receives it), B's link
 ``up``, B's pump starting the replay (``resumes`` counted up), the first new
 byte; and, from the outage's start, when B and A declared the link dead. Each case runs in
-its own process (a stalled case cannot hold up the rest). Not a test: the
+its own process (a stalled case cannot hold up the rest; a failed one is run
+again ``--retries`` times and marked ``(retried)``). Not a test: the
 figures depend on the machine and its load, and one run samples one phase
 of the probe cycle (``--repeat`` for more).
 """
@@ -94,15 +95,16 @@ from quelay.units import parse_size  # noqa: E402
 
 PROFILES = ["BLOS-750ms", "Degraded-BLOS"]
 # STARTUP_RTT: a start-up work-around. Before its first session the dialler knows no
-# RTT, so its first dial attempts are abandoned after probe_interval (1 s), and on a
-# 100-kbit/s, 750-ms link the answer takes about 1.0-1.1 s. That answer then reaches
-# B's endpoint while no attempt is registered (B sleeps reconnect_interval), and
-# QuicEndpoint._route treats it as a new *incoming* connection: aioquic raises "Cannot
-# set original_destination_connection_id for a client" and the dialling agent dies.
+# RTT, so it abandons a dial attempt that is not answered within probe_interval (1 s);
+# on a 100-kbit/s, 750-ms link the answer takes about 1.0-1.1 s, and 2+ s when the
+# first Initial is lost (Degraded-BLOS). That late answer reaches B's endpoint while no
+# attempt is registered (B sleeps reconnect_interval), QuicEndpoint._route treats it as
+# a new *incoming* connection, aioquic raises "Cannot set
+# original_destination_connection_id for a client" and the dialling agent dies.
 # Seeding the agent's last RTT (this process only) makes the first probe interval
-# max(probe_interval, 1.2 × that) = 1.2 s, enough for the first answer; every later
-# one — all the ones this benchmark measures — comes from the RTT measured on the
-# session that ended. ``--startup-rtt 0`` turns it off (and shows the crash).
+# max(probe_interval, 1.2 × that) = 3.6 s; every later one — all the ones this
+# benchmark measures — comes from the RTT measured on the session that ended.
+# ``--startup-rtt 0`` turns it off (and shows the crash).
 CHUNK = 64 * 1024
 POLL = 0.005
 
@@ -118,7 +120,7 @@ class Case:
     seed: int
     congestion: str | None = None  # None = the agent's default
     agent: dict[str, float] | None = None  # AgentConfig overrides for both agents
-    startup_rtt: float = 1.0  # see STARTUP_RTT
+    startup_rtt: float = 3.0  # see STARTUP_RTT
 
     def target(self) -> float:
         return 1.0 + 2 * get_profile(self.profile).rtt_s
@@ -510,6 +512,8 @@ def row(res: dict[str, Any], baseline: dict[str, Any] | None) -> str:
         elif late:
             verdict.append(f"SLOW {'+'.join(late)}")
     cells.append(" ".join(verdict) or "yes")
+    if res.get("failed_attempts"):
+        cells[-1] += " (retried)"
     return "| " + " | ".join(cells) + " |"
 
 
@@ -551,8 +555,10 @@ def main() -> None:
                    help="reno, cubic or allotted (default: the agent's default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=SECONDS",
                    help="AgentConfig override for both agents, e.g. probe_interval=0.5")
-    p.add_argument("--startup-rtt", type=float, default=1.0,
-                   help="seed B's last RTT before its first dial (default 1.0; 0 = off)")
+    p.add_argument("--startup-rtt", type=float, default=3.0,
+                   help="seed B's last RTT before its first dial (default 3.0; 0 = off)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="run a case that failed (crash, stall) again this often (default 1)")
     p.add_argument("--json", type=Path, help="also write every case's raw result here")
     p.add_argument("--_case", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -590,6 +596,14 @@ def main() -> None:
             case = Case(prof, outage, kinds, size, args.at, args.warm, args.seed,
                         args.congestion, overrides or None, args.startup_rtt)
             res = _spawn(case)
+            failed: list[str] = []
+            for _ in range(args.retries):
+                if not res.get("errors"):
+                    break
+                failed += res["errors"]
+                res = _spawn(case)
+            if failed:
+                res["failed_attempts"] = failed
             res["load"] = os.getloadavg()[0]
             results.append(res)
             if outage == 0:
@@ -597,6 +611,8 @@ def main() -> None:
             line = row(res, baseline)
             lines.append(line)
             print(line, flush=True)
+            for err in res.get("failed_attempts", []):
+                print(f"#   {prof} {outage:g} s: an earlier attempt failed: {err}", flush=True)
             for err in res.get("errors", []):
                 print(f"#   {prof} {outage:g} s: {err}", flush=True)
             if args.json:
