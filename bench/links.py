@@ -40,6 +40,8 @@ Columns (all relative to the cap):
 * ``spread``    — fair phase: (max − min) / mean of the bytes each of the four
   readers got over the same measurement interval;
 * ``4x good``   — fair phase: the four streams' bytes over that interval;
+* ``4th start`` — fair phase: seconds from opening the four streams until the
+  last of them delivered its first byte;
 * ``lost pkts`` (B's QUIC loss count), ``sim q-drops`` (the simulated link's
   drop-tail queue overflowing), ``srtt`` (median of B's smoothed RTT).
 
@@ -110,9 +112,14 @@ class Case:
         return self.probe if self.probe > 0 else max(1.0, 4 * rtt)
 
     def cap(self) -> int:
+        """The rate every ratio is taken against: uplink × factor (factor 0: the uplink
+        itself, while the agent runs uncapped)."""
         prof = get_profile(self.profile)
         base = prof.up.rate_bps if prof.up.rate_bps is not None else self.clean_rate
-        return int(base * self.factor)
+        return int(base * (self.factor or 1.0))
+
+    def agent_rate(self) -> int:
+        return 0 if self.factor == 0 else self.cap()
 
 
 def _pattern(seed: int) -> bytes:
@@ -306,7 +313,7 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
             opened = in_process_sim(a.udp_address, profile.name, case.seed)
         async with opened as sim:
             start = sim.start
-            b = Agent(config("b", peer=sim.address, trust=[fp_a], rate=cap,
+            b = Agent(config("b", peer=sim.address, trust=[fp_a], rate=case.agent_rate(),
                              probe_interval=case.probe_interval(rtt)))
             await nursery.start(b.run)
             # Every batch B hands to the kernel, timed: the exact wire rate at the sender
@@ -502,13 +509,14 @@ def _fmt_rate(bps: float) -> str:
 
 
 HEADER = ("| profile | cc | cap | wire max | send max | send 1.01 | wire mean | good st"
-          " | good all | spread | 4x good | lost pkts | sim q-drops | srtt | ok |")
-RULE = "|---" * 15 + "|"
+          " | good all | spread | 4x good | 4th start | lost pkts | sim q-drops | srtt | ok |")
+RULE = "|---" * 16 + "|"
 
 
 def row(res: dict[str, Any]) -> str:
     cap = res["cap"]
-    cells = [res["profile"], res["congestion"], _fmt_rate(cap)]
+    cells = [res["profile"], res["congestion"],
+             _fmt_rate(cap) if res.get("factor") != 0 else f"none (÷{_fmt_rate(cap)})"]
     single, fair = res.get("single"), res.get("fair")
     wm = res.get("wire_max")
     cells.append(f"{wm / cap:.3f}" if wm is not None else "—")
@@ -520,9 +528,10 @@ def row(res: dict[str, Any]) -> str:
     else:
         cells += ["—"] * 3
     if fair:
-        cells += [f"{fair['spread']:.3f}", f"{fair['goodput'] / cap:.3f}"]
+        cells += [f"{fair['spread']:.3f}", f"{fair['goodput'] / cap:.3f}",
+                  f"{fair['start_delay']:.1f} s"]
     else:
-        cells += ["—"] * 2
+        cells += ["—"] * 3
     lost = single.get("lost_packets") if single else None
     if fair and lost is not None:
         lost += fair.get("lost_packets") or 0
@@ -532,7 +541,7 @@ def row(res: dict[str, Any]) -> str:
     srtt = res.get("srtt_median")
     cells.append(f"{srtt * 1000:.0f} ms" if srtt else "—")
     verdict = []
-    if wm is not None and wm / cap > TARGET_WIRE:
+    if wm is not None and wm / cap > TARGET_WIRE and res.get("factor") != 0:
         exact = res.get("send_max")
         verdict.append("CAP" if exact is None or exact / cap > TARGET_WIRE else "CAP(sim)")
     if single and single["goodput_steady"] / cap < goodput_target(res["profile"]):
@@ -554,7 +563,8 @@ def main() -> None:
     p.add_argument("--congestion", default=",".join(CONGESTION),
                    help="comma-separated: reno, cubic, allotted (default: all)")
     p.add_argument("--caps", default="1,0.5",
-                   help="cap factors × the profile's uplink rate (default 1,0.5)")
+                   help="cap factors × the profile's uplink rate (default 1,0.5); 0 runs the"
+                   " agent uncapped and divides by the uplink rate")
     p.add_argument("--seconds", type=float, default=60.0,
                    help="seconds of data at the cap per phase (default 60)")
     p.add_argument("--quick", action="store_true", help="15 s per phase instead of 60")
@@ -570,8 +580,17 @@ def main() -> None:
     p.add_argument("--retries", type=int, default=1,
                    help="run a case that failed (crash, stall) again this often (default 1)")
     p.add_argument("--json", type=Path, help="also write every case's raw result here")
+    p.add_argument("--table", type=Path, metavar="JSON",
+                   help="print the table of a previous run's --json file and exit")
     p.add_argument("--_case", help=argparse.SUPPRESS)
     args = p.parse_args()
+
+    if args.table:
+        print(HEADER)
+        print(RULE)
+        for res in json.loads(args.table.read_text()):
+            print(row(res))
+        return
 
     if args._case:
         res = _one(Case(**json.loads(args._case)))

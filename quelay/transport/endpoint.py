@@ -93,6 +93,8 @@ class QuicEndpoint:
     def _route(self, data: bytes, addr: Address, nursery: trio.Nursery) -> QuicConn | None:
         if self._client is not None:
             return self._client
+        if self._configuration.is_client:
+            return None  # a dialler never accepts: a late answer to an abandoned attempt
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
