@@ -3,7 +3,10 @@
 :class:`WireGate` decides whether the next UDP datagram may leave now. It
 counts *every* datagram the agent sends — stream data, retransmissions,
 ACK-only packets, PINGs, handshakes — because they all pass through the
-driver's transmit. Two rules, both must hold:
+driver's transmit, and it counts each one as the link carries it: the UDP
+payload plus the IP and UDP headers (28 bytes on IPv4, 48 on IPv6) plus the
+operator's ``link_overhead`` (encapsulation the operator knows about: a VPN,
+GSE framing; default 0). Two rules, both on those wire bytes, must hold:
 
 * a token bucket at the cap with a small burst (smooth sending, so the
   shared link's queue is not hit with bursts), and
@@ -18,42 +21,92 @@ tests drive it with explicit numbers or Trio's MockClock.
 from __future__ import annotations
 
 import math
+import socket
 from collections import deque
 
 WINDOW = 1.0
 BURST_SECONDS = 0.01  # the bucket holds at most 10 ms at the cap (>= 2 datagrams)
 EPSILON = 1e-6  # bytes of float slack
+IPV4_UDP_HEADER = 20 + 8
+IPV6_UDP_HEADER = 40 + 8
+
+
+def header_bytes_for(family: int, host: str | None = None) -> int:
+    """IP + UDP header bytes of one datagram sent on a socket of ``family``.
+
+    An IPv6 socket that talks to an IPv4-mapped address (``::ffff:a.b.c.d``, a
+    dual-stack listener reached over IPv4) puts IPv4 packets on the link.
+    """
+    if family == socket.AF_INET6 and not (host or "").lower().startswith("::ffff:"):
+        return IPV6_UDP_HEADER
+    return IPV4_UDP_HEADER
 
 
 def tick_interval(rate_bps: int, max_datagram: int = 1350) -> float:
-    """How often the scheduler ticks: ~2 datagrams at the cap, clamped to 5–100 ms."""
+    """How often the scheduler ticks while there is demand: ~2 datagrams at the cap,
+    clamped to 5–100 ms (with no demand it does not tick at all)."""
     if rate_bps <= 0:
         return 0.005
     return min(0.1, max(0.005, 2 * max_datagram * 8 / rate_bps))
 
 
+def payload_bytes_per_second(rate_bps: int, max_datagram: int, per_datagram: int) -> float:
+    """The payload rate full-size datagrams can carry under a wire cap of ``rate_bps``
+    (what QUIC's own pacer should aim at, so the gate rarely has to hold anything)."""
+    return rate_bps / 8 * max_datagram / (max_datagram + per_datagram)
+
+
 class WireGate:
-    def __init__(self, rate_bps: int, now: float, max_datagram: int = 1350) -> None:
+    def __init__(self, rate_bps: int, now: float, max_datagram: int = 1350, *,
+                 header_bytes: int = IPV4_UDP_HEADER, link_overhead: int = 0) -> None:
         self.max_datagram = max_datagram
-        self._sent: deque[tuple[float, int]] = deque()
+        self._sent: deque[tuple[float, int, int]] = deque()  # (time, wire, payload)
         self._window_bytes = 0
-        self.total_bytes = 0
+        self._window_payload = 0
+        self.total_bytes = 0  # wire bytes: payload + headers + link overhead
+        self.total_payload = 0  # UDP payload bytes
+        self.total_datagrams = 0
         self.held = 0  # datagrams that had to wait for the gate
+        self.header_bytes = 0
+        self.link_overhead = 0
+        self.per_datagram = 0
+        self.rate_bps = 0
+        self.set_link(header_bytes=header_bytes, link_overhead=link_overhead)
         self.set_rate(rate_bps, now)
 
     # -- configuration -------------------------------------------------------------
 
+    def set_link(self, *, header_bytes: int | None = None,
+                 link_overhead: int | None = None) -> None:
+        """What the link adds to every datagram: IP+UDP headers and the operator's
+        overhead. Takes effect for the next datagram."""
+        header = self.header_bytes if header_bytes is None else header_bytes
+        overhead = self.link_overhead if link_overhead is None else link_overhead
+        if header < 0 or overhead < 0:
+            raise ValueError("header bytes and link_overhead must be >= 0")
+        if 0 < self.rate_bps < 8 * (self.max_datagram + header + overhead):
+            raise ValueError(self._minimum_message(self.rate_bps, header + overhead))
+        self.header_bytes, self.link_overhead = header, overhead
+        self.per_datagram = header + overhead
+        if self.rate_bps:
+            self.burst = max(2 * self.wire_size(self.max_datagram),
+                             self.bytes_per_second * BURST_SECONDS)
+
+    def _minimum_message(self, rate_bps: int, per_datagram: int) -> str:
+        minimum = 8 * (self.max_datagram + per_datagram)
+        return (f"a cap of {rate_bps} bit/s is below one {self.max_datagram}-byte datagram"
+                f" (+{per_datagram} bytes of headers and overhead) per second; the minimum"
+                f" is {minimum} bit/s")
+
     def set_rate(self, rate_bps: int, now: float) -> None:
         if rate_bps < 0:
             raise ValueError("rate must be >= 0 (0 = uncapped)")
-        if 0 < rate_bps < 8 * self.max_datagram:
-            raise ValueError(
-                f"a cap of {rate_bps} bit/s is below one {self.max_datagram}-byte datagram per"
-                f" second; the minimum is {8 * self.max_datagram} bit/s"
-            )
+        if 0 < rate_bps < 8 * self.wire_size(self.max_datagram):
+            raise ValueError(self._minimum_message(rate_bps, self.per_datagram))
         self.rate_bps = rate_bps
         self.bytes_per_second = rate_bps / 8
-        self.burst = max(2 * self.max_datagram, self.bytes_per_second * BURST_SECONDS)
+        self.burst = max(2 * self.wire_size(self.max_datagram),
+                         self.bytes_per_second * BURST_SECONDS)
         # A new cap starts with an empty bucket: a lowered cap takes effect at once.
         self._tokens = 0.0
         self._last = now
@@ -61,6 +114,15 @@ class WireGate:
     @property
     def capped(self) -> bool:
         return self.rate_bps > 0
+
+    @property
+    def payload_bytes_per_second(self) -> float:
+        """Payload rate of full-size datagrams under the cap (0 = uncapped)."""
+        return payload_bytes_per_second(self.rate_bps, self.max_datagram, self.per_datagram)
+
+    def wire_size(self, payload: int, datagrams: int = 1) -> int:
+        """Bytes the link carries for ``datagrams`` datagrams of ``payload`` bytes in all."""
+        return payload + datagrams * self.per_datagram
 
     # -- accounting --------------------------------------------------------------------
 
@@ -74,45 +136,59 @@ class WireGate:
         sent = self._sent
         horizon = now - WINDOW
         while sent and sent[0][0] <= horizon:
-            self._window_bytes -= sent.popleft()[1]
+            _, wire, payload = sent.popleft()
+            self._window_bytes -= wire
+            self._window_payload -= payload
 
     def window_bytes(self, now: float) -> int:
-        """Bytes sent in the last second (the measured wire rate, in bytes/s)."""
+        """Wire bytes (headers and overhead included) sent in the last second: the
+        measured link rate, in bytes/s."""
         self._expire(now)
         return self._window_bytes
 
-    def _record(self, nbytes: int, now: float) -> None:
-        self._sent.append((now, nbytes))
-        self._window_bytes += nbytes
-        self.total_bytes += nbytes
+    def window_payload(self, now: float) -> int:
+        """UDP payload bytes sent in the last second."""
+        self._expire(now)
+        return self._window_payload
 
-    def try_send(self, nbytes: int, now: float) -> bool:
-        """Consume allowance for one datagram of ``nbytes``; ``False`` if it must wait."""
+    def _record(self, wire: int, payload: int, datagrams: int, now: float) -> None:
+        self._sent.append((now, wire, payload))
+        self._window_bytes += wire
+        self._window_payload += payload
+        self.total_bytes += wire
+        self.total_payload += payload
+        self.total_datagrams += datagrams
+
+    def try_send(self, nbytes: int, now: float, datagrams: int = 1) -> bool:
+        """Consume allowance for ``datagrams`` datagrams of ``nbytes`` payload bytes in
+        all (one, when capped); ``False`` if it must wait."""
+        wire = self.wire_size(nbytes, datagrams)
         if not self.capped:
-            self._record(nbytes, now)
+            self._record(wire, nbytes, datagrams, now)
             return True
         self._refill(now)
         self._expire(now)
-        if self._tokens + EPSILON < nbytes or self._window_bytes + nbytes > self.bytes_per_second:
+        if self._tokens + EPSILON < wire or self._window_bytes + wire > self.bytes_per_second:
             self.held += 1
             return False
-        self._tokens -= nbytes
-        self._record(nbytes, now)
+        self._tokens -= wire
+        self._record(wire, nbytes, datagrams, now)
         return True
 
     def ready_at(self, nbytes: int, now: float) -> float:
         """The earliest time ``try_send(nbytes)`` can succeed (``now`` if it can now)."""
         if not self.capped:
             return now
+        wire = self.wire_size(nbytes)
         self._refill(now)
         self._expire(now)
         at = now
-        if self._tokens < nbytes:
-            at = now + (nbytes - self._tokens) / self.bytes_per_second
-        excess = self._window_bytes + nbytes - self.bytes_per_second
+        if self._tokens < wire:
+            at = now + (wire - self._tokens) / self.bytes_per_second
+        excess = self._window_bytes + wire - self.bytes_per_second
         if excess > 0:
             freed = 0
-            for when, size in self._sent:
+            for when, size, _ in self._sent:
                 freed += size
                 if freed >= excess:
                     at = max(at, when + WINDOW)

@@ -3,7 +3,8 @@
 Receive drains many datagrams per wake-up (``recv_batch``); transmit coalesces
 equal-sized datagrams into one ``sendmsg`` with ``UDP_SEGMENT`` where the
 kernel supports it. Every datagram is counted here, because this is where
-bytes meet the wire.
+bytes meet the wire: its UDP payload, and side by side what the link carries
+for it (payload + IP and UDP headers + the operator's ``link_overhead``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import trio
+
+from .pacing import header_bytes_for
 
 SOL_UDP = 17
 UDP_SEGMENT = 103  # missing from Python 3.11's socket module
@@ -29,12 +32,19 @@ Address = tuple[str, int]
 
 @dataclass
 class WireCounters:
-    """Bytes and datagrams that crossed the UDP socket (payload, no IP/UDP header)."""
+    """Bytes and datagrams that crossed the UDP socket.
+
+    ``bytes_*`` count UDP payload; ``wire_bytes_*`` count what the link carries:
+    payload + IP/UDP headers (28 bytes IPv4, 48 IPv6) + ``link_overhead``, per
+    datagram (a GRO super-datagram counts as the datagrams it was made of).
+    """
 
     bytes_sent: int = 0
     datagrams_sent: int = 0
     bytes_received: int = 0
     datagrams_received: int = 0
+    wire_bytes_sent: int = 0
+    wire_bytes_received: int = 0
 
 
 def resolve(host: str, port: int) -> tuple[socket.AddressFamily, Address]:
@@ -53,7 +63,12 @@ class UdpSocket:
         family: socket.AddressFamily = socket.AF_INET,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         offload: bool = True,
+        link_overhead: int = 0,
     ) -> None:
+        if link_overhead < 0:
+            raise ValueError("link_overhead must be >= 0")
+        self.family = family
+        self.link_overhead = link_overhead  # bytes the link adds per datagram (VPN, GSE)
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -68,6 +83,10 @@ class UdpSocket:
     def address(self) -> Address:
         host, port = self.sock.getsockname()[:2]
         return str(host), int(port)
+
+    def per_datagram(self, host: str | None = None) -> int:
+        """Bytes the link adds to each datagram to or from ``host``: headers + overhead."""
+        return header_bytes_for(self.family, host) + self.link_overhead
 
     def _probe_gso(self) -> bool:
         try:
@@ -110,15 +129,18 @@ class UdpSocket:
             for level, kind, value in ancdata:
                 if level == SOL_UDP and kind == UDP_GRO:
                     (segment,) = struct.unpack("=i", value[:4])
+            count = 0
             if segment and len(data) > segment:
                 for start in range(0, len(data), segment):
                     chunk = data[start : start + segment]
                     out.append((chunk, address))
-                    counters.datagrams_received += 1
+                    count += 1
             else:
                 out.append((data, address))
-                counters.datagrams_received += 1
+                count = 1
+            counters.datagrams_received += count
             counters.bytes_received += len(data)
+            counters.wire_bytes_received += len(data) + count * self.per_datagram(address[0])
         return out
 
     async def send_batch(self, datagrams: Iterable[tuple[bytes, Address]]) -> None:
@@ -154,16 +176,19 @@ class UdpSocket:
                     raise
                 self.gso = False  # the NIC/kernel refused segmentation: plain sends from now on
             else:
-                self._count_sent(run)
+                self._count_sent(run, addr)
                 return
         for data in run:
             await self._retry_send(lambda data=data: self.sock.sendto(data, addr))  # type: ignore[misc]
-            self._count_sent((data,))
+            self._count_sent((data,), addr)
 
-    def _count_sent(self, run: Iterable[bytes]) -> None:
+    def _count_sent(self, run: Iterable[bytes], addr: Address) -> None:
+        counters = self.counters
+        per = self.per_datagram(addr[0])
         for data in run:
-            self.counters.bytes_sent += len(data)
-            self.counters.datagrams_sent += 1
+            counters.bytes_sent += len(data)
+            counters.wire_bytes_sent += len(data) + per
+            counters.datagrams_sent += 1
 
     async def _retry_send(self, send: object) -> None:
         assert callable(send)

@@ -1,0 +1,128 @@
+"""The wire gate counts what the link carries: payload, IP+UDP headers, link overhead.
+
+Explicit time only: every figure is a counted fact, never an elapsed time.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quelay.transport.pacing import (
+    IPV4_UDP_HEADER,
+    IPV6_UDP_HEADER,
+    WireGate,
+    header_bytes_for,
+    payload_bytes_per_second,
+    tick_interval,
+)
+
+MDS = 1350
+
+
+def test_header_sizes_follow_the_address_family() -> None:
+    assert IPV4_UDP_HEADER == 28 and IPV6_UDP_HEADER == 48
+    assert header_bytes_for(socket.AF_INET) == 28
+    assert header_bytes_for(socket.AF_INET6) == 48
+    assert header_bytes_for(socket.AF_INET6, "2001:db8::1") == 48
+    # A dual-stack socket talking to an IPv4 peer sends IPv4 packets.
+    assert header_bytes_for(socket.AF_INET6, "::ffff:192.0.2.1") == 28
+
+
+@pytest.mark.parametrize(("header", "overhead"), [(28, 0), (48, 0), (28, 60), (48, 13)])
+def test_every_datagram_is_counted_with_headers_and_overhead(header: int, overhead: int) -> None:
+    gate = WireGate(2_000_000, 0.0, MDS, header_bytes=header, link_overhead=overhead)
+    now = 0.0
+    sizes = [MDS, 40, 700, MDS, 1]
+    for size in sizes:
+        now = gate.ready_at(size, now)
+        assert gate.try_send(size, now)
+    assert gate.total_payload == sum(sizes)
+    assert gate.total_datagrams == len(sizes)
+    assert gate.total_bytes == sum(sizes) + len(sizes) * (header + overhead)
+    assert gate.window_bytes(now) == gate.total_bytes
+    assert gate.window_payload(now) == gate.total_payload
+
+
+def test_uncapped_gate_measures_wire_bytes_of_a_batch() -> None:
+    gate = WireGate(0, 0.0, MDS, header_bytes=48, link_overhead=2)
+    assert gate.try_send(10 * MDS, 0.0, datagrams=10)  # a GSO batch of ten
+    assert gate.window_bytes(0.5) == 10 * (MDS + 50)
+    assert gate.window_payload(0.5) == 10 * MDS
+    assert gate.window_bytes(1.5) == 0 and gate.window_payload(1.5) == 0
+
+
+def test_default_is_ipv4_headers_and_no_overhead() -> None:
+    gate = WireGate(1_000_000, 0.0, MDS)  # the agent's positional construction
+    assert (gate.header_bytes, gate.link_overhead, gate.per_datagram) == (28, 0, 28)
+
+
+@given(
+    rate=st.integers(min_value=8 * (MDS + 48 + 200), max_value=50_000_000),
+    header=st.sampled_from([IPV4_UDP_HEADER, IPV6_UDP_HEADER]),
+    overhead=st.integers(min_value=0, max_value=200),
+    sizes=st.lists(st.integers(min_value=1, max_value=MDS), min_size=1, max_size=400),
+    gaps=st.lists(st.floats(min_value=0, max_value=0.05), min_size=1, max_size=400),
+)
+@settings(max_examples=80, deadline=None)
+def test_no_one_second_window_exceeds_the_cap_with_headers(
+        rate: int, header: int, overhead: int, sizes: list[int], gaps: list[float]) -> None:
+    gate = WireGate(rate, 0.0, MDS, header_bytes=header, link_overhead=overhead)
+    now = 0.0
+    sent: list[tuple[float, int]] = []
+    for i, size in enumerate(sizes):
+        now += gaps[i % len(gaps)]
+        now = max(now, gate.ready_at(size, now))
+        assert gate.try_send(size, now)
+        sent.append((now, size + header + overhead))  # what the link carries
+    for start, _ in sent:
+        in_window = sum(n for t, n in sent if start <= t < start + 1.0)
+        assert in_window <= rate / 8
+
+
+@pytest.mark.parametrize("overhead", [0, 40])
+def test_gate_uses_the_allotment_on_the_wire(overhead: int) -> None:
+    rate = 2_000_000
+    gate = WireGate(rate, 0.0, MDS, link_overhead=overhead)
+    now = 0.0
+    while now < 10.0:
+        now = gate.ready_at(MDS, now)
+        assert gate.try_send(MDS, now)
+    wire_rate = gate.total_bytes * 8 / now
+    assert 0.98 * rate <= wire_rate <= rate * 1.001
+    # The payload share is what full-size datagrams leave after their headers.
+    expected = payload_bytes_per_second(rate, MDS, 28 + overhead) * 8
+    assert gate.total_payload * 8 / now == pytest.approx(expected, rel=0.02)
+    assert gate.payload_bytes_per_second * 8 == pytest.approx(expected)
+
+
+def test_cap_below_one_wire_datagram_per_second_is_refused() -> None:
+    with pytest.raises(ValueError, match="minimum"):
+        WireGate(8 * (MDS + 28) - 1, 0.0, MDS)
+    WireGate(8 * (MDS + 28), 0.0, MDS)
+    with pytest.raises(ValueError, match="minimum"):
+        WireGate(8 * (MDS + 28), 0.0, MDS, header_bytes=48)
+    gate = WireGate(8 * (MDS + 28), 0.0, MDS)
+    with pytest.raises(ValueError, match="minimum"):
+        gate.set_link(link_overhead=1)
+    assert gate.per_datagram == 28  # a refused change leaves the gate as it was
+    with pytest.raises(ValueError):
+        gate.set_link(link_overhead=-1)
+
+
+def test_set_link_applies_to_the_next_datagram() -> None:
+    gate = WireGate(0, 0.0, MDS)
+    gate.try_send(100, 0.0)
+    gate.set_link(header_bytes=48, link_overhead=10)
+    gate.try_send(100, 0.0)
+    assert gate.total_bytes == 128 + 158
+
+
+def test_tick_interval_is_clamped() -> None:
+    assert tick_interval(0) == 0.005
+    assert tick_interval(10_000_000_000) == 0.005
+    assert tick_interval(100_000) == 0.1
+    assert 0.005 < tick_interval(2_000_000) < 0.1
