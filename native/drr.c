@@ -10,14 +10,21 @@
  *     order asc), served first with strict priority;
  *   - the active ring: bulk streams with backlog > 0, a circular doubly
  *     linked list in the order they became backlogged.  `head` is the
- *     stream being visited; `in_progress` says its visit was cut short by
- *     the budget and must resume without a new quantum.
+ *     stream being visited.  A stream whose deficit is > 0 is in the
+ *     middle of a visit the budget cut short: when it is the head again it
+ *     resumes without a new quantum.
  *
  * A visit adds the stream's quantum to its deficit and grants
  * min(deficit, backlog, remaining budget).  The visit ends when the
  * backlog is empty (the stream leaves the ring and forfeits its deficit)
  * or the deficit is spent (the ring turns); if the budget runs out first
  * the visit stays in progress for the next call.
+ *
+ * A new stream's first activation (the first backlog after qn_drr_add)
+ * joins at the front of the ring, ahead of the head's unfinished visit,
+ * which keeps its deficit and resumes right after: a new transfer gets its
+ * first grant from the very next call, and costs everyone else at most one
+ * of its quanta out of turn.  Every later activation joins at the tail.
  *
  * Whole rounds in which no stream can run dry are applied in one step
  * (fast_forward), so a huge budget costs O(streams^2) at worst instead of
@@ -45,6 +52,7 @@ typedef struct entry {
     uint8_t control;
     uint8_t active;
     uint8_t used;
+    uint8_t fresh;     /* never backlogged yet: first activation at the front */
 } entry;
 
 struct qn_drr {
@@ -60,7 +68,6 @@ struct qn_drr {
     uint32_t nctrl;
     uint32_t head;      /* active ring head or NIL                       */
     uint32_t nactive;
-    int in_progress;
     uint64_t qsum;      /* sum of the quanta of the active ring          */
     uint64_t next_seq;
     uint32_t gen;       /* schedule() generation, for merging grants     */
@@ -183,21 +190,24 @@ static int grow(qn_drr *d)
 
 /* ---- active ring ------------------------------------------------------ */
 
-/* Join at the tail: served after every stream already waiting. */
+/* Join at the tail (served after every stream already waiting), or, on a
+ * stream's first activation, at the front (served next). */
 static void active_push(qn_drr *d, uint32_t s)
 {
     entry *e = d->e;
     if (d->head == NIL) {
         d->head = s;
         e[s].prev = e[s].next = s;
-        d->in_progress = 0;
     } else {
         uint32_t h = d->head, t = e[h].prev;
         e[t].next = s;
         e[s].prev = t;
         e[s].next = h;
         e[h].prev = s;
+        if (e[s].fresh)
+            d->head = s;
     }
+    e[s].fresh = 0;
     e[s].active = 1;
     e[s].deficit = 0;
     d->nactive++;
@@ -210,14 +220,11 @@ static void active_unlink(qn_drr *d, uint32_t s)
     entry *e = d->e;
     if (e[s].next == s) {
         d->head = NIL;
-        d->in_progress = 0;
     } else {
         e[e[s].prev].next = e[s].next;
         e[e[s].next].prev = e[s].prev;
-        if (d->head == s) {
+        if (d->head == s)
             d->head = e[s].next;
-            d->in_progress = 0;
-        }
     }
     e[s].active = 0;
     e[s].deficit = 0;
@@ -326,6 +333,7 @@ int qn_drr_add(qn_drr *d, uint64_t id, int priority, int control)
     e->seq = d->next_seq++;
     e->prev = e->next = NIL;
     e->used = 1;
+    e->fresh = control ? 0 : 1;
     (void)find(d, id, &pos); /* the table may have been rebuilt by grow() */
     d->table[pos] = s + 1;
     if (e->control)
@@ -375,6 +383,34 @@ int qn_drr_set_priority(qn_drr *d, uint64_t id, int priority)
     if (e->active)
         d->qsum += e->quantum;
     return QN_OK;
+}
+
+int qn_drr_set_base_quantum(qn_drr *d, uint64_t base_quantum)
+{
+    uint32_t i;
+    if (d == NULL || base_quantum == 0 || base_quantum > QN_DRR_MAX_BASE_QUANTUM)
+        return QN_EINVAL;
+    d->base_quantum = base_quantum;
+    d->qsum = 0;
+    for (i = 0; i < d->nslots; i++) {
+        entry *e = &d->e[i];
+        if (!e->used)
+            continue;
+        e->quantum = base_quantum * (uint64_t)(e->priority + 1);
+        if (e->active)
+            d->qsum += e->quantum;
+    }
+    return QN_OK;
+}
+
+uint64_t qn_drr_base_quantum(const qn_drr *d)
+{
+    return d == NULL ? 0 : d->base_quantum;
+}
+
+uint64_t qn_drr_active(const qn_drr *d)
+{
+    return d == NULL ? 0 : d->nactive;
 }
 
 int qn_drr_set_backlog(qn_drr *d, uint64_t id, uint64_t backlog)
@@ -441,7 +477,8 @@ static void emit(qn_drr *d, entry *s, uint64_t g, uint32_t *ngr)
 }
 
 /*
- * At a round boundary (head fresh): apply k whole rounds at once, where k
+ * At a round boundary (a new visit at the head, no stream holding the
+ * credit of an unfinished visit): apply k whole rounds at once, where k
  * is the largest number of rounds the budget pays for in full and in which
  * no stream's backlog can reach zero.  In each such round every stream is
  * granted exactly its quantum and ends with a zero deficit, so the ring
@@ -454,6 +491,8 @@ static void fast_forward(qn_drr *d, uint64_t *remaining, uint32_t *ngr)
     uint64_t k = *remaining / d->qsum;
     do {
         uint64_t r = (e[s].backlog - 1) / e[s].quantum;
+        if (e[s].deficit != 0)
+            return; /* a preempted visit resumes in this round: go one by one */
         if (r < k)
             k = r;
         s = e[s].next;
@@ -502,7 +541,7 @@ int64_t qn_drr_schedule(qn_drr *d, uint64_t budget, const uint64_t **grants)
         uint32_t h = d->head;
         entry *s = &e[h];
         uint64_t g;
-        if (!d->in_progress) {
+        if (s->deficit == 0) { /* a new visit (else: resume an unfinished one) */
             /* at most one O(n) look-ahead per round of n visits */
             if (until_check == 0) {
                 if (remaining >= d->qsum) {
@@ -514,7 +553,6 @@ int64_t qn_drr_schedule(qn_drr *d, uint64_t budget, const uint64_t **grants)
             }
             until_check--;
             s->deficit += s->quantum;
-            d->in_progress = 1;
         }
         g = s->deficit;
         if (s->backlog < g)
@@ -529,7 +567,6 @@ int64_t qn_drr_schedule(qn_drr *d, uint64_t budget, const uint64_t **grants)
             active_unlink(d, h); /* also moves the head on */
         } else if (s->deficit == 0) {
             d->head = s->next;
-            d->in_progress = 0;
         }
         /* else: budget exhausted mid-visit; resume here next call */
     }

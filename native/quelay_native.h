@@ -9,7 +9,8 @@
  *
  *   qn_drr    deficit-round-robin accounting for the stream scheduler:
  *             control streams first by strict priority, bulk streams share
- *             the rest in proportion to (priority + 1).
+ *             the rest in proportion to (priority + 1); a new stream's first
+ *             activation is served next (see drr.c).
  *
  * Every function that can fail returns a status code (QN_OK or a negative
  * QN_E* value).  Functions that return a byte count return it as a
@@ -116,6 +117,12 @@ int qn_drr_add(qn_drr *d, uint64_t id, int priority, int control);
 int qn_drr_remove(qn_drr *d, uint64_t id);
 int qn_drr_set_priority(qn_drr *d, uint64_t id, int priority);
 int qn_drr_set_backlog(qn_drr *d, uint64_t id, uint64_t backlog);
+/* New base quantum for every stream (quantum = base * (priority + 1)); an
+ * unfinished visit keeps the credit it has.  QN_EINVAL if 0 or too large. */
+int qn_drr_set_base_quantum(qn_drr *d, uint64_t base_quantum);
+uint64_t qn_drr_base_quantum(const qn_drr *d);
+/* Bulk streams with backlog > 0 (the active ring). */
+uint64_t qn_drr_active(const qn_drr *d);
 int qn_drr_info(const qn_drr *d, uint64_t id, qn_drr_stream_info *out);
 /* 1 if present, 0 if not (or d is NULL). */
 int qn_drr_contains(const qn_drr *d, uint64_t id);

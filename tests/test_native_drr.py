@@ -37,19 +37,26 @@ class NaiveDrr:
 
     def __init__(self, base: int) -> None:
         self.base = base
+        self.max_base = base
         self.streams: dict[int, dict[str, Any]] = {}
-        self.ring: list[int] = []  # backlogged bulk streams; [0] is being visited
-        self.in_progress = False
+        # Backlogged bulk streams; [0] is being visited. A stream with a deficit is in
+        # the middle of a visit and resumes it (no new quantum) when it is [0] again.
+        self.ring: list[int] = []
         self.seq = 0
 
     def add(self, sid: int, prio: int, control: bool) -> None:
         self.streams[sid] = {"prio": prio, "control": control, "backlog": 0, "deficit": 0,
-                             "seq": self.seq}
+                             "seq": self.seq, "fresh": not control}
         self.seq += 1
 
+    def set_base_quantum(self, base: int) -> None:
+        self.base = base
+        self.max_base = max(self.max_base, base)
+
+    def active_count(self) -> int:
+        return len(self.ring)
+
     def _leave(self, sid: int) -> None:
-        if self.ring[0] == sid:
-            self.in_progress = False
         self.ring.remove(sid)
         self.streams[sid]["deficit"] = 0
 
@@ -66,7 +73,9 @@ class NaiveDrr:
         s["backlog"] = n
         if not s["control"]:
             if n and sid not in self.ring:
-                self.ring.append(sid)
+                # A stream's first activation goes to the front: served next.
+                self.ring.insert(0 if s["fresh"] else len(self.ring), sid)
+                s["fresh"] = False
                 s["deficit"] = 0
             elif not n and sid in self.ring:
                 self._leave(sid)
@@ -89,9 +98,8 @@ class NaiveDrr:
         while left and self.ring:
             sid = self.ring[0]
             s = self.streams[sid]
-            if not self.in_progress:
+            if s["deficit"] == 0:
                 s["deficit"] += self.quantum(sid)
-                self.in_progress = True
             g = min(s["deficit"], s["backlog"], left)
             s["deficit"] -= g
             s["backlog"] -= g
@@ -101,7 +109,6 @@ class NaiveDrr:
                 self._leave(sid)
             elif s["deficit"] == 0:
                 self.ring.append(self.ring.pop(0))
-                self.in_progress = False
         return list(grants.items())
 
 
@@ -165,6 +172,12 @@ class DrrComparison(RuleBasedStateMachine):
         else:
             assert result == ("err", UnknownStreamError)
 
+    @rule(base=st.one_of(st.integers(1, 64), st.sampled_from([100, 1000])))
+    def set_base_quantum(self, base: int) -> None:
+        """The cap changed: every quantum follows the new base."""
+        assert self.both("set_base_quantum", base) == ("ok", None)
+        self.n.set_base_quantum(base)
+
     @rule(base=st.integers(1, 400), step=st.integers(0, 97))
     def backlog_everything(self, base: int, step: int) -> None:
         """Make every stream busy at once: the interesting interactions need several."""
@@ -209,8 +222,11 @@ class DrrComparison(RuleBasedStateMachine):
                 assert self.c.quantum(sid) == self.n.quantum(sid)
                 assert self.c.priority(sid) == s["prio"]
                 assert self.c.is_control(sid) == s["control"]
-                # a visit keeps the credit it started with if the priority drops mid-visit
-                assert 0 <= s["deficit"] <= self.n.base * 16
+                # a visit keeps the credit it started with if the priority (or the base
+                # quantum) drops mid-visit
+                assert 0 <= s["deficit"] <= self.n.max_base * 16
+        assert self.c.active_count() == self.m.active_count() == self.n.active_count()
+        assert self.c.base_quantum == self.m.base_quantum == self.n.base
 
 
 DrrComparison.TestCase.settings = settings(
@@ -256,6 +272,10 @@ class HugeDrrComparison(RuleBasedStateMachine):
         if self.ids:
             self.both("set_priority", data.draw(st.sampled_from(self.ids)),
                       data.draw(st.integers(0, 15)))
+
+    @rule(base=st.integers(1, 1 << 20))
+    def set_base_quantum(self, base: int) -> None:
+        assert self.both("set_base_quantum", base) == ("ok", None)
 
     @rule(budget=st.one_of(st.integers(0, MAX_BYTES), st.integers(0, 1 << 26)))
     def schedule(self, budget: int) -> None:
@@ -493,3 +513,45 @@ def test_state_errors_are_typed(mod: Any) -> None:
         t.deficit(2)
     assert "x" not in t and -1 not in t and U64_MAX + 1 not in t and True not in t
     assert str(UnknownStreamError("unknown stream 2")) == "unknown stream 2"
+
+
+# ---- a new stream is served next; the quantum follows the cap ----------------------------
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+def test_new_stream_is_served_by_the_next_call(mod: Any) -> None:
+    t = mod.DrrTable(1000)
+    t.add(1, 15)  # bulk, quantum 16000
+    t.set_backlog(1, INFINITE)
+    assert t.schedule(500) == [(1, 500)]  # its visit is in progress (15500 credit left)
+    t.add(2, 0)
+    t.set_backlog(2, 5000)  # first activation: ahead of the unfinished visit
+    assert t.schedule(500) == [(2, 500)]
+    assert t.schedule(600) == [(2, 500), (1, 100)]  # 2's quantum spent: 1 resumes
+    assert t.deficit(1) == 15400  # the preempted visit kept its credit
+    t.schedule(15400)
+    assert t.deficit(1) == 0
+    # A later activation (after going idle) joins at the tail like any other.
+    t.set_backlog(2, 0)
+    t.schedule(100)
+    t.set_backlog(2, 5000)
+    assert t.schedule(100) == [(1, 100)]
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+def test_base_quantum_change_keeps_weights(mod: Any) -> None:
+    t = mod.DrrTable(16384)
+    for sid, prio in ((1, 0), (2, 4)):
+        t.add(sid, prio)
+        t.set_backlog(sid, INFINITE)
+    t.set_base_quantum(1350)
+    assert (t.quantum(1), t.quantum(2), t.base_quantum) == (1350, 6750, 1350)
+    assert t.active_count() == 2
+    totals = run(t, 600, lambda i: 1000)
+    assert totals[2] == pytest.approx(5 * totals[1], rel=0.02)
+    with pytest.raises(ValueError):
+        t.set_base_quantum(0)
+    t.release()
+    assert t.active_count() == 0
+    with pytest.raises(DrrReleasedError):
+        t.set_base_quantum(10)

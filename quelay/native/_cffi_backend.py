@@ -392,6 +392,20 @@ class DrrTable:
         if rc != 0:
             self._fail(rc, sid)
 
+    def set_base_quantum(self, base_quantum: int) -> None:
+        """New base quantum for every stream; an unfinished visit keeps its credit."""
+        base = check_base_quantum(base_quantum)
+        if self._d == _NULL:
+            raise DrrReleasedError("DRR table was released")
+        rc: int = lib.qn_drr_set_base_quantum(self._d, base)
+        if rc != 0:
+            self._fail(rc, -1)
+        self._base = base
+
+    def active_count(self) -> int:
+        """Bulk streams with backlog (in the ring)."""
+        return 0 if self._d == _NULL else int(lib.qn_drr_active(self._d))
+
     def set_backlog(self, stream_id: int, nbytes: int) -> None:
         """Bytes the stream has ready to send now (replaces the previous figure)."""
         sid = stream_id if type(stream_id) is int and 0 <= stream_id <= U64_MAX \

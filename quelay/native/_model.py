@@ -257,7 +257,8 @@ class Spool:
 
 
 class _Stream:
-    __slots__ = ("id", "priority", "control", "quantum", "backlog", "deficit", "seq", "active")
+    __slots__ = ("id", "priority", "control", "quantum", "backlog", "deficit", "seq", "active",
+                 "fresh")
 
     def __init__(self, sid: int, priority: int, control: bool, quantum: int, seq: int) -> None:
         self.id = sid
@@ -268,20 +269,21 @@ class _Stream:
         self.deficit = 0
         self.seq = seq
         self.active = False
+        self.fresh = not control  # never backlogged yet: first activation at the front
 
 
 class DrrTable:
     """Deficit-round-robin accounting for the scheduler (reference model)."""
 
-    __slots__ = ("_base", "_streams", "_control", "_active", "_in_progress", "_qsum", "_seq",
-                 "_released")
+    __slots__ = ("_base", "_streams", "_control", "_active", "_qsum", "_seq", "_released")
 
     def __init__(self, base_quantum: int = DEFAULT_BASE_QUANTUM) -> None:
         self._base = check_base_quantum(base_quantum)
         self._streams: dict[int, _Stream] = {}
         self._control: list[_Stream] = []  # sorted by (-priority, seq)
-        self._active: deque[_Stream] = deque()  # [0] is the head being visited
-        self._in_progress = False  # the head's visit was cut short by the budget
+        # [0] is the head being visited; a stream with deficit > 0 is in the middle of a
+        # visit the budget cut short and resumes it, without a new quantum, at the head.
+        self._active: deque[_Stream] = deque()
         self._qsum = 0  # sum of the quanta in the active ring
         self._seq = 0
         self._released = False
@@ -303,16 +305,18 @@ class DrrTable:
         self._control.sort(key=lambda s: (-s.priority, s.seq))
 
     def _activate(self, s: _Stream) -> None:
+        """Join the ring at the tail; a stream's first activation joins at the front,
+        ahead of the head's unfinished visit (which keeps its deficit and resumes next)."""
         s.active = True
         s.deficit = 0
-        if not self._active:
-            self._in_progress = False
-        self._active.append(s)
+        if s.fresh:
+            s.fresh = False
+            self._active.appendleft(s)
+        else:
+            self._active.append(s)
         self._qsum += s.quantum
 
     def _deactivate(self, s: _Stream) -> None:
-        if self._active[0] is s:
-            self._in_progress = False
         self._active.remove(s)
         s.active = False
         s.deficit = 0
@@ -358,6 +362,20 @@ class DrrTable:
         s.quantum = quantum
         if s.control:
             self._sort_control()
+
+    def set_base_quantum(self, base_quantum: int) -> None:
+        """New base quantum for every stream; an unfinished visit keeps its credit."""
+        base = check_base_quantum(base_quantum)
+        if self._released:
+            raise DrrReleasedError("DRR table was released")
+        self._base = base
+        for s in self._streams.values():
+            s.quantum = base * (s.priority + 1)
+        self._qsum = sum(s.quantum for s in self._active)
+
+    def active_count(self) -> int:
+        """Bulk streams with backlog (in the ring)."""
+        return 0 if self._released else len(self._active)
 
     def set_backlog(self, stream_id: int, nbytes: int) -> None:
         """Bytes the stream has ready to send now (replaces the previous figure)."""
@@ -425,7 +443,7 @@ class DrrTable:
         until_check = 0
         while remaining and active:
             s = active[0]
-            if not self._in_progress:
+            if s.deficit == 0:  # a new visit (else: resume an unfinished one)
                 if until_check == 0:
                     if remaining >= self._qsum:
                         remaining = self._fast_forward(remaining, grants)
@@ -434,7 +452,6 @@ class DrrTable:
                     until_check = len(active)
                 until_check -= 1
                 s.deficit += s.quantum
-                self._in_progress = True
             g = min(s.deficit, s.backlog, remaining)
             s.deficit -= g
             s.backlog -= g
@@ -444,7 +461,6 @@ class DrrTable:
                 self._deactivate(s)
             elif s.deficit == 0:
                 active.rotate(-1)
-                self._in_progress = False
         return list(grants.items())
 
     def _fast_forward(self, remaining: int, grants: dict[int, int]) -> int:
@@ -453,6 +469,8 @@ class DrrTable:
         k quanta and the ring returns to the same head, exactly as k single rounds."""
         k = remaining // self._qsum
         for s in self._active:
+            if s.deficit:
+                return remaining  # a preempted visit resumes in this round: one by one
             k = min(k, (s.backlog - 1) // s.quantum)
             if k == 0:
                 return remaining
