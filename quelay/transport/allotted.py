@@ -13,14 +13,19 @@ the cap. It still backs off when the path is really narrower than the cap:
 
 each shrink the window by ``BACKOFF``; clean epochs grow it back. An epoch in
 which nothing at all got through is an outage, not congestion, and changes
-nothing: the link supervisor deals with it. Without a
+nothing: the link supervisor deals with it. Reordering is not loss either: a
+loss that loss recovery later finds spurious (the packet was acknowledged
+after all, :meth:`on_spurious_loss`) is taken back out of its epoch's count,
+and a backoff that only those losses caused is undone. Without a
 cap (no allotment known), it behaves like slow start with the same
 loss-tolerant backoff, bounded by the receiver's flow control.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from aioquic.quic.congestion.base import (
     K_MINIMUM_WINDOW,
@@ -37,6 +42,17 @@ BACKOFF = 0.8
 RECOVER = 1.1
 MIN_SCALE = 0.05
 EPOCH_MIN = 0.5  # seconds
+LOSS_MEMORY = 4096  # lost packets whose epoch we remember, for undoing spurious ones
+
+
+@dataclass
+class _Backoff:
+    """The last loss-driven backoff, kept so that spurious losses can undo it."""
+
+    epoch: int
+    scale: float  # before the backoff
+    acked: int
+    lost: int
 
 
 class AllottedCongestionControl(QuicCongestionControl):
@@ -51,6 +67,10 @@ class AllottedCongestionControl(QuicCongestionControl):
         self._epoch_acked = 0
         self._epoch_lost = 0
         self._epoch_queued = True
+        self._epoch_id = 0
+        self._lost_in: OrderedDict[tuple[int, float], int] = OrderedDict()
+        self._last_backoff: _Backoff | None = None
+        self.undone = 0
 
     def set_allotment(self, bytes_per_second: float) -> None:
         self.allotment = bytes_per_second
@@ -75,6 +95,8 @@ class AllottedCongestionControl(QuicCongestionControl):
         if self._epoch_acked == 0:
             pass  # nothing got through at all: an outage, not a narrower path; keep the window
         elif loss_rate > LOSS_BACKOFF or self._epoch_queued:
+            self._last_backoff = None if self._epoch_queued else _Backoff(
+                self._epoch_id, self.scale, self._epoch_acked, self._epoch_lost)
             self.scale = max(MIN_SCALE, self.scale * BACKOFF)
             if self.allotment <= 0:
                 self.congestion_window = max(int(self.congestion_window * BACKOFF),
@@ -84,6 +106,7 @@ class AllottedCongestionControl(QuicCongestionControl):
         self._epoch_start = now
         self._epoch_acked = self._epoch_lost = 0
         self._epoch_queued = True
+        self._epoch_id += 1
         self._update_window()
 
     def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
@@ -104,7 +127,32 @@ class AllottedCongestionControl(QuicCongestionControl):
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
             self._epoch_lost += 1
+            self._lost_in[(packet.packet_number, packet.sent_time or 0.0)] = self._epoch_id
+        while len(self._lost_in) > LOSS_MEMORY:
+            self._lost_in.popitem(last=False)
         self._end_epoch(now)
+
+    def on_spurious_loss(self, *, now: float, packet: QuicSentPacket) -> None:
+        """A packet reported lost was acknowledged later (reordering): take the loss back."""
+        epoch = self._lost_in.pop((packet.packet_number, packet.sent_time or 0.0), None)
+        if epoch is None:
+            return
+        self._epoch_acked += 1
+        if epoch == self._epoch_id:
+            self._epoch_lost = max(0, self._epoch_lost - 1)
+            return
+        backoff = self._last_backoff
+        if backoff is None or backoff.epoch != epoch:
+            return
+        backoff.lost -= 1
+        backoff.acked += 1
+        total = backoff.acked + backoff.lost
+        if total and backoff.lost / total <= LOSS_BACKOFF:
+            # The backoff was reordering's doing, not the path's: undo it.
+            self.scale = max(self.scale, backoff.scale)
+            self._last_backoff = None
+            self.undone += 1
+            self._update_window()
 
     def on_persistent_congestion(self) -> None:
         # Every packet over several PTOs was lost: on a granted link that is an outage

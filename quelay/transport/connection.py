@@ -19,31 +19,17 @@ from dataclasses import dataclass
 import trio
 from aioquic.quic import events
 
+from .liveness import Liveness
 from .pacing import WireGate
-from .quic_ext import QuelayQuicConnection
+from .quic_ext import PathStats, QuelayQuicConnection
 from .udp import Address, UdpSocket
 
 log = logging.getLogger("quelay.transport")
 
+__all__ = ["ConnectionClosed", "InboundStream", "Liveness", "PathStats", "QuicConn", "StreamReset"]
+
 APP_ERROR_UNTRUSTED = 0x101
 APP_ERROR_SHUTDOWN = 0x100
-
-
-class Liveness:
-    """Sans-IO dead-link detector: silent for ``dead_after`` (or 4 RTTs) means dead."""
-
-    def __init__(self, dead_after: float) -> None:
-        self.dead_after = dead_after
-        self.last_heard = -math.inf
-
-    def heard(self, now: float) -> None:
-        self.last_heard = now
-
-    def limit(self, rtt: float | None) -> float:
-        return max(self.dead_after, 4 * rtt) if rtt else self.dead_after
-
-    def is_dead(self, now: float, rtt: float | None) -> bool:
-        return now - self.last_heard > self.limit(rtt)
 
 
 class ConnectionClosed(Exception):
@@ -161,6 +147,12 @@ class QuicConn:
         self._new_lot = trio.lowlevel.ParkingLot()
         self._ping_seq = 0
         self.cid_listeners: list[Callable[[events.QuicEvent], None]] = []
+        # Tail protection spends only spare cap: none while datagrams wait for the gate.
+        quic.set_spare_cap(lambda: not self._outbox)
+
+    def path_stats(self) -> PathStats:
+        """RTT, window, losses and recovery state of this connection's path."""
+        return self.quic.path_stats()
 
     # -- driving -------------------------------------------------------------
 
@@ -233,7 +225,7 @@ class QuicConn:
         while self.closed is None:
             await trio.sleep(self.keepalive)
             now = trio.current_time()
-            rtt = self.quic._loss._rtt_smoothed if self.quic._loss._rtt_initialized else None
+            rtt = self.quic.path_stats().rtt
             if self.liveness.is_dead(now, rtt):
                 self.abandon(f"link dead: nothing heard from the peer for "
                              f"{now - self.liveness.last_heard:.1f}s")

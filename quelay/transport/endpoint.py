@@ -4,6 +4,12 @@ The listening agent accepts connections (a reconnecting peer arrives as a new
 connection with new connection IDs); the dialling agent has one at a time.
 Batched receive: one wake-up drains the socket, feeds every datagram, then
 kicks each touched connection once so it transmits one batch.
+
+Path memory: when a connection ends (``forget``), the endpoint remembers its
+peer's smoothed RTT (:class:`~quelay.transport.path_memory.PathMemory`, on
+disk when given a state directory); every new connection to or from that
+host starts from it, so a reconnect on a 750 ms link does not spend its
+first second retransmitting Initials.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from .connection import QuicConn
+from .path_memory import PathMemory
 from .quic_ext import QuelayQuicConnection
 from .udp import Address, UdpSocket
 
@@ -35,8 +42,10 @@ class QuicEndpoint:
         make_connection: Callable[..., QuicConn],
         configuration: QuicConfiguration,
         quic_kwargs: dict[str, int],
+        path_memory: PathMemory | None = None,
     ) -> None:
         self.sock = sock
+        self.path_memory = path_memory if path_memory is not None else PathMemory()
         self._make_connection = make_connection
         self._configuration = configuration
         self._quic_kwargs = quic_kwargs
@@ -45,14 +54,29 @@ class QuicEndpoint:
         self._accepted: trio.MemorySendChannel[QuicConn]
         self._accepted, self.accepted = trio.open_memory_channel[QuicConn](16)
 
-    def _new_quic(self, **extra: object) -> QuelayQuicConnection:
+    @staticmethod
+    def path_key(addr: Address) -> str:
+        """Path memory's key for a peer: its host (a reconnecting dialler's port may change)."""
+        host = addr[0].lower()
+        return host.removeprefix("::ffff:")
+
+    def remembered_rtt(self, peer: Address) -> float | None:
+        """The smoothed RTT remembered for ``peer``'s host, if any (seconds)."""
+        entry = self.path_memory.load(self.path_key(peer))
+        return entry.rtt if entry is not None else None
+
+    def _new_quic(self, peer: Address, **extra: object) -> QuelayQuicConnection:
+        remembered = self.path_memory.load(self.path_key(peer))
+        if remembered is not None:
+            extra["remembered_rtt"] = remembered.rtt
+            extra["remembered_rtt_var"] = remembered.rtt_var
         return QuelayQuicConnection(
             configuration=self._configuration, **self._quic_kwargs, **extra  # type: ignore[arg-type]
         )
 
     def connect(self, peer: Address) -> QuicConn:
         """Start a client connection to ``peer``; drive it with ``conn.run()``."""
-        quic = self._new_quic()
+        quic = self._new_quic(peer)
         conn = self._make_connection(quic, self.sock, peer)
         quic.connect(peer, now=trio.current_time())
         self._client = conn
@@ -70,6 +94,8 @@ class QuicEndpoint:
         self._by_cid[conn.quic.host_cid] = conn
 
     def forget(self, conn: QuicConn) -> None:
+        """The connection is over: drop its routes and remember its path's RTT."""
+        self.path_memory.remember(self.path_key(conn.peer), conn.path_stats())
         for cid in [cid for cid, c in self._by_cid.items() if c is conn]:
             del self._by_cid[cid]
         if self._client is conn:
@@ -108,7 +134,7 @@ class QuicEndpoint:
             or header.version not in self._configuration.supported_versions
         ):
             return None
-        quic = self._new_quic(original_destination_connection_id=header.destination_cid)
+        quic = self._new_quic(addr, original_destination_connection_id=header.destination_cid)
         conn = self._make_connection(quic, self.sock, addr)
         self._register(conn)
         self._by_cid[header.destination_cid] = conn

@@ -1,18 +1,45 @@
-"""Our aioquic ``QuicConnection`` subclass: credit by consumption, client certs.
+"""Our aioquic subclasses: credit by consumption, client certs, loss recovery for satellites.
 
 aioquic raises receive windows when data *arrives*; for a relay that means a
 slow local reader never slows the sender. We replace the two window-writing
 hooks so that MAX_STREAM_DATA / MAX_DATA advance only by what the local
 consumer has taken (``consume``). The server side also requests a client
-certificate, so both agents can be pinned. These hooks are private aioquic
-API, which is why the dependency is pinned to ``aioquic<2`` and why this is the
-only module that touches them.
+certificate, so both agents can be pinned.
+
+Loss recovery (:class:`QuelayPacketRecovery`) is aioquic's with four changes
+for long, jittery, intermittent links (see docs/performance.md):
+
+* **Reordering is not loss.** A packet declared lost and then acknowledged
+  is a *spurious* loss: the packet threshold grows past the reordering seen
+  and the time threshold past the delay seen (both bounded, RFC 9002 §6.1 /
+  Linux RACK style), and the congestion response to it is undone.
+* **Short tails.** When no stream has new data to send and the wire has room,
+  an unacknowledged stream packet older than the loss delay is sent again
+  (its data is re-queued, the original stays tracked), at most once per
+  packet: the time threshold applied to the tail, which has no later ACK to
+  trigger it.
+* **Fast return after an outage.** The probe timeout backs off only up to
+  max(1 s, smoothed RTT); after two silent probes, probes are bare PINGs
+  (they only have to find out that the link is back); losses found by the
+  first ACK after such a silence are an outage's, not congestion's.
+* **Quick handshakes.** A remembered RTT (``seed``) sets the probe timeout
+  before the first sample, so a 750 ms link does not retransmit Initials
+  every 0.2–0.4 s, and a lost one is resent after about one RTT.
+
+These hooks are private aioquic API, which is why the dependency is pinned to
+``aioquic<2`` and why this is the only module that touches them.
 """
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.congestion.base import K_GRANULARITY
 from aioquic.quic.connection import (
     CONNECTION_LIMIT_FRAME_CAPACITY,
     MAX_STREAM_DATA_FRAME_CAPACITY,
@@ -20,12 +47,458 @@ from aioquic.quic.connection import (
     QuicConnection,
 )
 from aioquic.quic.packet import QuicFrameType
-from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicSentPacket
+from aioquic.quic.rangeset import RangeSet
+from aioquic.quic.recovery import (
+    K_PACKET_THRESHOLD,
+    K_TIME_THRESHOLD,
+    QuicPacketPacer,
+    QuicPacketRecovery,
+    QuicPacketSpace,
+)
+from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 from . import allotted  # noqa: F401  (registers the "allotted" congestion control)
 
 PACER_BURST_DATAGRAMS = 64
-MAX_PTO_BACKOFF = 1  # probe at most every 2 PTOs while the path is silent
+
+# -- loss recovery knobs --------------------------------------------------------
+MAX_PACKET_THRESHOLD = 256  # reordering deeper than this many packets is still loss
+MAX_TIME_THRESHOLD = 2.0  # loss delay at most 2 RTTs (RACK: reordering window <= SRTT)
+TIME_THRESHOLD_MARGIN = 1 / 8  # added to the delay a spurious loss showed
+PROBE_INTERVAL_FLOOR = 1.0  # probes during silence: every max(1 s, SRTT), no further backoff
+SILENT_PROBES = 2  # after this many unanswered probes the path is silent (an outage)
+DECLARED_MEMORY = 512  # packets declared lost that we remember, to spot spurious losses
+MAX_SEED_RTT = 5.0  # a remembered RTT beyond this is not believed
+
+
+@dataclass(frozen=True)
+class PathStats:
+    """What loss recovery knows about the path, for logs, health and path memory.
+
+    Times in seconds. ``rtt`` / ``rtt_var`` / ``min_rtt`` / ``latest_rtt`` are
+    ``None`` before the first sample. ``lost_*`` count packets declared lost by
+    the thresholds (congestion losses and outage losses), not probes;
+    ``spurious_losses`` those of them acknowledged later (reordering);
+    ``spurious_probes`` probe retransmissions whose original was acknowledged;
+    ``tail_copies`` / ``tail_copy_bytes`` the tail protection's re-sent packets
+    and stream bytes; ``probes`` probe timeouts fired; ``undone`` congestion
+    responses undone because every loss that caused them was spurious.
+    """
+
+    rtt: float | None
+    rtt_var: float | None
+    min_rtt: float | None
+    latest_rtt: float | None
+    cwnd: int
+    bytes_in_flight: int
+    lost_packets: int
+    lost_bytes: int
+    outage_losses: int
+    spurious_losses: int
+    spurious_probes: int
+    undone: int
+    tail_copies: int
+    tail_copy_bytes: int
+    probes: int
+    pto_count: int
+    packet_threshold: int
+    time_threshold: float
+    probe_interval: float
+
+
+@dataclass
+class _Declared:
+    """A packet we declared lost, kept for a while to notice a late ACK for it."""
+
+    packet: QuicSentPacket
+    at: float
+    largest_acked: int
+    by_packet: bool
+    by_time: bool
+    congestion: bool  # reported to congestion control as a loss
+
+
+@dataclass
+class _Episode:
+    """A congestion response (window reduced) that can be undone if all its losses were spurious."""
+
+    snapshot: dict[str, Any]
+    pending: set[tuple[int, int]]
+    genuine: bool = False
+
+
+class RobustStreamSender(QuicStreamSender):
+    """aioquic's stream sender, tolerant of a range being acknowledged or lost twice.
+
+    aioquic assumes each byte range lives in exactly one tracked packet; tail
+    copies and late ACKs of packets already declared lost break that, so
+    delivery is clipped to the bytes not yet acknowledged (an ACK also
+    withdraws those bytes from the retransmission queue).
+    """
+
+    def _unacked(self, start: int, stop: int) -> RangeSet:
+        left = RangeSet([range(start, stop)]) if stop > start else RangeSet()
+        if len(left) and start < self._buffer_start:
+            left.subtract(start, self._buffer_start)
+        for r in list(self._acked):
+            if not len(left):
+                break
+            left.subtract(r.start, r.stop)
+        return left
+
+    def on_data_delivery(
+        self, delivery: QuicDeliveryState, start: int, stop: int, fin: bool
+    ) -> None:
+        if self._reset_error_code is not None:
+            return
+        parts = list(self._unacked(start, stop))
+        if delivery == QuicDeliveryState.ACKED:
+            for r in parts:
+                self._pending.subtract(r.start, r.stop)
+                super().on_data_delivery(delivery, r.start, r.stop, False)
+            if fin and self._buffer_fin is not None:
+                self._pending_eof = False
+                super().on_data_delivery(delivery, self._buffer_fin, self._buffer_fin, True)
+        else:
+            for r in parts:
+                super().on_data_delivery(delivery, r.start, r.stop, False)
+            if fin and self._buffer_fin is not None and not self._acked_fin:
+                super().on_data_delivery(delivery, self._buffer_fin, self._buffer_fin, True)
+
+    def requeue(self, start: int, stop: int, fin: bool) -> int:
+        """Send the unacknowledged part of ``[start, stop)`` again; bytes re-queued."""
+        if self._reset_error_code is not None:
+            return 0
+        n = 0
+        for r in self._unacked(start, stop):
+            self._pending.add(r.start, r.stop)
+            n += r.stop - r.start
+        if fin and not self._acked_fin:
+            self._pending_eof = True
+        if n or (fin and not self._acked_fin):
+            self.buffer_is_empty = False
+        return n
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued to send (new data or retransmissions)."""
+        return not len(self._pending) and not self._pending_eof and not self.reset_pending
+
+
+def _stream_handlers(packet: QuicSentPacket) -> list[tuple[RobustStreamSender, tuple[Any, ...]]]:
+    out = []
+    for handler, args in packet.delivery_handlers:
+        owner = getattr(handler, "__self__", None)
+        if isinstance(owner, RobustStreamSender) and \
+                getattr(handler, "__func__", None) is RobustStreamSender.on_data_delivery:
+            out.append((owner, args))
+    return out
+
+
+class QuelayPacketRecovery(QuicPacketRecovery):
+    """aioquic's loss recovery with adaptive reordering thresholds, tail protection,
+    bounded probing during silence and a remembered RTT (see the module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.packet_threshold = K_PACKET_THRESHOLD
+        self.time_threshold = K_TIME_THRESHOLD
+        self.lost_packets = 0
+        self.lost_bytes = 0
+        self.outage_losses = 0
+        self.spurious_losses = 0
+        self.spurious_probes = 0
+        self.undone = 0
+        self.tail_copies = 0
+        self.tail_copy_bytes = 0
+        self.probes = 0
+        # Set by the connection: "no stream has anything queued" and "the wire has room".
+        self.app_idle: Callable[[], bool] = lambda: False
+        self.spare_cap: Callable[[], bool] = lambda: True
+        self._seed: tuple[float, float] | None = None
+        self._declared: OrderedDict[tuple[int, int], _Declared] = OrderedDict()
+        self._rules: dict[int, tuple[bool, bool]] = {}
+        self._episode: _Episode | None = None
+        self._protected: set[int] = set()
+        self._after_silence = False
+
+    # -- remembered path ------------------------------------------------------------
+
+    def seed(self, rtt: float, rtt_var: float) -> None:
+        """Start from a remembered RTT: it sets the probe timeout until the first sample."""
+        if not (0 < rtt <= MAX_SEED_RTT) or not math.isfinite(rtt_var) or rtt_var < 0:
+            return
+        self._seed = (rtt, min(rtt_var, rtt))
+        self._rtt_initial = rtt
+
+    def get_probe_timeout(self, *, include_max_ack_delay: bool = True) -> float:
+        if not self._rtt_initialized and self._seed is not None:
+            rtt, var = self._seed
+            return rtt + max(4 * var, K_GRANULARITY, rtt / 8)
+        return super().get_probe_timeout(include_max_ack_delay=include_max_ack_delay)
+
+    # -- timers ---------------------------------------------------------------------
+
+    def probe_interval(self) -> float:
+        """The probe timeout with backoff, bounded by max(1 s, SRTT) (never below one PTO)."""
+        pto = self.get_probe_timeout(include_max_ack_delay=self.handshake_confirmed)
+        rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
+        bound = max(pto, PROBE_INTERVAL_FLOOR, rtt)
+        return min(pto * 2 ** min(self._pto_count, 20), bound)
+
+    def get_loss_detection_time(self, *, amplification_limited: bool) -> float | None:
+        tail = self._tail_due()
+        loss_space = self._get_loss_space()
+        if loss_space is not None:
+            assert loss_space.loss_time is not None
+            return loss_space.loss_time if tail is None else min(loss_space.loss_time, tail)
+        if amplification_limited:
+            return None
+        ack_eliciting_in_flight = sum(
+            space.ack_eliciting_in_flight
+            for space in self.spaces
+            if self.handshake_confirmed or not space.is_application_data
+        )
+        if not self.peer_completed_address_validation or ack_eliciting_in_flight:
+            at = self._time_of_last_sent_ack_eliciting_packet + self.probe_interval()
+            return at if tail is None else min(at, tail)
+        return tail
+
+    def on_loss_detection_timeout(self, *, now: float) -> None:
+        loss_space = self._get_loss_space()
+        if loss_space is not None and loss_space.loss_time is not None \
+                and loss_space.loss_time <= now:
+            self._detect_loss(now=now, space=loss_space)
+            return
+        tail = self._tail_due()
+        if tail is not None and tail <= now:
+            self._protect_tail(now)
+            return
+        if loss_space is not None:
+            return  # woken early (the tail timer moved): nothing is due yet
+        self._pto_count += 1
+        self.probes += 1
+        if self.handshake_confirmed and self._pto_count > SILENT_PROBES:
+            # The path is silent: a bare PING finds out when it is back; data would
+            # only be lost again (and cost the cap). The first ACK brings retransmission.
+            self._send_probe()
+        else:
+            self.reschedule_data(now=now)
+
+    # -- tail protection ------------------------------------------------------------
+
+    def _app_space(self) -> QuicPacketSpace | None:
+        for space in self.spaces:
+            if space.is_application_data:
+                return space
+        return None
+
+    def _tail_delay(self) -> float:
+        rtt = max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized \
+            else self._rtt_initial
+        return self.time_threshold * rtt
+
+    def _tail_candidates(self, space: QuicPacketSpace) -> Iterable[QuicSentPacket]:
+        protected = self._protected
+        for pn, packet in space.sent_packets.items():
+            if pn in protected or not packet.is_ack_eliciting:
+                continue
+            if _stream_handlers(packet):
+                yield packet
+
+    def _tail_due(self) -> float | None:
+        """When the oldest unprotected stream packet's tail copy is due (None: no tail)."""
+        if not self.handshake_confirmed or self._pto_count > 0:
+            return None
+        space = self._app_space()
+        if space is None or not space.sent_packets or not self.app_idle() \
+                or not self.spare_cap():
+            return None
+        for packet in self._tail_candidates(space):
+            assert packet.sent_time is not None
+            return packet.sent_time + self._tail_delay()
+        return None
+
+    def _protect_tail(self, now: float) -> None:
+        space = self._app_space()
+        if space is None:
+            return
+        horizon = now - self._tail_delay()
+        for packet in list(self._tail_candidates(space)):
+            assert packet.sent_time is not None
+            if packet.sent_time > horizon:
+                break
+            self._protected.add(packet.packet_number)
+            copied = 0
+            for sender, args in _stream_handlers(packet):
+                copied += sender.requeue(*args)
+            if copied:
+                self.tail_copies += 1
+                self.tail_copy_bytes += copied
+        if len(self._protected) > 2 * len(space.sent_packets) + 64:
+            self._protected &= set(space.sent_packets)
+
+    # -- loss detection ---------------------------------------------------------------
+
+    def _detect_loss(self, *, now: float, space: QuicPacketSpace) -> None:
+        rtt = max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized \
+            else self._rtt_initial
+        loss_delay = self.time_threshold * rtt
+        packet_threshold = space.largest_acked_packet - self.packet_threshold
+        time_threshold = now - loss_delay
+
+        lost_packets = []
+        space.loss_time = None
+        for packet_number, packet in space.sent_packets.items():
+            if packet_number > space.largest_acked_packet:
+                break
+            assert packet.sent_time is not None
+            by_packet = packet_number <= packet_threshold
+            by_time = packet.sent_time <= time_threshold
+            if by_packet or by_time:
+                lost_packets.append(packet)
+                self._rules[packet_number] = (by_packet, by_time)
+            else:
+                packet_loss_time = packet.sent_time + loss_delay
+                if space.loss_time is None or space.loss_time > packet_loss_time:
+                    space.loss_time = packet_loss_time
+        if not lost_packets:
+            return
+        congestion = not self._after_silence
+        try:
+            self._on_packets_lost(
+                congestion_event=congestion,
+                now=now,
+                packets=lost_packets,
+                persistent_congestion=congestion
+                and self._in_persistent_congestion(packets=lost_packets),
+                space=space,
+            )
+        finally:
+            self._rules.clear()
+
+    def _on_packets_lost(
+        self,
+        *,
+        congestion_event: bool = True,
+        now: float,
+        packets: Iterable[QuicSentPacket],
+        persistent_congestion: bool = False,
+        space: QuicPacketSpace,
+    ) -> None:
+        packets = list(packets)
+        key = id(space)
+        declared = self._declared
+        for packet in packets:
+            rule = self._rules.get(packet.packet_number)
+            if rule is not None:
+                self.lost_packets += 1
+                self.lost_bytes += packet.sent_bytes
+                if not congestion_event:
+                    self.outage_losses += 1
+            declared[(key, packet.packet_number)] = _Declared(
+                packet=packet, at=now, largest_acked=space.largest_acked_packet,
+                by_packet=rule[0] if rule else False, by_time=rule[1] if rule else False,
+                congestion=congestion_event and packet.in_flight)
+        while len(declared) > DECLARED_MEMORY:
+            self._expire(declared.popitem(last=False)[1], key)
+        cc = self._cc
+        undoable = congestion_event and not hasattr(cc, "on_spurious_loss") and any(
+            p.in_flight for p in packets)
+        before = _cc_snapshot(cc) if undoable else None
+        super()._on_packets_lost(congestion_event=congestion_event, now=now, packets=packets,
+                                 persistent_congestion=persistent_congestion, space=space)
+        if before is None:
+            return
+        keys = {(key, p.packet_number) for p in packets if p.in_flight}
+        episode = self._episode
+        if episode is not None and not episode.genuine:
+            episode.pending |= keys
+        elif cc.congestion_window < before["congestion_window"]:
+            self._episode = _Episode(snapshot=before, pending=keys)
+
+    def _expire(self, record: _Declared, space_key: int) -> None:
+        """A declared loss nobody acknowledged in time: it was genuine."""
+        episode = self._episode
+        if episode is not None and (space_key, record.packet.packet_number) in episode.pending:
+            episode.genuine = True
+
+    def on_ack_received(self, *, ack_rangeset: RangeSet, ack_delay: float, now: float,
+                        space: QuicPacketSpace) -> None:
+        declared = self._declared
+        key = id(space)
+        if declared:
+            rtt = max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized \
+                else self._rtt_initial
+            keep = max(2 * rtt, 0.05) + self.max_ack_delay
+            while declared:
+                first_key, first = next(iter(declared.items()))
+                if now - first.at <= keep:
+                    break
+                declared.popitem(last=False)
+                self._expire(first, first_key[0])
+            bounds = ack_rangeset.bounds()
+            late = [k for k in declared
+                    if k[0] == key and bounds.start <= k[1] < bounds.stop and k[1] in ack_rangeset]
+            largest_before = space.largest_acked_packet
+            for k in late:
+                self._on_spurious(declared.pop(k), k, largest_before, now)
+        self._after_silence = self._pto_count >= SILENT_PROBES
+        try:
+            super().on_ack_received(ack_rangeset=ack_rangeset, ack_delay=ack_delay, now=now,
+                                    space=space)
+        finally:
+            self._after_silence = False
+
+    def _on_spurious(self, record: _Declared, key: tuple[int, int], largest_before: int,
+                     now: float) -> None:
+        packet = record.packet
+        # The late ACK still delivers the packet's stream data (a retransmission
+        # not yet sent is withdrawn; the robust sender ignores what is already acked).
+        for sender, args in _stream_handlers(packet):
+            sender.on_data_delivery(QuicDeliveryState.ACKED, *args)
+        if not (record.by_packet or record.by_time):
+            self.spurious_probes += 1
+            return
+        self.spurious_losses += 1
+        if record.by_packet:
+            distance = max(record.largest_acked, largest_before) - packet.packet_number
+            wanted = distance + distance // 4 + 1
+            self.packet_threshold = min(MAX_PACKET_THRESHOLD, max(self.packet_threshold, wanted))
+        if record.by_time:
+            rtt = max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized \
+                else self._rtt_initial
+            assert packet.sent_time is not None
+            wanted_t = (now - packet.sent_time) / max(rtt, 1e-3) + TIME_THRESHOLD_MARGIN
+            self.time_threshold = min(MAX_TIME_THRESHOLD, max(self.time_threshold, wanted_t))
+        if not record.congestion:
+            return
+        cc = self._cc
+        on_spurious = getattr(cc, "on_spurious_loss", None)
+        if on_spurious is not None:
+            on_spurious(now=now, packet=packet)
+        else:
+            episode = self._episode
+            if episode is None or key not in episode.pending:
+                return
+            episode.pending.discard(key)
+            if episode.pending or episode.genuine:
+                return
+            self._episode = None
+            window = cc.congestion_window
+            for name, value in episode.snapshot.items():
+                setattr(cc, name, value)
+            cc.congestion_window = max(window, cc.congestion_window)
+            self.undone += 1
+        self._pacer.update_rate(congestion_window=cc.congestion_window,
+                                smoothed_rtt=self._rtt_smoothed)
+
+
+def _cc_snapshot(cc: Any) -> dict[str, Any]:
+    """The congestion controller's scalar state (not bytes in flight), to undo a response."""
+    return {name: value for name, value in vars(cc).items()
+            if name != "bytes_in_flight" and (value is None or isinstance(value, (int, float)))}
 
 
 class CoarsePacer(QuicPacketPacer):
@@ -59,9 +532,19 @@ class QuelayQuicConnection(QuicConnection):
         stream_window: int,
         connection_window: int,
         max_streams: int,
+        configuration: QuicConfiguration,
+        remembered_rtt: float | None = None,
+        remembered_rtt_var: float | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        """``remembered_rtt`` / ``remembered_rtt_var``: this path's last smoothed RTT and
+        its variation (seconds, e.g. from :class:`~quelay.transport.path_memory.PathMemory`);
+        they set the handshake's probe timeout instead of aioquic's 100 ms guess."""
+        if remembered_rtt is not None and 0 < remembered_rtt <= MAX_SEED_RTT:
+            configuration = replace(configuration, initial_rtt=remembered_rtt)
+        else:
+            remembered_rtt = None
+        super().__init__(configuration=configuration, **kwargs)
         self._stream_window = stream_window
         self._connection_window = connection_window
         self._consumed: dict[int, int] = {}
@@ -76,18 +559,74 @@ class QuelayQuicConnection(QuicConnection):
         self._local_max_streams_uni = Limit(
             frame_type=QuicFrameType.MAX_STREAMS_UNI, name="max_streams_uni", value=max_streams
         )
+        old = self._loss
+        self._recovery = QuelayPacketRecovery(
+            congestion_control_algorithm=self._configuration.congestion_control_algorithm,
+            initial_rtt=self._configuration.initial_rtt,
+            max_datagram_size=self._max_datagram_size,
+            peer_completed_address_validation=old.peer_completed_address_validation,
+            quic_logger=self._quic_logger,
+            send_probe=self._send_probe,
+            logger=self._logger,
+        )
+        self._loss = self._recovery
         self._loss._pacer = CoarsePacer(max_datagram_size=self._max_datagram_size)
-        self.lost_packets = 0
-        self.lost_bytes = 0
-        original = self._loss._on_packets_lost
+        self._recovery.app_idle = self._app_idle
+        if remembered_rtt is not None:
+            self._recovery.seed(remembered_rtt, remembered_rtt_var or 0.0)
 
-        def counting(*, packets: Any, **kw: Any) -> None:
-            packets = list(packets)
-            self.lost_packets += len(packets)
-            self.lost_bytes += sum(p.sent_bytes for p in packets)
-            original(packets=packets, **kw)
+    # -- path statistics ----------------------------------------------------------
 
-        self._loss._on_packets_lost = counting  # type: ignore[method-assign]  # loss statistics
+    def path_stats(self) -> PathStats:
+        """A snapshot of what loss recovery knows about the path (see :class:`PathStats`)."""
+        loss = self._recovery
+        sampled = loss._rtt_initialized
+        return PathStats(
+            rtt=loss._rtt_smoothed if sampled else None,
+            rtt_var=loss._rtt_variance if sampled else None,
+            min_rtt=loss._rtt_min if sampled else None,
+            latest_rtt=loss._rtt_latest if sampled else None,
+            cwnd=int(loss.congestion_window),
+            bytes_in_flight=int(loss.bytes_in_flight),
+            lost_packets=loss.lost_packets,
+            lost_bytes=loss.lost_bytes,
+            outage_losses=loss.outage_losses,
+            spurious_losses=loss.spurious_losses,
+            spurious_probes=loss.spurious_probes,
+            undone=loss.undone,
+            tail_copies=loss.tail_copies,
+            tail_copy_bytes=loss.tail_copy_bytes,
+            probes=loss.probes,
+            pto_count=loss._pto_count,
+            packet_threshold=loss.packet_threshold,
+            time_threshold=loss.time_threshold,
+            probe_interval=loss.probe_interval(),
+        )
+
+    @property
+    def lost_packets(self) -> int:
+        return self._recovery.lost_packets
+
+    @property
+    def lost_bytes(self) -> int:
+        return self._recovery.lost_bytes
+
+    def set_spare_cap(self, spare: Callable[[], bool]) -> None:
+        """Tell tail protection whether the wire has room now (the driver's gate knows)."""
+        self._recovery.spare_cap = spare
+
+    def _app_idle(self) -> bool:
+        for stream in self._streams.values():
+            sender = stream.sender
+            if isinstance(sender, RobustStreamSender) and not sender.idle:
+                return False
+        return True
+
+    def _get_or_create_stream_for_send(self, stream_id: int) -> QuicStream:
+        stream = super()._get_or_create_stream_for_send(stream_id)
+        if type(stream.sender) is QuicStreamSender:
+            stream.sender.__class__ = RobustStreamSender
+        return stream
 
     # -- peer authentication ----------------------------------------------
 
@@ -112,17 +651,6 @@ class QuelayQuicConnection(QuicConnection):
         """Record that the local consumer took ``nbytes`` of ``stream_id``."""
         self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
         self._consumed_total += nbytes
-
-    def handle_timer(self, now: float) -> None:
-        """Like aioquic's, but the probe timeout backs off once, not exponentially.
-
-        During an outage shorter than the dead-link bound, QUIC's own probes are
-        what notice the link's return; with unbounded doubling the next probe
-        can be many seconds after it, which is the whole recovery delay.
-        """
-        super().handle_timer(now)
-        if self._loss._pto_count > MAX_PTO_BACKOFF:
-            self._loss._pto_count = MAX_PTO_BACKOFF
 
     def set_cap(self, bytes_per_second: float) -> None:
         """Tell pacing (and an allotment-aware congestion control) the operator's cap."""
