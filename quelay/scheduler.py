@@ -1,99 +1,52 @@
-"""Who may hand how many bytes to QUIC next: DRR by priority, paced by the cap.
+"""The Trio side of the feed: the ticker task and the pumps' wait for a grant.
 
-The wire gate (:mod:`quelay.transport.pacing`) holds the cap for every byte;
-this scheduler decides *whose* bytes those are. Each tick the agent computes a
-feed budget — enough to keep a small backlog of unsent bytes in QUIC (two
-ticks at the cap, or a large fixed backlog when uncapped) — and the native
-DRR table splits it among the outbound transfers that have bytes ready:
-quantum ∝ priority + 1, idle transfers lose their deficit, none starves.
-Control messages never pass through here: they are sent at once, ahead of
-all bulk data.
+All decisions (weights, quanta, budgets, who is next) are in the sans-IO
+:class:`quelay.core.feed.Feed`; this wrapper adds only the waiting:
 
-``FeedScheduler`` is sans-IO (budgets in, grants out); ``acquire`` is the
-one awaitable, used by pumps to wait for their grant.
+* :meth:`FeedScheduler.acquire` parks a pump until its transfer is granted
+  bytes;
+* :meth:`FeedScheduler.run` is the ticker. While some transfer has bytes
+  ready it ticks every :func:`~quelay.transport.pacing.tick_interval`; with
+  no demand it **parks** (no timer at all) until a pump declares bytes, and
+  then ticks at once, so a new transfer's first grant does not wait for a
+  timer. With demand but no link it polls at most every
+  :data:`LINK_POLL` seconds (a pump of the next session wakes it sooner).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import trio
 
-from .native import DrrTable
-from .transport.pacing import tick_interval
+from .core.feed import BASE_QUANTUM, Feed, base_quantum, feed_budget, weight
 
-BASE_QUANTUM = 16 * 1024
-MIN_TARGET = 4 * 1350
+__all__ = ["BASE_QUANTUM", "FeedScheduler", "LINK_POLL", "base_quantum", "feed_budget",
+           "weight"]
 
-
-def feed_budget(rate_bps: int, interval: float, unsent: int, outstanding: int,
-                uncapped_target: int) -> int:
-    """Bytes to grant this tick so QUIC holds about the target of unsent data."""
-    capped = max(MIN_TARGET, int(rate_bps / 8 * interval * 2))
-    target = capped if rate_bps > 0 else uncapped_target
-    return max(0, target - unsent - outstanding)
+LINK_POLL = 1.0  # with demand but no link: look again this often (no faster than keepalive)
 
 
-class FeedScheduler:
-    def __init__(self, base_quantum: int = BASE_QUANTUM) -> None:
-        self.drr = DrrTable(base_quantum)
-        self._keys = itertools.count(1)
-        self._grants: dict[int, int] = {}
+class FeedScheduler(Feed):
+    def __init__(self, base_quantum: int | None = None) -> None:
+        super().__init__(base_quantum)
         self._lot = trio.lowlevel.ParkingLot()
-        self.rate_bps = 0  # the operator's cap; 0 = uncapped
-        self.uncapped_target = 8 * 1024 * 1024
-        self.max_datagram = 1350
         self._wake = trio.Event()
+        self._parked = False
+        self.wakeups = 0  # times the ticker woke up (counted, for tests and status)
 
-    @property
-    def outstanding(self) -> int:
-        """Granted bytes that pumps have not taken yet."""
-        return sum(self._grants.values())
+    # -- hooks from the sans-IO feed --------------------------------------------------------
 
-    def add(self, priority: int) -> int:
-        key = next(self._keys)
-        self.drr.add(key, priority)
-        self._grants[key] = 0
-        return key
+    def granted(self) -> None:
+        self._lot.unpark_all()
 
-    def remove(self, key: int) -> None:
-        if key in self._grants:
-            del self._grants[key]
-            self.drr.remove(key)
-            self._lot.unpark_all()
+    def demand(self) -> None:
+        # Capped and ticking, demand waits for the next tick (the tick interval is what
+        # spreads the budget); parked or uncapped, it need not wait at all.
+        if self._parked or self.rate_bps == 0:
+            self._wake.set()
 
-    def set_priority(self, key: int, priority: int) -> None:
-        self.drr.set_priority(key, priority)
-
-    def allocate(self, budget: int) -> list[tuple[int, int]]:
-        """Split one tick's budget among transfers with demand (never more than ``budget``)."""
-        grants = self.drr.schedule(budget) if budget > 0 else []
-        for key, nbytes in grants:
-            self._grants[key] += nbytes
-        if grants:
-            self._lot.unpark_all()
-        return grants
-
-    def take(self, key: int, want: int, backlog: int | None = None) -> int:
-        """Use up to ``want`` granted bytes; 0 means none yet, and declares ``backlog``."""
-        granted = self._grants.get(key, 0)
-        if granted == 0:
-            self.drr.set_backlog(key, max(want, backlog or 0))
-            if self.rate_bps == 0:
-                # Uncapped, a waiting transfer need not wait for the next tick; capped,
-                # the tick interval is what spreads the budget, so demand waits for it.
-                self._wake.set()
-            return 0
-        nbytes = min(granted, want)
-        self._grants[key] = granted - nbytes
-        return nbytes
-
-    def idle(self, key: int) -> None:
-        """The transfer has nothing ready: it leaves the rotation and banks no credit."""
-        if key in self._grants:
-            self._grants[key] = 0
-            self.drr.set_backlog(key, 0)
+    # -- the Trio API ------------------------------------------------------------------------
 
     async def acquire(self, key: int, want: int, backlog: int | None = None) -> int:
         """Wait until ``key`` may hand at least one byte to QUIC; return how many (<= want).
@@ -102,7 +55,7 @@ class FeedScheduler:
         cover many chunks.
         """
         while True:
-            if key not in self._grants:
+            if key not in self:
                 raise trio.ClosedResourceError("transfer left the scheduler")
             nbytes = self.take(key, want, backlog)
             if nbytes:
@@ -110,21 +63,29 @@ class FeedScheduler:
             await self._lot.park()
 
     def wake(self) -> None:
-        """Run the next tick now (the cap changed, or demand appeared uncapped)."""
+        """Run the next tick now (the cap changed, a link came up, or demand appeared)."""
         self._wake.set()
 
     async def run(self, unsent: Callable[[], int | None]) -> None:
-        """The ticker: every interval, grant the budget; ``unsent`` None = no link."""
+        """The ticker: grant the budget every interval while there is demand; ``unsent``
+        returns the bulk bytes QUIC holds, None = no link."""
+        no_link = False
         while True:
-            interval = tick_interval(self.rate_bps, self.max_datagram)
-            with trio.move_on_after(interval):
-                await self._wake.wait()
+            if not self.has_demand():
+                self._parked = True
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._parked = False
+            else:
+                with trio.move_on_after(LINK_POLL if no_link else self.interval()):
+                    self._parked = no_link
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        self._parked = False
             self._wake = trio.Event()
+            self.wakeups += 1
             backlog = unsent()
-            if backlog is None:
-                continue
-            self.allocate(feed_budget(self.rate_bps, interval, backlog, self.outstanding,
-                                      self.uncapped_target))
-
-    def release(self) -> None:
-        self.drr.release()
+            no_link = backlog is None
+            self.tick(backlog)

@@ -15,10 +15,10 @@ from quelay.transport.pacing import (
     IPV4_UDP_HEADER,
     IPV6_UDP_HEADER,
     WireGate,
-    header_bytes_for,
     payload_bytes_per_second,
     tick_interval,
 )
+from quelay.transport.udp import header_bytes_for
 
 MDS = 1350
 

@@ -21,7 +21,6 @@ tests drive it with explicit numbers or Trio's MockClock.
 from __future__ import annotations
 
 import math
-import socket
 from collections import deque
 
 WINDOW = 1.0
@@ -29,17 +28,6 @@ BURST_SECONDS = 0.01  # the bucket holds at most 10 ms at the cap (>= 2 datagram
 EPSILON = 1e-6  # bytes of float slack
 IPV4_UDP_HEADER = 20 + 8
 IPV6_UDP_HEADER = 40 + 8
-
-
-def header_bytes_for(family: int, host: str | None = None) -> int:
-    """IP + UDP header bytes of one datagram sent on a socket of ``family``.
-
-    An IPv6 socket that talks to an IPv4-mapped address (``::ffff:a.b.c.d``, a
-    dual-stack listener reached over IPv4) puts IPv4 packets on the link.
-    """
-    if family == socket.AF_INET6 and not (host or "").lower().startswith("::ffff:"):
-        return IPV6_UDP_HEADER
-    return IPV4_UDP_HEADER
 
 
 def tick_interval(rate_bps: int, max_datagram: int = 1350) -> float:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .pacing import header_bytes_for
+from .pacing import IPV4_UDP_HEADER, IPV6_UDP_HEADER
 
 SOL_UDP = 17
 UDP_SEGMENT = 103  # missing from Python 3.11's socket module
@@ -45,6 +45,17 @@ class WireCounters:
     datagrams_received: int = 0
     wire_bytes_sent: int = 0
     wire_bytes_received: int = 0
+
+
+def header_bytes_for(family: int, host: str | None = None) -> int:
+    """IP + UDP header bytes of one datagram sent on a socket of ``family``.
+
+    An IPv6 socket that talks to an IPv4-mapped address (``::ffff:a.b.c.d``, a
+    dual-stack listener reached over IPv4) puts IPv4 packets on the link.
+    """
+    if family == socket.AF_INET6 and not (host or "").lower().startswith("::ffff:"):
+        return IPV6_UDP_HEADER
+    return IPV4_UDP_HEADER
 
 
 def resolve(host: str, port: int) -> tuple[socket.AddressFamily, Address]:
