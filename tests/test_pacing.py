@@ -99,6 +99,24 @@ def test_gate_uses_the_allotment_on_the_wire(overhead: int) -> None:
     assert gate.payload_bytes_per_second * 8 == pytest.approx(expected)
 
 
+def test_closed_one_second_windows_stay_under_the_cap() -> None:
+    """Full-size datagrams paced at the cap: a 1-s window can span ten send instants
+    (nine gaps of 110 ms); the gate keeps even the closed window [t, t + 1] under the
+    cap, with room for an observer's timestamps to be off by a millisecond."""
+    rate = 100_000
+    gate = WireGate(rate, 0.0, MDS)
+    now, sent = 0.0, []
+    while now < 20.0:
+        now = gate.ready_at(MDS, now)
+        assert gate.try_send(MDS, now)
+        sent.append(now)
+    wire = MDS + 28
+    for i, start in enumerate(sent):
+        in_window = sum(1 for t in sent[i:] if t <= start + 1.001) * wire
+        assert in_window <= rate / 8
+    assert len(sent) * wire * 8 / now >= 0.9 * rate  # nine per second still go out
+
+
 def test_cap_below_one_wire_datagram_per_second_is_refused() -> None:
     with pytest.raises(ValueError, match="minimum"):
         WireGate(8 * (MDS + 28) - 1, 0.0, MDS)
