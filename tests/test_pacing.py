@@ -102,7 +102,7 @@ def test_gate_uses_the_allotment_on_the_wire(overhead: int) -> None:
 def test_closed_one_second_windows_stay_under_the_cap() -> None:
     """Full-size datagrams paced at the cap: a 1-s window can span ten send instants
     (nine gaps of 110 ms); the gate keeps even the closed window [t, t + 1] under the
-    cap, with room for an observer's timestamps to be off by a millisecond."""
+    cap, with room for an observer's timestamps to be off by a few milliseconds."""
     rate = 100_000
     gate = WireGate(rate, 0.0, MDS)
     now, sent = 0.0, []
@@ -112,7 +112,7 @@ def test_closed_one_second_windows_stay_under_the_cap() -> None:
         sent.append(now)
     wire = MDS + 28
     for i, start in enumerate(sent):
-        in_window = sum(1 for t in sent[i:] if t <= start + 1.001) * wire
+        in_window = sum(1 for t in sent[i:] if t <= start + 1.004) * wire
         assert in_window <= rate / 8
     assert len(sent) * wire * 8 / now >= 0.9 * rate  # nine per second still go out
 

@@ -12,10 +12,10 @@ GSE framing; default 0). Two rules, both on those wire bytes, must hold:
   shared link's queue is not hit with bursts), and
 * a sliding one-second window: the bytes sent in any second never exceed
   the cap's allotment for a second, whatever the bucket would allow. A sent
-  datagram counts for :data:`GUARD` (2 ms) longer than the second, so that
+  datagram counts for :data:`GUARD` (5 ms) longer than the second, so that
   an observer whose timestamps differ from ours by that much (the kernel,
   the link, a clock read a moment later) still sees every 1-s window, even a
-  closed one, at or below the cap; it costs at most 0.2 % of the rate.
+  closed one, at or below the cap; it costs at most 0.5 % of the rate.
 
 A rate of 0 means uncapped: every datagram passes, and the gate only
 measures. Time is always the caller's ``now`` (``trio.current_time()``), so
@@ -28,7 +28,7 @@ import math
 from collections import deque
 
 WINDOW = 1.0
-GUARD = 0.002  # a datagram stays in the window this much longer than WINDOW
+GUARD = 0.005  # a datagram stays in the window this much longer than WINDOW
 BURST_SECONDS = 0.01  # the bucket holds at most 10 ms at the cap (>= 2 datagrams)
 EPSILON = 1e-6  # bytes of float slack
 IPV4_UDP_HEADER = 20 + 8
