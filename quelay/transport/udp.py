@@ -123,6 +123,7 @@ class UdpSocket:
         """Drain up to ``limit`` reads without blocking; splits GRO super-datagrams."""
         out: list[tuple[bytes, Address]] = []
         counters = self.counters
+        per_host, per = "", 0  # the last sender's header + overhead bytes
         for _ in range(limit):
             try:
                 if self.gro:
@@ -151,7 +152,9 @@ class UdpSocket:
                 count = 1
             counters.datagrams_received += count
             counters.bytes_received += len(data)
-            counters.wire_bytes_received += len(data) + count * self.per_datagram(address[0])
+            if address[0] != per_host:
+                per_host, per = address[0], self.per_datagram(address[0])
+            counters.wire_bytes_received += len(data) + count * per
         return out
 
     async def send_batch(self, datagrams: Iterable[tuple[bytes, Address]]) -> None:
