@@ -85,7 +85,8 @@ def max_window_bytes(deliveries: list[tuple[float, bytes]], window: float) -> in
 
 
 def test_builtin_profiles_match_the_design_table() -> None:
-    assert set(PROFILES) == {"clean", "LOS-250ms", "BLOS-750ms", "Degraded-BLOS"}
+    base = {"clean", "LOS-250ms", "BLOS-750ms", "Degraded-BLOS"}
+    assert set(PROFILES) == base | {name + "+reorder" for name in base}
     assert CLEAN.up == CLEAN.down == DirectionParams()
     assert (LOS_250MS.up.rate_bps, LOS_250MS.down.rate_bps) == (500e3, 11e6)
     assert LOS_250MS.rtt_s == pytest.approx(0.250)
@@ -419,3 +420,48 @@ def test_histogram_counts_overhead_when_configured() -> None:
     model.deliver("up", len(d), due)
     assert model.histogram() == [{"t": 0.0, "up": 128, "down": 0, "up_in": 128, "down_in": 0}]
     assert model.up.stats.bytes_forwarded == 100  # counters stay payload-only
+
+
+def test_reordering_variants_draw_each_delay_on_its_own() -> None:
+    """The "+reorder" profiles keep the base figures, add reordering (and ±25 ms of
+    jitter where the base has none), and datagrams closer than the spread overtake."""
+    from quelay.linksim import BLOS_750MS_REORDER, CLEAN_REORDER, with_reordering
+
+    assert get_profile("blos-750ms+reorder") is BLOS_750MS_REORDER
+    assert BLOS_750MS_REORDER.up.reorder and BLOS_750MS_REORDER.down.reorder
+    assert BLOS_750MS_REORDER.down.jitter_s == BLOS_750MS.down.jitter_s
+    assert BLOS_750MS_REORDER.rtt_s == BLOS_750MS.rtt_s
+    assert CLEAN_REORDER.up.jitter_s == 0.025 and CLEAN_REORDER.up.reorder
+    assert with_reordering(CLEAN, 0.01).down.jitter_s == 0.01
+    assert parse_profile("Degraded-BLOS+reorder,loss=0").up.reorder
+    # 1000 datagrams 1 ms apart through ±25 ms: many overtake, none is lost or doubled.
+    model = LinkModel(CLEAN_REORDER.with_overrides(rtt_s=0.1), seed=4)
+    order = []
+    for i in range(1000):
+        for due, data in model.submit("up", i.to_bytes(2, "big"), i * 0.001):
+            order.append((due, int.from_bytes(data, "big")))
+    arrival = [n for _, n in sorted(order)]
+    assert sorted(arrival) == list(range(1000))
+    overtaken = sum(1 for a, b in zip(arrival, arrival[1:], strict=False) if b < a)
+    assert overtaken > 300
+    # The same profile without reordering keeps FIFO order.
+    fifo = LinkModel(CLEAN.with_overrides(rtt_s=0.1, jitter_s=0.025), seed=4)
+    dues = [fifo.submit("up", b"x", i * 0.001)[0][0] for i in range(1000)]
+    assert dues == sorted(dues)
+
+
+def test_wire_counters_count_headers_per_datagram() -> None:
+    for header in (28, 48):
+        model = LinkModel(CLEAN.with_overrides(overhead_bytes=4), header_bytes=header,
+                          trace=True)
+        for i in range(10):
+            for due, data in model.submit("down", bytes(100), i * 0.01):
+                model.deliver("down", len(data), due)
+        st = model.down.stats
+        assert st.bytes_in == st.bytes_forwarded == 1000
+        assert st.wire_bytes_in == st.wire_bytes_forwarded == 1000 + 10 * (header + 4)
+        assert model.peak_bytes("down_in") == 1000 + 10 * (header + 4)
+        assert model.events is not None
+        assert [e[2] for e in model.events].count("out") == 10
+    with pytest.raises(ValueError):
+        LinkModel(CLEAN, header_bytes=-1)

@@ -127,7 +127,9 @@ async def test_clean_profile_echoes_everything_in_order(nursery: trio.Nursery) -
         assert s.up.datagrams_forwarded == s.down.datagrams_forwarded == 300
         assert s.up.bytes_forwarded == sum(map(len, sent))
         hist = sim.histogram()
-        assert sum(b["up"] for b in hist) == s.up.bytes_forwarded
+        # The histogram counts what the link carries: 28 B of IPv4+UDP per datagram.
+        assert sum(b["up"] for b in hist) == s.up.bytes_forwarded + 28 * 300
+        assert s.up.wire_bytes_forwarded == s.up.bytes_forwarded + 28 * 300
         assert json.loads(sim.histogram_json()) == hist
         assert s.mappings_opened == 1
 
@@ -277,12 +279,15 @@ async def test_write_stats(nursery: trio.Nursery, tmp_path: Path) -> None:
     async with open_linksim(upstream=echo.address, profile="clean,rtt=2ms", seed=42) as sim:
         await client.send(sim, [b"x" * 10])
         await wait_until(lambda: len(client.received) == 1)
-        assert sim.peak_rate_bps("up_in", 1.0) == 80.0  # 10 bytes in one 1-s window
+        # 10 payload bytes + 28 of IPv4+UDP headers in one 1-s window: the link's view
+        assert sim.peak_rate_bps("up_in", 1.0) == (10 + 28) * 8
     sim.write_stats(tmp_path / "stats.json")  # works after the block too (final numbers)
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["seed"] == 42 and stats["profile"] == "clean,rtt=2ms"
     assert stats["up"]["bytes_forwarded"] == 10 and stats["mappings"]["opened"] == 1
-    assert sum(b["down"] for b in stats["histogram"]) == 10
+    assert sum(b["down"] for b in stats["histogram"]) == 10 + 28  # with IPv4+UDP headers
+    assert stats["up"]["wire_bytes_forwarded"] == 10 + 28
+    assert stats["params"]["header_bytes"] == 28
 
 
 async def test_run_linksim_control_socket_and_signals(tmp_path: Path) -> None:

@@ -10,24 +10,33 @@ CLI entry point. See docs/linksim.md.
 from .impairment import BIN_S, DirectionModel, DirectionStats, LinkModel
 from .profiles import (
     BLOS_750MS,
+    BLOS_750MS_REORDER,
     CLEAN,
+    CLEAN_REORDER,
     DEGRADED_BLOS,
+    DEGRADED_BLOS_REORDER,
     LOS_250MS,
+    LOS_250MS_REORDER,
     PROFILES,
     DirectionParams,
     Profile,
     get_profile,
     parse_profile,
     symmetric,
+    with_reordering,
 )
 from .proxy import LinkSim, ProxyStats, open_linksim
 
 __all__ = [
     "BIN_S",
     "BLOS_750MS",
+    "BLOS_750MS_REORDER",
     "CLEAN",
+    "CLEAN_REORDER",
     "DEGRADED_BLOS",
+    "DEGRADED_BLOS_REORDER",
     "LOS_250MS",
+    "LOS_250MS_REORDER",
     "PROFILES",
     "DirectionModel",
     "DirectionParams",
@@ -40,4 +49,5 @@ __all__ = [
     "open_linksim",
     "parse_profile",
     "symmetric",
+    "with_reordering",
 ]

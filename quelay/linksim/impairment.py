@@ -53,12 +53,18 @@ HISTOGRAM_KEYS: tuple[HistogramKey, ...] = ("up", "down", "up_in", "down_in")
 
 @dataclass
 class DirectionStats:
-    """Counters for one direction (datagrams unless named ``bytes_``; bytes are payload)."""
+    """Counters for one direction (datagrams unless named ``*bytes*``).
+
+    ``bytes_*`` count UDP payload; ``wire_bytes_*`` what the link carries: payload
+    plus the per-datagram IP+UDP headers and link overhead the model was given.
+    """
 
     datagrams_in: int = 0
     bytes_in: int = 0
+    wire_bytes_in: int = 0
     datagrams_forwarded: int = 0
     bytes_forwarded: int = 0
+    wire_bytes_forwarded: int = 0
     dropped_loss: int = 0
     dropped_queue: int = 0
     dropped_outage: int = 0
@@ -115,6 +121,7 @@ class DirectionModel:
         st = self.stats
         st.datagrams_in += 1
         st.bytes_in += len(data)
+        st.wire_bytes_in += len(data) + self.overhead_bytes
         p = self.params
         copies = 1
         if p.duplicate and self.rng.random() < p.duplicate:
@@ -179,6 +186,14 @@ class LinkModel:
     ``start`` is the time origin for the outage schedule and the histogram.
     ``outages`` are ``(start_s, duration_s)`` relative to ``start``.
     ``seed=None`` picks a random seed (kept in :attr:`seed` for replay).
+    ``header_bytes`` are the IP+UDP headers of every datagram (28 IPv4, 48 IPv6;
+    the proxy sets them from its socket's family, the sans-IO default is 0):
+    with the profile's ``overhead_bytes`` they are counted per datagram in the
+    bottleneck, the ``wire_bytes_*`` counters and the histogram.
+    ``trace=True`` keeps every datagram's fate in :attr:`events` as
+    ``(t, direction, event, size)``, ``t`` relative to ``start``, event one of
+    ``in`` / ``drop`` / ``out`` (for tests that count, rather than time, what
+    happened around an outage).
     """
 
     def __init__(
@@ -188,7 +203,11 @@ class LinkModel:
         seed: int | None = 0,
         start: float = 0.0,
         outages: Iterable[tuple[float, float]] = (),
+        header_bytes: int = 0,
+        trace: bool = False,
     ) -> None:
+        if header_bytes < 0:
+            raise ValueError("header_bytes must be >= 0")
         if seed is None:
             seed = random.SystemRandom().randrange(2**32)
         self.profile = profile
@@ -198,10 +217,13 @@ class LinkModel:
         for s, d in self.outages:
             if s < 0 or d < 0:
                 raise ValueError(f"outage start and duration must be >= 0, got {(s, d)}")
+        self.header_bytes = header_bytes
+        per_datagram = header_bytes + profile.overhead_bytes
         self.up = DirectionModel(profile.up, random.Random(f"quelay-linksim/{seed}/up"),
-                                 overhead_bytes=profile.overhead_bytes)
+                                 overhead_bytes=per_datagram)
         self.down = DirectionModel(profile.down, random.Random(f"quelay-linksim/{seed}/down"),
-                                   overhead_bytes=profile.overhead_bytes)
+                                   overhead_bytes=per_datagram)
+        self.events: list[tuple[float, Direction, str, int]] | None = [] if trace else None
         self.manual_outage = False
         self.toggles: list[tuple[float, bool]] = []
         # bin index -> [up forwarded, down forwarded, up in, down in] (bytes incl. overhead)
@@ -238,11 +260,16 @@ class LinkModel:
         """A datagram arrives; returns ``(due, data)`` deliveries (empty if dropped)."""
         dm = self.up if direction == "up" else self.down
         self._bin(now)[2 if direction == "up" else 3] += len(data) + dm.overhead_bytes
+        if self.events is not None:
+            self.events.append((now - self.start, direction, "in", len(data)))
         if self.outage_active(now):
             st = dm.stats
             st.datagrams_in += 1
             st.bytes_in += len(data)
+            st.wire_bytes_in += len(data) + dm.overhead_bytes
             st.dropped_outage += 1
+            if self.events is not None:
+                self.events.append((now - self.start, direction, "drop", len(data)))
             return []
         return dm.submit(data, now)
 
@@ -253,10 +280,15 @@ class LinkModel:
         st = dm.stats
         if self.outage_active(now):
             st.dropped_outage += 1
+            if self.events is not None:
+                self.events.append((now - self.start, direction, "drop", size))
             return False
         st.datagrams_forwarded += 1
         st.bytes_forwarded += size
+        st.wire_bytes_forwarded += size + dm.overhead_bytes
         self._bin(now)[0 if direction == "up" else 1] += size + dm.overhead_bytes
+        if self.events is not None:
+            self.events.append((now - self.start, direction, "out", size))
         return True
 
     def discard(self, direction: Direction, size: int) -> None:
@@ -272,7 +304,8 @@ class LinkModel:
 
         ``up`` / ``down``: bytes forwarded (delivered out of the proxy);
         ``up_in`` / ``down_in``: bytes received from the sender. Sizes are
-        payload plus ``overhead_bytes`` per datagram.
+        what the link carries: payload plus ``header_bytes`` and the profile's
+        ``overhead_bytes`` per datagram.
         """
         if not self._bins:
             return []
@@ -312,7 +345,8 @@ class LinkModel:
             "profile": self.profile.name,
             "params": {"up": dataclasses.asdict(self.profile.up),
                        "down": dataclasses.asdict(self.profile.down),
-                       "overhead_bytes": self.profile.overhead_bytes},
+                       "overhead_bytes": self.profile.overhead_bytes,
+                       "header_bytes": self.header_bytes},
             "seed": self.seed,
             "elapsed_s": round(now - self.start, 6),
             "outage": self.outage_active(now),

@@ -92,10 +92,13 @@ _DIRECTION_FIELDS = frozenset(f.name for f in dataclasses.fields(DirectionParams
 class Profile:
     """Both directions of a link plus link-wide settings.
 
-    ``overhead_bytes`` is added to every datagram's size for the bottleneck
-    (serialisation time, queue occupancy) and the histogram; 0 (default)
-    means "payload only", 28 models IPv4+UDP headers. Byte counters always
-    count UDP payload.
+    ``overhead_bytes`` is link-layer overhead added to every datagram's size
+    for the bottleneck (serialisation time, queue occupancy), the ``wire_*``
+    counters and the histogram, on top of the IP+UDP headers the
+    :class:`~quelay.linksim.impairment.LinkModel` is told to count
+    (``header_bytes``: the proxy counts 28 B per IPv4 datagram, 48 B per IPv6
+    one, so its figures are what the link carries). The ``bytes_*`` counters
+    always count UDP payload.
     """
 
     name: str
@@ -185,7 +188,34 @@ DEGRADED_BLOS = Profile(
     down=dataclasses.replace(_DEGRADED, rate_bps=150e3),
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (CLEAN, LOS_250MS, BLOS_750MS, DEGRADED_BLOS)}
+REORDER_SUFFIX = "+reorder"
+REORDER_JITTER_S = 0.025
+"""Jitter given to a reordering variant of a profile that has none (the clean link):
+±25 ms uniform, as in issue 11's measurements."""
+
+
+def with_reordering(profile: Profile, jitter_s: float | None = None) -> Profile:
+    """The netem-like variant of ``profile``: every datagram's delay is drawn on its own
+    (``reorder=True``), so datagrams closer together than the jitter spread overtake
+    each other. A direction without jitter gets ``jitter_s`` (default
+    :data:`REORDER_JITTER_S`)."""
+    extra = REORDER_JITTER_S if jitter_s is None else jitter_s
+
+    def direction(d: DirectionParams) -> DirectionParams:
+        return dataclasses.replace(d, reorder=True, jitter_s=d.jitter_s or extra)
+
+    return dataclasses.replace(profile, name=profile.name + REORDER_SUFFIX,
+                               up=direction(profile.up), down=direction(profile.down))
+
+
+_BASE_PROFILES = (CLEAN, LOS_250MS, BLOS_750MS, DEGRADED_BLOS)
+CLEAN_REORDER, LOS_250MS_REORDER, BLOS_750MS_REORDER, DEGRADED_BLOS_REORDER = (
+    with_reordering(p) for p in _BASE_PROFILES)
+
+PROFILES: dict[str, Profile] = {
+    p.name: p for p in (*_BASE_PROFILES, CLEAN_REORDER, LOS_250MS_REORDER, BLOS_750MS_REORDER,
+                        DEGRADED_BLOS_REORDER)
+}
 
 
 def get_profile(name: str) -> Profile:

@@ -35,6 +35,16 @@ from .impairment import BIN_S, Direction, DirectionStats, HistogramKey, LinkMode
 from .profiles import CLEAN, Profile, parse_profile
 
 Address = tuple[str, int]
+IPV4_UDP_HEADER = 20 + 8
+IPV6_UDP_HEADER = 40 + 8
+
+
+def header_bytes_for(family: socket.AddressFamily, host: str) -> int:
+    """IP + UDP header bytes of each datagram through a socket of ``family`` (an
+    IPv4-mapped IPv6 address carries IPv4 packets)."""
+    if family == socket.AF_INET6 and not host.lower().startswith("::ffff:"):
+        return IPV6_UDP_HEADER
+    return IPV4_UDP_HEADER
 
 RECV_SIZE = 65535
 RECV_BATCH = 256
@@ -335,13 +345,17 @@ async def open_linksim(
     mapping_idle_s: float = 120.0,
     max_mappings: int = 256,
     buffer_bytes: int = BUFFER_BYTES,
+    trace: bool = False,
 ) -> AsyncIterator[LinkSim]:
     """Run an impairing UDP proxy from ``listen`` to ``upstream`` for the block's duration.
 
     ``upstream`` is required. ``profile`` is a :class:`Profile` or a spec
     string (``"LOS-250ms,loss=1%"``). ``outages`` are ``(start_s,
     duration_s)`` relative to entering the block. All tasks live in a nursery
-    inside the block and are cancelled on exit.
+    inside the block and are cancelled on exit. Every datagram is counted with
+    its IP+UDP headers (28 B over IPv4, 48 B over IPv6) in the ``wire_bytes_*``
+    counters, the histogram and the peak rates: the figures are what the link
+    carries. ``trace=True`` records every datagram's fate (``LinkModel.events``).
     """
     if upstream is None:
         raise ValueError("open_linksim needs upstream=(host, port)")
@@ -355,7 +369,8 @@ async def open_linksim(
     except OSError:
         sock.close()
         raise
-    model = LinkModel(profile, seed=seed, start=trio.current_time(), outages=outages)
+    model = LinkModel(profile, seed=seed, start=trio.current_time(), outages=outages,
+                      header_bytes=header_bytes_for(family, listen_addr[0]), trace=trace)
     sim = LinkSim(model, sock, upstream_addr, up_family, mapping_idle_s=mapping_idle_s,
                   max_mappings=max_mappings, buffer_bytes=buffer_bytes)
     try:

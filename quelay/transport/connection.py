@@ -177,7 +177,8 @@ class QuicConn:
 
     async def _timer_loop(self) -> None:
         while True:
-            timer = self.quic.get_timer()
+            # While the gate holds datagrams, aioquic's pacing deadline is moot (and stale).
+            timer = self.quic.get_timer_held() if self._outbox else self.quic.get_timer()
             deadline = timer if timer is not None else math.inf
             if self._gate_at is not None:
                 deadline = min(deadline, self._gate_at)
@@ -213,7 +214,7 @@ class QuicConn:
         else:
             batch = list(outbox)
             outbox.clear()
-            gate.try_send(sum(len(d) for d, _ in batch), now)
+            gate.try_send(sum(len(d) for d, _ in batch), now, datagrams=len(batch))
         self._gate_at = gate.ready_at(len(outbox[0][0]), now) if outbox else None
         if batch:
             await self.sock.send_batch(batch)

@@ -67,6 +67,7 @@ MAX_PACKET_THRESHOLD = 256  # reordering deeper than this many packets is still 
 MAX_TIME_THRESHOLD = 2.0  # loss delay at most 2 RTTs (RACK: reordering window <= SRTT)
 TIME_THRESHOLD_MARGIN = 1 / 8  # added to the delay a spurious loss showed
 PROBE_INTERVAL_FLOOR = 1.0  # probes during silence: every max(1 s, SRTT), no further backoff
+TAIL_RECENT = 1 / 8  # at a tail, packets sent in the last RTT/8 are copied at once
 SILENT_PROBES = 2  # after this many unanswered probes the path is silent (an outage)
 DECLARED_MEMORY = 512  # packets declared lost that we remember, to spot spurious losses
 MAX_SEED_RTT = 5.0  # a remembered RTT beyond this is not believed
@@ -137,6 +138,8 @@ class RobustStreamSender(QuicStreamSender):
     withdraws those bytes from the retransmission queue).
     """
 
+    _copied: RangeSet | None = None  # bytes tail protection already sent an extra time
+
     def _unacked(self, start: int, stop: int) -> RangeSet:
         left = RangeSet([range(start, stop)]) if stop > start else RangeSet()
         if len(left) and start < self._buffer_start:
@@ -166,17 +169,29 @@ class RobustStreamSender(QuicStreamSender):
             if fin and self._buffer_fin is not None and not self._acked_fin:
                 super().on_data_delivery(delivery, self._buffer_fin, self._buffer_fin, True)
 
+    def uncopied(self, start: int, stop: int) -> RangeSet:
+        """The unacknowledged part of ``[start, stop)`` not yet sent an extra time."""
+        left = self._unacked(start, stop)
+        if self._copied is not None:
+            for r in list(self._copied):
+                if not len(left):
+                    break
+                left.subtract(r.start, r.stop)
+        return left
+
     def requeue(self, start: int, stop: int, fin: bool) -> int:
-        """Send the unacknowledged part of ``[start, stop)`` again; bytes re-queued."""
+        """Send the unacknowledged part of ``[start, stop)`` once more (each byte at most
+        once over the stream's life); returns the bytes re-queued."""
         if self._reset_error_code is not None:
             return 0
+        if self._copied is None:
+            self._copied = RangeSet()
         n = 0
-        for r in self._unacked(start, stop):
+        for r in self.uncopied(start, stop):
             self._pending.add(r.start, r.stop)
+            self._copied.add(r.start, r.stop)
             n += r.stop - r.start
-        if fin and not self._acked_fin:
-            self._pending_eof = True
-        if n or (fin and not self._acked_fin):
+        if n:
             self.buffer_is_empty = False
         return n
 
@@ -184,6 +199,13 @@ class RobustStreamSender(QuicStreamSender):
     def idle(self) -> bool:
         """Nothing queued to send (new data or retransmissions)."""
         return not len(self._pending) and not self._pending_eof and not self.reset_pending
+
+    @property
+    def at_tail(self) -> bool:
+        """Idle, and the writer has finished (FIN queued) or nothing is unacknowledged:
+        what is in flight is the end of the stream, not a pause in its middle."""
+        return self.idle and (self._buffer_fin is not None
+                              or self._buffer_start == self._buffer_stop)
 
 
 def _stream_handlers(packet: QuicSentPacket) -> list[tuple[RobustStreamSender, tuple[Any, ...]]]:
@@ -241,11 +263,13 @@ class QuelayPacketRecovery(QuicPacketRecovery):
     # -- timers ---------------------------------------------------------------------
 
     def probe_interval(self) -> float:
-        """The probe timeout with backoff, bounded by max(1 s, SRTT) (never below one PTO)."""
+        """The first probe after one PTO; while silence lasts, backed off only up to
+        max(1 s, SRTT), so the first probe after the path's return is never far off."""
         pto = self.get_probe_timeout(include_max_ack_delay=self.handshake_confirmed)
+        if self._pto_count == 0:
+            return pto
         rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
-        bound = max(pto, PROBE_INTERVAL_FLOOR, rtt)
-        return min(pto * 2 ** min(self._pto_count, 20), bound)
+        return min(pto * 2 ** min(self._pto_count, 20), max(PROBE_INTERVAL_FLOOR, rtt))
 
     def get_loss_detection_time(self, *, amplification_limited: bool) -> float | None:
         tail = self._tail_due()
@@ -295,40 +319,78 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         return None
 
     def _tail_delay(self) -> float:
+        """How long a tail packet may go unacknowledged: the loss delay (which grows
+        with the reordering seen) or one PTO, whichever is shorter."""
         rtt = max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized \
             else self._rtt_initial
-        return self.time_threshold * rtt
+        return min(self.time_threshold * rtt, self.get_probe_timeout())
+
+    def _is_candidate(self, packet: QuicSentPacket) -> bool:
+        """Unprotected, ack-eliciting and carrying stream bytes not yet copied."""
+        if packet.packet_number in self._protected or not packet.is_ack_eliciting:
+            return False
+        handlers = _stream_handlers(packet)
+        if any(len(sender.uncopied(args[0], args[1])) for sender, args in handlers):
+            return True
+        if handlers:
+            self._protected.add(packet.packet_number)  # nothing left to copy in it
+        return False
 
     def _tail_candidates(self, space: QuicPacketSpace) -> Iterable[QuicSentPacket]:
-        protected = self._protected
-        for pn, packet in space.sent_packets.items():
-            if pn in protected or not packet.is_ack_eliciting:
-                continue
-            if _stream_handlers(packet):
+        for packet in space.sent_packets.values():
+            if self._is_candidate(packet):
                 yield packet
 
+    def _tail_windows(self) -> tuple[float, float]:
+        """(newest send time, recent window): packets sent within the window before the
+        newest are the very end of the flight, which no later ACK can reveal as lost."""
+        rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
+        return self._time_of_last_sent_ack_eliciting_packet, rtt * TAIL_RECENT
+
     def _tail_due(self) -> float | None:
-        """When the oldest unprotected stream packet's tail copy is due (None: no tail)."""
+        """When the next tail copy is due (None: not at a tail, or nothing to protect).
+
+        At the tail (every stream finished writing, nothing queued, the gate not
+        holding anything, no probe outstanding), the packets sent last are copied at
+        once, and any other unacknowledged stream packet once it has gone
+        unacknowledged for min(loss delay, PTO).
+        """
         if not self.handshake_confirmed or self._pto_count > 0:
             return None
         space = self._app_space()
         if space is None or not space.sent_packets or not self.app_idle() \
                 or not self.spare_cap():
             return None
+        newest, recent = self._tail_windows()
+        due: float | None = None
+        # The oldest candidate is due first among the old ones (packets are kept in
+        # send order); the recent ones are due at once: look only at the recent end.
         for packet in self._tail_candidates(space):
             assert packet.sent_time is not None
-            return packet.sent_time + self._tail_delay()
-        return None
+            due = packet.sent_time if packet.sent_time >= newest - recent \
+                else packet.sent_time + self._tail_delay()
+            break
+        if due is None:
+            return None
+        for packet in reversed(space.sent_packets.values()):
+            assert packet.sent_time is not None
+            if packet.sent_time < newest - recent:
+                break
+            if self._is_candidate(packet):
+                due = min(due, packet.sent_time)
+        return due
 
     def _protect_tail(self, now: float) -> None:
         space = self._app_space()
         if space is None:
             return
-        horizon = now - self._tail_delay()
+        newest, recent = self._tail_windows()
+        delay = self._tail_delay()
         for packet in list(self._tail_candidates(space)):
             assert packet.sent_time is not None
-            if packet.sent_time > horizon:
-                break
+            # The same sums as in _tail_due, so a timer due now always finds its packet.
+            if packet.sent_time < newest - recent and packet.sent_time + delay > now:
+                continue
             self._protected.add(packet.packet_number)
             copied = 0
             for sender, args in _stream_handlers(packet):
@@ -346,7 +408,6 @@ class QuelayPacketRecovery(QuicPacketRecovery):
             else self._rtt_initial
         loss_delay = self.time_threshold * rtt
         packet_threshold = space.largest_acked_packet - self.packet_threshold
-        time_threshold = now - loss_delay
 
         lost_packets = []
         space.loss_time = None
@@ -355,12 +416,15 @@ class QuelayPacketRecovery(QuicPacketRecovery):
                 break
             assert packet.sent_time is not None
             by_packet = packet_number <= packet_threshold
-            by_time = packet.sent_time <= time_threshold
+            # The same sum as the loss time it set: a timer firing exactly then must
+            # find the packet lost (aioquic's ``sent <= now - delay`` can miss by one ulp
+            # and spin on a timer that never makes progress).
+            packet_loss_time = packet.sent_time + loss_delay
+            by_time = packet_loss_time <= now
             if by_packet or by_time:
                 lost_packets.append(packet)
                 self._rules[packet_number] = (by_packet, by_time)
             else:
-                packet_loss_time = packet.sent_time + loss_delay
                 if space.loss_time is None or space.loss_time > packet_loss_time:
                     space.loss_time = packet_loss_time
         if not lost_packets:
@@ -615,10 +679,30 @@ class QuelayQuicConnection(QuicConnection):
         """Tell tail protection whether the wire has room now (the driver's gate knows)."""
         self._recovery.spare_cap = spare
 
+    def get_timer_held(self) -> float | None:
+        """``get_timer()`` for a driver that holds datagrams for its wire gate.
+
+        While datagrams wait for the gate, ``datagrams_to_send`` is not called, so
+        aioquic's pacing and ACK deadlines can lie in the past and would wake the
+        driver in a busy loop; they mean nothing until the gate opens (the driver
+        wakes then anyway), so only the loss, idle and path timers count.
+        """
+        saved_pacing = self._pacing_at
+        saved_acks = [space.ack_at for space in self._loss.spaces]
+        self._pacing_at = None
+        for space in self._loss.spaces:
+            space.ack_at = None
+        try:
+            return self.get_timer()
+        finally:
+            self._pacing_at = saved_pacing
+            for space, ack_at in zip(self._loss.spaces, saved_acks, strict=True):
+                space.ack_at = ack_at
+
     def _app_idle(self) -> bool:
         for stream in self._streams.values():
             sender = stream.sender
-            if isinstance(sender, RobustStreamSender) and not sender.idle:
+            if isinstance(sender, RobustStreamSender) and not sender.at_tail:
                 return False
         return True
 
