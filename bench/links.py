@@ -1,9 +1,11 @@
 """Link benchmark: the rate cap, goodput and fairness through the simulated satellite links.
 
-    python bench/links.py [--profiles clean,LOS-250ms,BLOS-750ms,Degraded-BLOS]
+    python bench/links.py [--profiles clean,LOS-250ms,...,Degraded-BLOS+reorder]
                           [--congestion reno,cubic,allotted] [--caps 1,0.5]
-                          [--seconds 60 | --quick] [--fair-seconds S] [--json FILE]
-                          [--inproc-sim] [--probe-interval S] [--retries N] [--seed N]
+                          [--seconds 60 | --quick] [--fair-seconds S] [--single-only]
+                          [--json FILE] [--inproc-sim] [--probe-interval S]
+                          [--retries N] [--seed N]
+    python bench/links.py --file-test [--file-size BYTES] [--seed N]
 
 For every profile × cap factor × congestion control, two agents run through
 the link simulator (real UDP on loopback; by default ``python -m
@@ -45,8 +47,23 @@ Columns (all relative to the cap):
 * ``lost pkts`` (B's QUIC loss count), ``sim q-drops`` (the simulated link's
   drop-tail queue overflowing), ``srtt`` (median of B's smoothed RTT).
 
-Targets (issue 4): wire max ≤ 1.02; steady goodput ≥ 0.93 (clean, LOS-250ms,
-BLOS-750ms), ≥ 0.85 (Degraded-BLOS). ``ok`` names the misses (``CAP(sim)``:
+Profiles are names or spec strings (``"clean,rate=2.4M,rtt=750ms"``); every
+built-in profile has a ``+reorder`` variant (each datagram's delay drawn on
+its own, netem-like, so datagrams overtake; ±25 ms where the base has no
+jitter), and the default runs all eight. Bytes on the wire are counted as the
+link sees them: the simulator adds 28 B of IPv4+UDP headers per datagram (B's
+own ``send max`` adds them too).
+
+``--file-test`` is issue 11's whole-transfer measure instead: agents connected
+first, then a 2 MB file (``--file-size``) with ``send`` + ``wait`` at a 2 Mbit/s
+cap through a 2.4 Mbit/s, 750 ms link: clean, ±25 ms reordering, 5 % loss + 1 %
+corrupt + 3 % duplicate, and both; ``good all`` is file bytes / (send → done,
+verification included), and the row shows B's spurious losses and tail copies.
+
+Targets (issue 11): wire max ≤ 1.02; steady goodput ≥ 0.95 (clean, LOS-250ms,
+BLOS-750ms, with and without reordering), ≥ 0.90 (Degraded-BLOS, both);
+file test ≥ 0.85 clean, ≥ 0.80 reordering, ≥ 0.75 degraded, ≥ 0.70 degraded
+with reordering. ``ok`` names the misses (``CAP(sim)``:
 over at the simulator, not at B's own send times). Each case runs in its own
 process group; a crashed or stalled case is run again with another seed
 (``--retries``) and reported. B's ``probe_interval`` is max(1 s, 4 RTT) unless
@@ -83,17 +100,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quelay.agent import Agent, AgentConfig  # noqa: E402
 from quelay.client import open_client  # noqa: E402
 from quelay.identity import load_or_create_identity  # noqa: E402
-from quelay.linksim import BIN_S, get_profile, open_linksim  # noqa: E402
+from quelay.linksim import BIN_S, open_linksim  # noqa: E402
+from quelay.linksim import parse_profile as get_profile  # noqa: E402  (names and specs)
 from quelay.linksim.profiles import Profile  # noqa: E402
 
-PROFILES = ["clean", "LOS-250ms", "BLOS-750ms", "Degraded-BLOS"]
+BASE_PROFILES = ["clean", "LOS-250ms", "BLOS-750ms", "Degraded-BLOS"]
+PROFILES = BASE_PROFILES + [name + "+reorder" for name in BASE_PROFILES]
+FILE_LINK = "rate=2.4M,rtt=750ms"
+FILE_PROFILES = {  # issue 11's file test: name -> (link spec, whole-transfer target)
+    "clean": (f"clean,{FILE_LINK}", 0.85),
+    "reorder ±25 ms": (f"clean+reorder,{FILE_LINK}", 0.80),
+    "5 % loss": (f"Degraded-BLOS,{FILE_LINK},jitter=0", 0.75),
+    "5 % loss + reorder": (f"Degraded-BLOS+reorder,{FILE_LINK},jitter=25ms", 0.70),
+}
+FILE_CAP = 2_000_000
 CONGESTION = ["reno", "cubic", "allotted"]
 CHUNK = 64 * 1024
 TARGET_WIRE = 1.02
 
 
 def goodput_target(profile: str) -> float:
-    return 0.85 if profile.lower() == "degraded-blos" else 0.93
+    return 0.90 if profile.lower().startswith("degraded-blos") else 0.95
 
 
 @dataclass
@@ -107,6 +134,10 @@ class Case:
     sim_process: bool = True
     probe: float = 0.0  # the dialler's probe_interval; 0 = max(1 s, 4 RTT)
     fair_seconds: float = 0.0  # the fair phase's measurement; 0 = ``seconds``
+    fair: bool = True  # run the 4-stream phase
+    file_size: int = 0  # > 0: issue 11's file test instead of the two phases
+    label: str = ""  # the file test's row name
+    target: float = 0.0  # the file test's whole-transfer target
 
     def probe_interval(self, rtt: float) -> float:
         return self.probe if self.probe > 0 else max(1.0, 4 * rtt)
@@ -293,7 +324,8 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
     limit = max(3 * case.seconds, case.seconds + 120)
     result: dict[str, Any] = {"profile": profile.name, "congestion": case.congestion,
                               "factor": case.factor, "cap": cap, "seconds": case.seconds,
-                              "warm": warm, "size": size, "errors": []}
+                              "warm": warm, "size": size, "errors": [], "label": case.label,
+                              "target": case.target, "file_size": case.file_size}
 
     fp_a = load_or_create_identity(root / "a" / "state").fingerprint
     fp_b = load_or_create_identity(root / "b" / "state").fingerprint
@@ -325,7 +357,7 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
 
             async def send_batch(datagrams: Any) -> None:
                 batch = list(datagrams)
-                sends.append((trio.current_time(), sum(len(d) for d, _ in batch)))
+                sends.append((trio.current_time(), sum(len(d) + 28 for d, _ in batch)))
                 await kernel_send(batch)
 
             b.sock.send_batch = send_batch  # type: ignore[method-assign]
@@ -333,6 +365,13 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
                 while a.link_state != "up" or b.link_state != "up":
                     await trio.sleep(0.01)
             nursery.start_soon(_status_sampler, b, samples)
+            if case.file_size:
+                await _file_phase(case, a, b, root, result, limit)
+                hist = await sim.histogram()
+                result["wire_max"] = _peak([h["up_in"] for h in hist]) * 8 / (10 * BIN_S)
+                result["send_max"] = _window_max(sends, 1.0) * 8
+                nursery.cancel_scope.cancel()
+                return result
             async with open_client(a.config.control) as ca, \
                     open_client(b.config.control) as cb:
                 # ---- phase 1: one stream --------------------------------------------
@@ -382,63 +421,68 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
                 result["single"] = single
 
                 # ---- phase 2: four concurrent equal-priority streams -----------------
-                fair: dict[str, Any] = {}
-                readers = [Arrivals() for _ in range(4)]
-                stop = trio.Event()
-
-                async def fair_reader(i: int) -> None:
-                    incoming = await ca.accept_incoming(name=f"fair-{i}")
-                    async for chunk in incoming:
-                        readers[i].add(len(chunk))
-
-                async def fair_writer(i: int) -> None:
-                    out = await cb.open_stream(name=f"fair-{i}")
-                    try:
-                        while not stop.is_set():
-                            await out.send_all(block)
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await out.abort("benchmark over")
-
-                lost_before = b.status()["link"].get("lost_packets") or 0
-                t_fair = trio.current_time()
-                with trio.move_on_after(limit) as scope:
-                    async with trio.open_nursery() as inner:
-                        for i in range(4):
-                            inner.start_soon(fair_reader, i)
-                            inner.start_soon(fair_writer, i)
-                        while not all(r.total for r in readers):
-                            await trio.sleep(0.05)
-                        fair["start_delay"] = trio.current_time() - t_fair
-                        await trio.sleep(warm)
-                        t0 = trio.current_time()
-                        c0 = [r.total for r in readers]
-                        await trio.sleep(case.fair_seconds or case.seconds)
-                        t1 = trio.current_time()
-                        c1 = [r.total for r in readers]
-                        fair["measured"] = True
-                        stop.set()
-                        inner.cancel_scope.cancel()
-                if not fair.pop("measured", False):
-                    result["errors"].append(
-                        f"fair: stalled, per-stream bytes {[r.total for r in readers]}")
+                if not case.fair:
+                    result["fair"] = None  # --single-only
                 else:
-                    shares = [y - x for x, y in zip(c0, c1, strict=True)]
-                    mean = sum(shares) / 4
-                    fair["shares"] = shares
-                    fair["spread"] = (max(shares) - min(shares)) / mean if mean else math.inf
-                    fair["goodput"] = sum(shares) * 8 / (t1 - t0)
-                    hist = await sim.histogram()
-                    fb, fspan = _bins(hist, "up_in", start, t0 - owd, t1 - owd)
-                    fair["wire_mean"] = fb * 8 / fspan if fspan else 0.0
-                    fair["lost_packets"] = (b.status()["link"].get("lost_packets") or 0) - \
-                        lost_before
-                    result["fair"] = fair
+                    fair: dict[str, Any] = {}
+                    readers = [Arrivals() for _ in range(4)]
+                    stop = trio.Event()
+
+                    async def fair_reader(i: int) -> None:
+                        incoming = await ca.accept_incoming(name=f"fair-{i}")
+                        async for chunk in incoming:
+                            readers[i].add(len(chunk))
+
+                    async def fair_writer(i: int) -> None:
+                        out = await cb.open_stream(name=f"fair-{i}")
+                        try:
+                            while not stop.is_set():
+                                await out.send_all(block)
+                        finally:
+                            with trio.CancelScope(shield=True):
+                                await out.abort("benchmark over")
+
+                    lost_before = b.status()["link"].get("lost_packets") or 0
+                    t_fair = trio.current_time()
+                    with trio.move_on_after(limit) as scope:
+                        async with trio.open_nursery() as inner:
+                            for i in range(4):
+                                inner.start_soon(fair_reader, i)
+                                inner.start_soon(fair_writer, i)
+                            while not all(r.total for r in readers):
+                                await trio.sleep(0.05)
+                            fair["start_delay"] = trio.current_time() - t_fair
+                            await trio.sleep(warm)
+                            t0 = trio.current_time()
+                            c0 = [r.total for r in readers]
+                            await trio.sleep(case.fair_seconds or case.seconds)
+                            t1 = trio.current_time()
+                            c1 = [r.total for r in readers]
+                            fair["measured"] = True
+                            stop.set()
+                            inner.cancel_scope.cancel()
+                    if not fair.pop("measured", False):
+                        result["errors"].append(
+                            f"fair: stalled, per-stream bytes {[r.total for r in readers]}")
+                    else:
+                        shares = [y - x for x, y in zip(c0, c1, strict=True)]
+                        mean = sum(shares) / 4
+                        fair["shares"] = shares
+                        fair["spread"] = (max(shares) - min(shares)) / mean if mean else math.inf
+                        fair["goodput"] = sum(shares) * 8 / (t1 - t0)
+                        hist = await sim.histogram()
+                        fb, fspan = _bins(hist, "up_in", start, t0 - owd, t1 - owd)
+                        fair["wire_mean"] = fb * 8 / fspan if fspan else 0.0
+                        fair["lost_packets"] = (b.status()["link"].get("lost_packets") or 0) - \
+                            lost_before
+                        result["fair"] = fair
 
             hist = await sim.histogram()
             up_in = [h["up_in"] for h in hist]
             result["wire_max"] = _peak(up_in) * 8 / (10 * BIN_S)
             result["send_max"] = _window_max(sends, 1.0) * 8
+            if b.session is not None:
+                result["path"] = dataclasses.asdict(b.session.conn.path_stats())
             result["send_max_10ms"] = _window_max(sends, 1.01) * 8 / 1.01
             up = await sim.up_stats()
             result["sim_up"] = {k: up[k] for k in ("datagrams_in", "bytes_in", "dropped_queue",
@@ -452,6 +496,63 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
                 result["histogram"] = up_in
         nursery.cancel_scope.cancel()
     return result
+
+
+async def _file_phase(case: Case, a: Agent, b: Agent, root: Path, result: dict[str, Any],
+                      limit: float) -> None:
+    """Issue 11's measure: one file, ``send`` then ``wait`` (verification included)."""
+    import random
+
+    src = root / "file.bin"
+    src.write_bytes(random.Random(case.seed).randbytes(case.file_size))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    async with open_client(b.config.control) as cb:
+        with trio.move_on_after(limit) as scope:
+            t0 = trio.current_time()
+            info = await cb.send_file(src)
+            final = await cb.wait(info["id"])
+            t1 = trio.current_time()
+    if scope.cancelled_caught:
+        result["errors"].append(f"file: not done after {limit:.0f} s")
+        return
+    got = a.config.inbox / "file.bin"
+    ok = final.get("state") == "done" and got.exists() and \
+        hashlib.sha256(got.read_bytes()).hexdigest() == digest
+    if not ok:
+        result["errors"].append(f"file: state {final.get('state')}, bytes differ or missing")
+    result["single"] = {"ok": ok, "duration": t1 - t0,
+                        "goodput_whole": case.file_size * 8 / (t1 - t0)}
+    if b.session is not None:
+        result["path"] = dataclasses.asdict(b.session.conn.path_stats())
+
+
+FILE_HEADER = ("| link (2.4 Mbit/s, 750 ms) | cap | file | send → done | good all / cap"
+               " | target | wire max | lost pkts | spurious | tail copies | ok |")
+FILE_RULE = "|---" * 11 + "|"
+
+
+def file_row(res: dict[str, Any]) -> str:
+    cap = res["cap"]
+    single = res.get("single") or {}
+    path = res.get("path") or {}
+    good = single.get("goodput_whole")
+    target = res.get("target", 0.0)
+    wm = res.get("wire_max")
+    verdict = []
+    if good is None or good / cap < target:
+        verdict.append("missed")
+    if wm is not None and wm / cap > TARGET_WIRE:
+        verdict.append("CAP")
+    if res.get("errors") or not single.get("ok"):
+        verdict.append("ERROR")
+    cells = [res.get("label", res["profile"]), _fmt_rate(cap),
+             f"{res.get('file_size', 0) / 1e6:g} MB",
+             f"{single['duration']:.2f} s" if single.get("duration") else "—",
+             f"{good / cap:.3f}" if good else "—", f"≥ {target:.2f}",
+             f"{wm / cap:.3f}" if wm is not None else "—",
+             str(path.get("lost_packets", "—")), str(path.get("spurious_losses", "—")),
+             str(path.get("tail_copies", "—")), " ".join(verdict) or "yes"]
+    return "| " + " | ".join(cells) + " |"
 
 
 # ---- driver: one process per case ---------------------------------------------------
@@ -499,7 +600,8 @@ def _spawn(case: Case, timeout: float) -> dict[str, Any]:
 
 def _ident(case: Case) -> dict[str, Any]:
     return {"profile": get_profile(case.profile).name, "congestion": case.congestion,
-            "factor": case.factor, "cap": case.cap()}
+            "factor": case.factor, "cap": case.cap(), "label": case.label,
+            "target": case.target, "file_size": case.file_size}
 
 
 def _fmt_rate(bps: float) -> str:
@@ -579,6 +681,12 @@ def main() -> None:
                    help="the dialling agent's probe_interval (default 0: max(1 s, 4 × RTT))")
     p.add_argument("--retries", type=int, default=1,
                    help="run a case that failed (crash, stall) again this often (default 1)")
+    p.add_argument("--single-only", action="store_true",
+                   help="skip the 4-stream fairness phase")
+    p.add_argument("--file-test", action="store_true",
+                   help="issue 11's whole-transfer file test instead (see the docstring)")
+    p.add_argument("--file-size", type=int, default=2_000_000,
+                   help="the file test's file size in bytes (default 2000000)")
     p.add_argument("--json", type=Path, help="also write every case's raw result here")
     p.add_argument("--table", type=Path, metavar="JSON",
                    help="print the table of a previous run's --json file and exit")
@@ -586,10 +694,12 @@ def main() -> None:
     args = p.parse_args()
 
     if args.table:
-        print(HEADER)
-        print(RULE)
-        for res in json.loads(args.table.read_text()):
-            print(row(res))
+        rows = json.loads(args.table.read_text())
+        is_file = bool(rows) and bool(rows[0].get("file_size"))
+        print(FILE_HEADER if is_file else HEADER)
+        print(FILE_RULE if is_file else RULE)
+        for res in rows:
+            print(file_row(res) if is_file else row(res))
         return
 
     if args._case:
@@ -607,13 +717,18 @@ def main() -> None:
     factors = [float(f) for f in args.caps.split(",")]
     cases = [Case(prof, cc, f, seconds, args.clean_rate, args.seed,
                   sim_process=not args.inproc_sim, probe=args.probe_interval,
-                  fair_seconds=args.fair_seconds)
+                  fair_seconds=args.fair_seconds, fair=not args.single_only)
              for prof in profiles for f in factors for cc in ccs]
+    if args.file_test:
+        cases = [Case(spec, cc, FILE_CAP / 2.4e6, 0.0, args.clean_rate, args.seed,
+                      sim_process=not args.inproc_sim, probe=args.probe_interval,
+                      file_size=args.file_size, label=label, target=target)
+                 for label, (spec, target) in FILE_PROFILES.items() for cc in ccs]
     print(f"# bench/links.py: {len(cases)} cases, {seconds:g} s per phase, seed {args.seed},"
           f" simulator {'in-process' if args.inproc_sim else 'in its own process'}",
           flush=True)
-    print(HEADER)
-    print(RULE, flush=True)
+    print(FILE_HEADER if args.file_test else HEADER)
+    print(FILE_RULE if args.file_test else RULE, flush=True)
     results = []
     for case in cases:
         timeout = 4 * seconds + 2 * (args.fair_seconds or seconds) + 400
@@ -628,7 +743,7 @@ def main() -> None:
         if failed:
             res["failed_attempts"] = failed
         results.append(res)
-        print(row(res), flush=True)
+        print(file_row(res) if args.file_test else row(res), flush=True)
         for err in res.get("failed_attempts", []):
             print(f"#   {res['profile']} {res['congestion']} {_fmt_rate(res['cap'])}:"
                   f" an earlier attempt failed: {err}", flush=True)

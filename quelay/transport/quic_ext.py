@@ -67,6 +67,7 @@ MAX_PACKET_THRESHOLD = 256  # reordering deeper than this many packets is still 
 MAX_TIME_THRESHOLD = 2.0  # loss delay at most 2 RTTs (RACK: reordering window <= SRTT)
 TIME_THRESHOLD_MARGIN = 1 / 8  # added to the delay a spurious loss showed
 PROBE_INTERVAL_FLOOR = 1.0  # probes during silence: every max(1 s, SRTT), no further backoff
+TAIL_SMALL_BYTES = 4096  # an open stream with this little unacknowledged is at a tail
 TAIL_RECENT = 1 / 8  # at a tail, packets sent in the last RTT/8 are copied at once
 SILENT_PROBES = 2  # after this many unanswered probes the path is silent (an outage)
 DECLARED_MEMORY = 512  # packets declared lost that we remember, to spot spurious losses
@@ -202,10 +203,11 @@ class RobustStreamSender(QuicStreamSender):
 
     @property
     def at_tail(self) -> bool:
-        """Idle, and the writer has finished (FIN queued) or nothing is unacknowledged:
-        what is in flight is the end of the stream, not a pause in its middle."""
+        """Idle, and the writer has finished (FIN queued) or only a few bytes are
+        unacknowledged (a control message on a long-lived stream): what is in flight
+        is the end of something, not a pause in the middle of a bulk stream."""
         return self.idle and (self._buffer_fin is not None
-                              or self._buffer_start == self._buffer_stop)
+                              or self._buffer_stop - self._buffer_start <= TAIL_SMALL_BYTES)
 
 
 def _stream_handlers(packet: QuicSentPacket) -> list[tuple[RobustStreamSender, tuple[Any, ...]]]:
