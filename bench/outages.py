@@ -85,9 +85,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quelay import wire  # noqa: E402
 from quelay.agent import Agent, AgentConfig  # noqa: E402
 from quelay.client import open_client  # noqa: E402
+from quelay.core import messages as wire  # noqa: E402
 from quelay.framing import encode_frame  # noqa: E402
 from quelay.identity import load_or_create_identity  # noqa: E402
 from quelay.linksim import get_profile, open_linksim  # noqa: E402
@@ -281,7 +281,7 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
                     while True:
                         t = a.transfers.get(ids["file"])
                         if t is not None:
-                            prog["file"].set(t.offset)
+                            prog["file"].set(t.delivered)
                             if t.terminal:
                                 return
                         await trio.sleep(POLL)
@@ -350,7 +350,7 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
                         t = b.transfers[tid]
                         res["at_return"][kind] = {
                             "delivered": prog[kind].total, "sent": t.sent,
-                            "acked": t.offset,
+                            "acked": t.delivered,
                             "on_wire": rtx[kind].highest if kind in rtx else None}
                     sim.set_outage(False)
                     t_ret = trio.current_time()

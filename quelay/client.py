@@ -348,8 +348,20 @@ class Client:
     async def status(self) -> dict[str, Any]:
         return await self.request("status")  # type: ignore[no-any-return]
 
-    async def ls(self) -> list[dict[str, Any]]:
-        return (await self.request("ls"))["transfers"]  # type: ignore[no-any-return]
+    async def ls(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Transfers, newest first: all of them (page by page), or the newest ``limit``."""
+        out: list[dict[str, Any]] = []
+        cursor: int | None = 0
+        while cursor is not None and (limit is None or len(out) < limit):
+            want = 500 if limit is None else min(500, limit - len(out))
+            page = await self.ls_page(cursor, want)
+            out.extend(page["transfers"])
+            cursor = page["next"]
+        return out
+
+    async def ls_page(self, cursor: int = 0, limit: int = 100) -> dict[str, Any]:
+        """One page: ``{"transfers": [...], "total": N, "next": cursor or None}``."""
+        return await self.request("ls", cursor=cursor, limit=limit)  # type: ignore[no-any-return]
 
     async def get(self, transfer_id: str) -> dict[str, Any]:
         return await self.request("get", id=transfer_id)  # type: ignore[no-any-return]
@@ -650,8 +662,8 @@ class BlockingClient:
     def status(self) -> dict[str, Any]:
         return self._call(lambda c: c.status())
 
-    def ls(self) -> list[dict[str, Any]]:
-        return self._call(lambda c: c.ls())
+    def ls(self, limit: int | None = None) -> list[dict[str, Any]]:
+        return self._call(lambda c: c.ls(limit))
 
     def get(self, transfer_id: str) -> dict[str, Any]:
         return self._call(lambda c: c.get(transfer_id))

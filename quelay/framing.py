@@ -44,6 +44,16 @@ def unpack_untrusted(body: bytes) -> Any:
         raise RemoteProtocolError(f"malformed msgpack frame: {exc}") from exc
 
 
+class _NilFrame:
+    """A frame whose body is msgpack ``nil``: distinct from "no complete frame yet"."""
+
+    def __repr__(self) -> str:
+        return "NIL_FRAME"
+
+
+NIL_FRAME: Any = _NilFrame()
+
+
 class FrameDecoder:
     """Splits a byte stream into frames, enforcing ``max_frame``."""
 
@@ -65,7 +75,11 @@ class FrameDecoder:
         return rest
 
     def next_frame_untrusted(self) -> Any | None:
-        """Return the next decoded frame, ``None`` if incomplete; raise on violations."""
+        """Return the next decoded frame, ``None`` if incomplete; raise on violations.
+
+        A frame holding msgpack ``nil`` comes back as :data:`NIL_FRAME`, so a
+        caller can answer it instead of waiting for more bytes.
+        """
         if len(self._buf) < HEADER.size:
             return None
         (length,) = HEADER.unpack_from(self._buf)
@@ -78,4 +92,5 @@ class FrameDecoder:
             return None
         body = bytes(self._buf[HEADER.size : end])
         del self._buf[:end]
-        return unpack_untrusted(body)
+        value = unpack_untrusted(body)
+        return NIL_FRAME if value is None else value

@@ -186,7 +186,7 @@ def load_or_create_identity(state_dir: Path, *, common_name: str = "quelay-agent
             _write_private(key_path, _new_key_pem(), mode=0o600)
         key = _load_key(key_path)
         if not cert_path.exists():
-            _write_private(cert_path, _new_cert_pem(key, common_name), mode=0o644)
+            _write_private(cert_path, _new_cert_pem(key, common_name), mode=0o600)
         cert = _load_certificate(_read(cert_path), cert_path)
     _check_pair(key, key_path, cert, cert_path)
     _warn_if_exposed(key_path)

@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from quelay.agent import Agent, AgentConfig
+from quelay.agent.filehash import hash_file
 from quelay.identity import load_or_create_identity
-from quelay.transfers import hash_file
 
 
 @dataclass

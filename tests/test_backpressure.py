@@ -45,12 +45,14 @@ async def test_paused_reader_blocks_writer(nursery: trio.Nursery, tmp_path: Path
     # Steady state with nobody reading: flow control has stopped the sender and the
     # spool is full, so the agent stops reading its client.
     await wait_for(lambda: receiver.session.conn.inbound_buffered() > 0
-                   and t_out.spool.free == 0)
+                   and sender.book.runtime(t_out).out.spool.free == 0)
     t_in = receiver.transfers[t_out.id]
     assert receiver.session.conn.inbound_buffered() <= WINDOW  # credit follows consumption
-    assert t_in.offset == 0 and t_out.offset == 0  # nothing delivered, nothing acked
-    assert t_out.accepted == SPOOL  # the agent took exactly one spool of the writer's bytes
-    assert sender.session.conn.stream_buffered(t_out.data_stream) <= HIGH_WATER + 64 * KiB
+    assert t_in.delivered == 0 and t_out.delivered == 0  # nothing delivered, nothing acked
+    # the agent took exactly one spool of the writer's bytes
+    assert sender.book.runtime(t_out).out.accepted == SPOOL
+    data_stream = sender.session.data_stream_of(t_out.id)
+    assert sender.session.conn.stream_buffered(data_stream) <= HIGH_WATER + 64 * KiB
     assert written["n"] < TOTAL  # the writer is blocked
 
     got = hashlib.sha256()

@@ -367,7 +367,7 @@ def _log_lines(fmt: str, emit: Any) -> list[str]:
     import io
     import logging
 
-    from quelay.logs import setup_logging
+    from quelay.cli.logs import setup_logging
 
     out = io.StringIO()
     handler = setup_logging("info", fmt, stream=out)
@@ -418,7 +418,7 @@ def test_logs_never_carry_contents_or_keys() -> None:
 
 
 def test_human_logs_and_bad_settings() -> None:
-    from quelay.logs import setup_logging
+    from quelay.cli.logs import setup_logging
 
     lines = _log_lines("human", lambda log: log.info("site-a: link up"))
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO  quelay\.test: "
@@ -439,7 +439,9 @@ async def test_interrupted_stream_is_canceled_not_truncated(pair: Pair) -> None:
     try:
         os.write(write_end, b"first part of an endless stream\n")
         sender = pair.b.agent.transfers
-        await wait_for(lambda: any(t.name == "interrupted" and t.accepted > 0
+        book = pair.b.agent.book
+        await wait_for(lambda: any(t.name == "interrupted" and book.runtime(t).out is not None
+                                   and book.runtime(t).out.accepted > 0
                                    for t in sender.values()))
         proc.send_signal(signal.SIGINT)
         with trio.fail_after(20):

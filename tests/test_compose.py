@@ -27,8 +27,7 @@ import pytest
 import trio
 import typer.main
 
-from quelay import config
-from quelay.cli import app
+from quelay.cli import app, config
 from quelay.client import AgentUnavailable, open_client
 from quelay.linksim.profiles import parse_profile
 

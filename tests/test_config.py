@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from quelay import config
 from quelay.agent import AgentConfig
-from quelay.cli import app
-from quelay.config import ConfigError
+from quelay.cli import app, config
+from quelay.cli.config import ConfigError
 
 FP_A = "sha256:" + "ab" * 32
 FP_B = "sha256:" + "cd" * 32

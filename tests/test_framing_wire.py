@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quelay import wire
+from quelay.core import messages as wire
 from quelay.errors import FrameTooLarge, RemoteProtocolError
 from quelay.framing import FrameDecoder, encode_frame
 

@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from quelay.agent.inbox import PARTIAL_DIR, Inbox, InboxError
+from quelay.core.names import MAX_NAME_BYTES, UnsafeNameError, safe_name_untrusted
 from quelay.errors import RemoteProtocolError
-from quelay.inbox import (
-    MAX_NAME_BYTES,
-    PARTIAL_DIR,
-    Inbox,
-    InboxError,
-    UnsafeNameError,
-    safe_name_untrusted,
-)
 
 # -- names ------------------------------------------------------------------------
 
@@ -222,7 +216,7 @@ def test_finalize_refuses_foreign_partials(inbox: Inbox, tmp_path: Path) -> None
 
 
 def test_finalize_gives_up_after_the_bound(inbox: Inbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("quelay.inbox.MAX_DUPLICATES", 3)
+    monkeypatch.setattr("quelay.core.names.MAX_DUPLICATES", 3)
     for name in ["f", "f (1)", "f (2)", "f (3)"]:
         (inbox.directory / name).write_text(name)
     partial = write_partial(inbox, b"x")
@@ -316,6 +310,6 @@ def test_unwritable_inbox_reported_even_as_root(
     def denied(*args: object, **kwargs: object) -> tuple[int, str]:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr("quelay.inbox.tempfile.mkstemp", denied)
+    monkeypatch.setattr("quelay.agent.inbox.tempfile.mkstemp", denied)
     with pytest.raises(InboxError, match="not writable"):
         Inbox(tmp_path / "inbox")

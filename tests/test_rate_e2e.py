@@ -94,7 +94,7 @@ async def test_control_goes_ahead_of_bulk_under_saturation(nursery: trio.Nursery
         info = await client.send_file(src, priority=15)
         # Saturated: the bulk transfer is flowing at the cap.
         await wait_for(lambda: info["id"] in a.transfers
-                       and a.transfers[info["id"]].offset > 300_000)
+                       and a.transfers[info["id"]].delivered > 300_000)
         assert b.gate is not None
         before = b.gate.total_bytes
         await client.cancel(idle.id)

@@ -13,8 +13,7 @@ import trio
 from typer.testing import CliRunner
 
 from quelay.cli import app
-from quelay.client import open_client
-from quelay.watch import (
+from quelay.cli.watch import (
     CLEAR_LINE,
     HOME,
     ProgressPrinter,
@@ -25,6 +24,7 @@ from quelay.watch import (
     render_watch,
     run_watch,
 )
+from quelay.client import open_client
 
 from .conftest import Pair, make_file
 
@@ -82,7 +82,8 @@ def test_render_watch_fixed_size() -> None:
     assert lines[0].startswith("quelay watch - site-b (dial) sha256:1f1f1f1f1f1f")
     assert lines[1].startswith("link      UP")
     assert "rtt 251.2 ms" in lines[2] and "cwnd 117.2 KiB" in lines[2]
-    assert lines[3].startswith("cap       2.00 Mbit/s   wire out 1.90 Mbit/s  in 40.0 kbit/s")
+    assert lines[3].startswith("cap       2.00 Mbit/s   wire out 1.90 Mbit/s (payload 1.90 Mbit/s)"
+                               "  in 40.0 kbit/s")
     assert lines[4].startswith("transfers active 1, pending 1, done 1")
     header = lines[6]
     for column in ("ID", "NAME", "DIR", "PRI", "STATE", "PROGRESS", "RATE", "QUEUE"):

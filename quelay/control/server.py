@@ -15,27 +15,50 @@ import logging
 import os
 import socket
 import stat
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
+from ..agent.book import TransferBook, source_stat
+from ..agent.pipes import OutboundPipe, PipeAborted
+from ..core.messages import (
+    PRIORITY_RANGE,
+    attrs_problem,
+    name_problem,
+    new_transfer_id,
+)
+from ..core.names import UnsafeNameError, safe_name_untrusted
+from ..core.transfer import State, Transfer
 from ..errors import FrameTooLarge, RemoteProtocolError
 from ..framing import FrameDecoder, encode_frame
-from ..transfers import State, Transfer
 from ..units import UnitError, parse_rate
-from ..wire import PRIORITY_RANGE, new_transfer_id
 from . import protocol as p
 from .protocol import ControlError
-
-if TYPE_CHECKING:
-    from ..agent import Agent
 
 log = logging.getLogger("quelay.control")
 
 DEFAULT_PRIORITY = 4
 READ_CHUNK = 64 * 1024
+LISTEN_BACKLOG = 512  # simultaneous clients connecting at once
+MAX_UNSENT = 1024 * 1024  # a client's unread replies and events; past this it is dropped
+LS_DEFAULT_LIMIT = 100
+LS_MAX_LIMIT = 500  # 500 transfer infos stay far below the reply frame limit
+
+
+class AgentPort(Protocol):
+    """What the control server needs from the agent (and nothing more)."""
+
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def spool_size(self) -> int: ...
+    @property
+    def rate(self) -> int: ...
+    def status(self) -> dict[str, Any]: ...
+    def set_rate(self, rate_bps: int) -> None: ...
 
 
 class _Raw(Exception):
@@ -49,49 +72,86 @@ class _Raw(Exception):
 class ClientConnection:
     def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
         self.server = server
-        self.agent = server.agent
+        self.book = server.book
         self.stream = stream
         self.decoder = FrameDecoder(p.MAX_CONTROL_FRAME)
-        self.send_lock = trio.Lock()
         self.raw: _Raw | None = None
         self.subscriptions: trio.Nursery | None = None
         self.gone = False
+        self._outbox: deque[bytes] = deque()
+        self._unsent = 0
+        self._outbox_changed = trio.Event()
+        self._scope: trio.CancelScope | None = None
 
     async def send(self, value: dict[str, Any]) -> None:
-        """Send one frame; a client that went away is not an error, just gone."""
+        """Queue one frame for the client (never blocks the agent on a slow client)."""
+        self.post(value)
+
+    def post(self, value: dict[str, Any]) -> None:
         if self.gone:
             return
         frame = encode_frame(value, 16 * p.MAX_CONTROL_FRAME)
-        async with self.send_lock:
-            try:
-                await self.stream.send_all(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.gone = True
+        if self._unsent + len(frame) > MAX_UNSENT:
+            # A client that does not read its replies must not grow the agent.
+            log.warning("control client dropped: %d bytes of replies unread", self._unsent)
+            self.gone = True
+            self._outbox.clear()
+            if self._scope is not None:
+                self._scope.cancel()
+            return
+        self._outbox.append(frame)
+        self._unsent += len(frame)
+        self._outbox_changed.set()
+
+    async def _writer(self, *, until_drained: bool = False) -> None:
+        """Send queued frames in order; with ``until_drained``, return once empty."""
+        while True:
+            while self._outbox:
+                frame = self._outbox.popleft()
+                try:
+                    await self.stream.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.gone = True
+                    self._outbox.clear()
+                    self._unsent = 0
+                    return
+                self._unsent -= len(frame)
+            if until_drained:
+                return
+            self._outbox_changed = trio.Event()
+            await self._outbox_changed.wait()
 
     async def serve(self) -> None:
         try:
-            await self._serve()
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                await self._serve()
         except Exception:  # one client's trouble must never take the agent down
             log.exception("control connection failed")
         finally:
+            self.book.unclaim(self)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.stream.aclose()
 
     async def _serve(self) -> None:
         try:
-            async with trio.open_nursery() as subscriptions:
-                self.subscriptions = subscriptions
-                async with trio.open_nursery() as requests:
-                    await self._read_requests(requests)
-                # The client closed (or went raw): its event forwarding ends here.
-                subscriptions.cancel_scope.cancel()
-            if self.raw is not None:
+            async with trio.open_nursery() as connection:
+                connection.start_soon(self._writer)
+                async with trio.open_nursery() as subscriptions:
+                    self.subscriptions = subscriptions
+                    async with trio.open_nursery() as requests:
+                        await self._read_requests(requests)
+                    # The client closed (or went raw): its event forwarding ends here.
+                    subscriptions.cancel_scope.cancel()
+                connection.cancel_scope.cancel()
+            await self._writer(until_drained=True)
+            if self.raw is not None and not self.gone:
                 await self._serve_raw(self.raw)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("control client went away")
 
     async def _read_requests(self, nursery: trio.Nursery) -> None:
-        while self.raw is None:
+        while self.raw is None and not self.gone:
             try:
                 body = self.decoder.next_frame_untrusted()
             except FrameTooLarge as exc:
@@ -164,19 +224,33 @@ class ClientConnection:
 
     async def _serve_raw(self, raw: _Raw) -> None:
         t = raw.transfer
+        rt = self.book.runtime(t)
         if raw.mode == "read":
-            t.reader = self.stream
-            t.reader_ready.set()
-            await t.finished.wait()
+            assert rt.inp is not None
+            rt.inp.attach(self.stream)
+            await rt.finished.wait()
             if t.state is State.DONE:
                 await self.stream.aclose()  # clean EOF means: verified and complete
             return
-        await self._pump_writer(t, self.decoder.take_rest())
-        await t.finished.wait()
+        pipe = rt.out
+        assert pipe is not None
+        async with trio.open_nursery() as nursery:
+            # An idle writer gets its final frame the moment the transfer ends, not
+            # when it next writes: the pump below is cancelled when that happens.
+            async def pump() -> None:
+                with contextlib.suppress(PipeAborted):
+                    await self._pump_writer(t, pipe, self.decoder.take_rest())
+                await rt.finished.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump)
+            await rt.finished.wait()
+            nursery.cancel_scope.cancel()
         name = "transfer.done" if t.state is State.DONE else f"transfer.{t.state.value}"
         await self.send({"event": name, "data": t.info()})
+        await self._writer(until_drained=True)
 
-    async def _end_of_writer(self, t: Transfer) -> None:
+    async def _end_of_writer(self, t: Transfer, pipe: OutboundPipe) -> None:
         """EOF from the writer: a finished stream, or a writer that died?
 
         Both look the same to a read. A writer that half-closed is still there to
@@ -186,41 +260,38 @@ class ClientConnection:
         """
         if t.terminal:
             return
-        await self.send({"event": "stream.eof", "data": {"id": t.id, "bytes": t.accepted}})
+        await self.send({"event": "stream.eof", "data": {"id": t.id, "bytes": pipe.accepted}})
+        await self._writer(until_drained=True)
         if self.gone:
-            self.agent.cancel(t, "the writer disconnected without ending the stream")
+            self.book.cancel(t, "the writer disconnected without ending the stream")
             return
-        t.spool.close()
-        t.space.unpark_all()
+        pipe.end()
 
-    async def _pump_writer(self, t: Transfer, first: bytes) -> None:
+    async def _pump_writer(self, t: Transfer, pipe: OutboundPipe, first: bytes) -> None:
         """Client bytes into the spool; stop reading while it is full (back-pressure)."""
-        spool = t.spool
         pending = memoryview(first)
         while not t.terminal:
             if not pending:
-                data = await self.stream.receive_some(READ_CHUNK)
+                try:
+                    data = await self.stream.receive_some(READ_CHUNK)
+                except trio.BrokenResourceError:
+                    data = b""
                 if not data:
-                    await self._end_of_writer(t)
+                    await self._end_of_writer(t, pipe)
                     return
                 pending = memoryview(data)
             while pending and not t.terminal:
-                taken = spool.write(pending)
-                if taken:
-                    t.hasher.update(pending[:taken])
-                    t.accepted += taken
-                    pending = pending[taken:]
-                    t.space.unpark_all()
-                else:
-                    await t.space.park()
+                taken = await pipe.write(pending)
+                pending = pending[taken:]
 
 
 Handler = Callable[[ClientConnection, dict[str, Any]], Awaitable[Any]]
 
 
 class ControlServer:
-    def __init__(self, agent: Agent, path: Path) -> None:
+    def __init__(self, agent: AgentPort, book: TransferBook, path: Path) -> None:
         self.agent = agent
+        self.book = book
         self.path = path
         self.handlers: dict[str, Handler] = {
             "ping": self.op_ping,
@@ -275,19 +346,19 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
-        raw.listen(64)
+        raw.listen(LISTEN_BACKLOG)
         return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
 
     # -- lookups -----------------------------------------------------------------------
 
     def find(self, args: dict[str, Any]) -> Transfer:
         tid = p.arg_required_str(args, "id")
-        t = self.agent.transfers.get(tid)
+        t = self.book.get(tid)
         if t is None:
             raise ControlError(p.NOT_FOUND, f"no transfer {tid}")
         return t
 
-    # -- operations ----------------------------------------------------------------------
+# -- operations ----------------------------------------------------------------------
 
     async def op_ping(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         return {}
@@ -296,10 +367,17 @@ class ControlServer:
         return self.agent.status()
 
     async def op_identity(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
-        return {"fingerprint": self.agent.identity.fingerprint}
+        return {"fingerprint": self.agent.fingerprint}
 
     async def op_ls(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
-        return {"transfers": [t.info() for t in self.agent.transfers.values()]}
+        """One page of transfers, newest first; ``next`` is the cursor of the following page."""
+        limit = p.arg_int(args, "limit", LS_DEFAULT_LIMIT, 1, LS_MAX_LIMIT)
+        cursor = p.arg_int(args, "cursor", 0, 0, 2**62)
+        everything = self.book.table.newest_first()
+        page = everything[cursor:cursor + limit]
+        following = cursor + len(page)
+        return {"transfers": [t.info() for t in page], "total": len(everything),
+                "next": following if following < len(everything) else None}
 
     async def op_get(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         return self.find(args).info()
@@ -307,14 +385,36 @@ class ControlServer:
     def _common(self, args: dict[str, Any]) -> tuple[int, dict[str, str]]:
         priority = p.arg_int(args, "priority", DEFAULT_PRIORITY, PRIORITY_RANGE.start,
                              PRIORITY_RANGE.stop - 1)
-        return priority, p.arg_attrs(args)
+        attrs = args.get("attrs", {}) or {}
+        problem = attrs_problem(attrs)
+        if problem is not None:
+            raise ControlError(p.INVALID_ARGUMENT, f"argument 'attrs' {problem}")
+        return priority, dict(attrs)
+
+    @staticmethod
+    def _name(args: dict[str, Any], default: str) -> str:
+        name = args.get("name")
+        if name is None or name == "":
+            return default
+        problem = name_problem(name)
+        if problem is not None:
+            raise ControlError(p.INVALID_ARGUMENT, f"argument 'name' {problem}")
+        assert isinstance(name, str)
+        return name
 
     async def op_send_file(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
-        path = Path(p.arg_required_str(args, "path"))
-        priority, attrs = self._common(args)
-        name = p.arg_str(args, "name", path.name, limit=255) or path.name
+        raw_path = p.arg_required_str(args, "path")
+        if "\x00" in raw_path:
+            raise ControlError(p.INVALID_ARGUMENT, "argument 'path' must not contain NUL")
+        path = Path(raw_path)
         if not path.is_absolute():
             raise ControlError(p.INVALID_ARGUMENT, "argument 'path' must be absolute")
+        priority, attrs = self._common(args)
+        name = self._name(args, path.name)
+        try:
+            safe_name_untrusted(name)  # the receiver applies the same rule
+        except UnsafeNameError as exc:
+            raise ControlError(p.INVALID_ARGUMENT, f"argument 'name': {exc}") from exc
         try:
             st = path.stat()
             if not stat.S_ISREG(st.st_mode):
@@ -325,49 +425,52 @@ class ControlServer:
             raise ControlError(p.IO_ERROR, f"cannot read {path}: {exc.strerror}") from exc
         t = Transfer(new_transfer_id(), "out", "file", name, st.st_size, priority, attrs)
         t.path = str(path)
-        self.agent.submit(t)
+        t.source = source_stat(t.path)
+        self.book.submit(t)
         return t.info()
 
     async def op_open_stream(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
-        from ..native import Spool
-
         priority, attrs = self._common(args)
-        name = p.arg_str(args, "name", "", limit=1024) or ""
-        spool_size = p.arg_int(args, "spool", self.agent.config.spool_size, 1024, 1 << 34)
+        name = self._name(args, "")
+        spool_size = p.arg_int(args, "spool", self.agent.spool_size, 1024, 1 << 34)
         t = Transfer(new_transfer_id(), "out", "stream", name, None, priority, attrs)
-        t.spool = Spool(spool_size)
-        self.agent.submit(t)
+        self.book.submit(t, OutboundPipe(spool_size))
         return t.info()
 
     async def op_accept_incoming(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        """Claim the next unclaimed incoming stream; the claim ends if ``conn`` leaves first."""
         name = p.arg_str(args, "name")
         tid = p.arg_str(args, "id")
-        agent = self.agent
+        book = self.book
         while True:
-            for t in agent.transfers.values():
+            candidates = [book.get(tid)] if tid is not None else book.table.live("in")
+            for t in candidates:
                 if (
-                    t.direction == "in" and t.kind == "stream" and not t.claimed
-                    and not t.terminal
+                    t is not None and t.direction == "in" and t.kind == "stream"
+                    and not t.claimed and not t.terminal
                     and (name is None or t.name == name)
-                    and (tid is None or t.id == tid)
                 ):
                     t.claimed = True
+                    book.runtime(t).claim = conn
                     return t.info()
-            if tid is not None and tid in agent.transfers:
-                t = agent.transfers[tid]
-                raise ControlError(p.CONFLICT, f"transfer {tid} is {t.state.value} or claimed")
-            await agent.transfer_added.park()
+            if tid is not None and tid in book.table:
+                t = book.table.get(tid)
+                assert t is not None
+                if t.terminal or t.direction != "in" or t.kind != "stream":
+                    raise ControlError(p.CONFLICT, f"transfer {tid} is {t.state.value} "
+                                       "or not an incoming stream")
+            await book.added.park()
 
     async def op_wait(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         t = self.find(args)
-        await t.finished.wait()
+        await self.book.wait_finished(t)
         return t.info()
 
     async def op_cancel(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         t = self.find(args)
         if t.terminal:
             raise ControlError(p.CONFLICT, f"transfer is already {t.state.value}")
-        self.agent.cancel(t)
+        self.book.cancel(t)
         return t.info()
 
     async def op_get_rate(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
@@ -389,7 +492,7 @@ class ControlServer:
         return {"rate": self.agent.rate}
 
     async def op_subscribe(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
-        sub = self.agent.events.subscribe()
+        sub = self.book.events.subscribe()
 
         async def forward() -> None:
             try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import QuelayError
+from ..errors import QuelayError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transfers (
@@ -66,6 +66,8 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
+            if not path.exists():
+                path.touch(mode=0o600)  # the journal names files and peers: owner only
             self._db = sqlite3.connect(str(path), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -95,6 +97,13 @@ class Journal:
             f"UPDATE transfers SET {names}, updated = ? WHERE id = ?",  # noqa: S608 - fixed names
             (*fields.values(), time.time(), transfer_id),
         )
+
+    def delete(self, transfer_ids: list[str]) -> None:
+        """Forget finished transfers (history pruning)."""
+        for start in range(0, len(transfer_ids), 500):
+            chunk = transfer_ids[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            self._db.execute(f"DELETE FROM transfers WHERE id IN ({marks})", chunk)  # noqa: S608
 
     def get(self, transfer_id: str) -> JournalRow | None:
         rows = self._select("WHERE id = ?", (transfer_id,))

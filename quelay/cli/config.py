@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import QuelayError
-from .units import UnitError, format_rate, format_size, parse_rate, parse_size
+from ..errors import QuelayError
+from ..units import UnitError, format_rate, format_size, parse_rate, parse_size
 
 ENV_PREFIX = "QUELAY_"
 CONFIG_ENV = "QUELAY_CONFIG"
@@ -64,6 +64,11 @@ HELP: dict[str, str] = {
     "send_high_water": "Bytes buffered in QUIC per stream before the pump waits.",
     "max_streams": "Concurrent QUIC streams the peer may open.",
     "spool_size": "Per-stream spool size, e.g. 1MiB.",
+    "min_free": "Free space kept under the inbox; below it incoming files stall (e.g. 64MiB).",
+    "stall_timeout": "Seconds an incoming file may stall (full or missing inbox) before failing.",
+    "max_incoming": "Live incoming transfers accepted from the peer; more are answered busy.",
+    "history_max": "Finished transfers kept in memory and journal (oldest pruned first).",
+    "history_age": "Seconds a finished transfer is kept before it is pruned.",
     "max_datagram_size": "UDP payload size in bytes (1200..16383).",
     "keepalive": "Seconds between keep-alive PINGs (0 = off).",
     "dead_after": "Seconds of silence (or 4 RTTs) after which the link is declared dead.",
@@ -135,7 +140,7 @@ class Setting:
 
 
 def _congestion_choices() -> tuple[str, ...]:
-    from .transport.allotted import CONGESTION_CONTROLS
+    from ..transport.allotted import CONGESTION_CONTROLS
 
     return tuple(CONGESTION_CONTROLS)
 
@@ -152,7 +157,7 @@ def _kind_of(name: str, tp: Any) -> str:
     if tp is int:
         if name == "rate" or name.endswith("_rate"):
             return "rate"
-        if name.endswith(("_size", "_window", "_water", "_bytes")):
+        if name.endswith(("_size", "_window", "_water", "_bytes", "_free")):
             return "size"
         return "count"
     if tp is float:
@@ -168,7 +173,7 @@ def _kind_of(name: str, tp: Any) -> str:
 
 
 def _build_settings() -> dict[str, Setting]:
-    from .agent import AgentConfig
+    from ..agent import AgentConfig
 
     hints = typing.get_type_hints(AgentConfig)
     out: dict[str, Setting] = {}
@@ -248,7 +253,7 @@ def parse_seconds(value: Any) -> float:
 
 def parse_address(value: Any) -> tuple[str, int]:
     """``"HOST:PORT"``, ``"[v6]:PORT"``, ``":PORT"`` (all interfaces) -> ``(host, port)``."""
-    from .linksim.command import parse_hostport
+    from ..linksim.command import parse_hostport
 
     if not isinstance(value, str):
         raise ValueError(f"expected \"HOST:PORT\", got {value!r}")
@@ -292,7 +297,7 @@ def _split_list(value: Any) -> list[str]:
 
 
 def _parse_trust(value: Any, base: Path | None) -> list[str]:
-    from .identity import parse_trust
+    from ..identity import parse_trust
 
     entries = []
     for entry in _split_list(value):
@@ -500,7 +505,7 @@ def _derive(result: Settings) -> None:
 
 
 def _agent_config(result: Settings) -> Any:
-    from .agent import AgentConfig
+    from ..agent import AgentConfig
 
     values = result.values
     if values.get("listen") is None and values.get("peer") is None:

@@ -1,7 +1,7 @@
 """The ``quelay`` command line: ``run`` starts an agent, the rest are its clients.
 
 Client commands are thin: each is a few calls into :mod:`quelay.client`
-(and :mod:`quelay.watch` for what is drawn), so the CLI and the Python API
+(and :mod:`quelay.cli.watch` for what is drawn), so the CLI and the Python API
 never disagree.
 
 Exit codes: 0 success; 1 the request was refused or the transfer did not
@@ -27,11 +27,11 @@ from typing import Annotated, Any, Optional
 import trio
 import typer
 
+from ..client import AgentUnavailable, Client, ClientError, open_client
+from ..units import UnitError, format_rate, format_size, parse_rate, parse_size
 from . import config as cfgmod
-from .client import AgentUnavailable, Client, ClientError, open_client
 from .config import ConfigError, default_state_dir
 from .logs import setup_logging
-from .units import UnitError, format_rate, format_size, parse_rate, parse_size
 from .watch import ProgressPrinter, run_watch
 
 log = logging.getLogger("quelay.cli")
@@ -152,8 +152,8 @@ def _leaf(exc: BaseException) -> BaseException:
 
 def _run_command(**options: Any) -> None:
     """Start an agent (runs until SIGTERM or SIGINT, then stops cleanly)."""
-    from .agent import Agent
-    from .errors import QuelayError
+    from ..agent import Agent
+    from ..errors import QuelayError
 
     config_file = options.pop("config", None) or os.environ.get(cfgmod.CONFIG_ENV) or None
     try:
@@ -272,8 +272,8 @@ def identity(
     as_json: JsonOpt = False,
 ) -> None:
     """Print this agent's fingerprint (creating the identity on first use)."""
-    from .errors import QuelayError
-    from .identity import load_or_create_identity
+    from ..errors import QuelayError
+    from ..identity import load_or_create_identity
 
     try:
         ident = load_or_create_identity(state_dir or default_state_dir())
@@ -470,10 +470,12 @@ def status(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> N
     wire_ = info.get("wire") or {}
     if "rate" in info:
         typer.echo(f"cap     {format_rate(info['rate'])}"
-                   + (f"  (wire now {format_rate(wire_['rate'], zero='0 bit/s')})"
+                   + (f"  (wire now {format_rate(wire_['rate'], zero='0 bit/s')}, payload "
+                      f"{format_rate(wire_.get('payload_rate', 0), zero='0 bit/s')})"
                       if wire_.get("rate") is not None else ""))
     typer.echo(
-        f"wire    sent {format_size(wire_.get('bytes_sent', 0))}, "
+        f"wire    sent {format_size(wire_.get('wire_bytes_sent', 0))} "
+        f"(payload {format_size(wire_.get('bytes_sent', 0))}), "
         f"received {format_size(wire_.get('bytes_received', 0))}"
     )
     typer.echo(
@@ -482,9 +484,24 @@ def status(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> N
 
 
 @app.command()
-def ls(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> None:
-    """List transfers."""
-    transfers = run_client(control, lambda c: c.ls(), as_json=as_json)
+def ls(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False,
+       limit: Annotated[int, typer.Option("--limit", min=1,
+                                          help="Show the newest N transfers.")] = 100,
+       show_all: Annotated[bool, typer.Option("--all", help="Every transfer the agent keeps "
+                                              "(fetched page by page).")] = False) -> None:
+    """List transfers, newest first."""
+
+    async def fetch(c: Client) -> tuple[list[dict[str, Any]], int]:
+        if show_all:
+            items = await c.ls()
+            return items, len(items)
+        page = await c.ls_page(0, min(limit, 500))
+        items = page["transfers"]
+        if limit > 500:
+            items = await c.ls(limit)
+        return items, int(page.get("total", len(items)))
+
+    transfers, total = run_client(control, fetch, as_json=as_json)
     if as_json:
         _json_out(transfers)
         return
@@ -494,6 +511,8 @@ def ls(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> None:
             f"{t['id']}  {t['direction']:3} {t['kind']:6} {t['state']:8} "
             f"p{t['priority']:<2} {format_size(t['bytes'])}/{size}  {t['name']}"
         )
+    if total > len(transfers):
+        typer.echo(f"... {total - len(transfers)} older transfers not shown (--all shows them)")
 
 
 @app.command()
@@ -677,9 +696,9 @@ def linksim(
                                                 help="Print the profiles and exit.")] = False,
 ) -> None:
     """Run the link simulator: a UDP proxy that impairs traffic between two agents."""
-    from .linksim.command import parse_hostport as parse_sim_address
-    from .linksim.command import parse_outage, run_linksim
-    from .linksim.profiles import PROFILES, parse_profile
+    from ..linksim.command import parse_hostport as parse_sim_address
+    from ..linksim.command import parse_outage, run_linksim
+    from ..linksim.profiles import PROFILES, parse_profile
 
     if list_profiles:
         for pname, prof in PROFILES.items():

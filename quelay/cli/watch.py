@@ -22,8 +22,10 @@ from typing import Any, TextIO
 
 import trio
 
-from .client import Client
-from .units import format_duration, format_rate, format_size
+from ..client import Client
+from ..units import format_duration, format_rate, format_size
+
+WATCH_LIMIT = 200  # the newest transfers a refresh fetches (one page: bounded by design)
 
 CLEAR_LINE = "\x1b[K"
 HOME = "\x1b[H"
@@ -190,6 +192,7 @@ class WatchState:
     transfer_meters: dict[str, RateMeter] = field(default_factory=dict)
     sent: RateMeter = field(default_factory=RateMeter)
     received: RateMeter = field(default_factory=RateMeter)
+    wire_sent: RateMeter = field(default_factory=RateMeter)  # with IP/UDP headers
     link_state: str | None = None
     link_since: float | None = None  # wall clock of the last link state change
 
@@ -200,8 +203,13 @@ class WatchState:
         wire = status.get("wire") or {}
         rates["sent"] = self.sent.add(now, int(wire.get("bytes_sent", 0)))
         rates["received"] = self.received.add(now, int(wire.get("bytes_received", 0)))
-        if rates["sent"] is None and wire.get("rate") is not None:
-            rates["sent"] = float(wire["rate"])  # the agent's own 1-s window, first frame
+        first = wire.get("payload_rate", wire.get("rate"))
+        if rates["sent"] is None and first is not None:
+            rates["sent"] = float(first)  # the agent's own 1-s window, first frame
+        wire_total = wire.get("wire_bytes_sent", wire.get("bytes_sent", 0))  # older agents
+        rates["wire_sent"] = self.wire_sent.add(now, int(wire_total))
+        if rates["wire_sent"] is None and wire.get("rate") is not None:
+            rates["wire_sent"] = float(wire["rate"])
         live = set()
         for t in transfers:
             live.add(t["id"])
@@ -281,7 +289,9 @@ def render_watch(status: dict[str, Any], transfers: list[dict[str, Any]],
     cap = status.get("rate")
     cap_text = "?" if cap is None else format_rate(float(cap))
     wire = status.get("wire") or {}
-    lines.append(f"cap       {cap_text}   wire out {_rate_text(rates.get('sent'))}"
+    wire_out = rates.get("wire_sent", rates.get("sent"))
+    lines.append(f"cap       {cap_text}   wire out {_rate_text(wire_out)}"
+                 f" (payload {_rate_text(rates.get('sent'))})"
                  f"  in {_rate_text(rates.get('received'))}"
                  f"  (sent {format_size(int(wire.get('bytes_sent', 0)))},"
                  f" received {format_size(int(wire.get('bytes_received', 0)))})")
@@ -341,7 +351,7 @@ async def run_watch(client: Client, out: TextIO, *, interval: float = 1.0,
     try:
         while count is None or frames < count:
             status = await client.status()
-            transfers = await client.ls()
+            transfers = await client.ls(WATCH_LIMIT)
             wall = time.time()
             rates = state.observe(status, transfers, trio.current_time(), wall)
             if as_json:

@@ -2,13 +2,15 @@
 
 The listening agent accepts the peer's connections; the dialling agent keeps
 (re)connecting. Either way, an authenticated connection becomes a
-:class:`~quelay.session.Session`, and transfers requested by local clients are
+:class:`~quelay.agent.session.Session`, and transfers requested by local clients are
 handed to whichever session is up (they wait while none is).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,24 +20,29 @@ from typing import Any
 import trio
 from aioquic.quic.configuration import QuicConfiguration
 
-from . import wire
-from .errors import ProtocolError
+from ..control.server import ControlServer
+from ..core import messages as wire
+from ..core.codes import Failure, LinkState
+from ..core.transfer import State, Transfer, TransferTable
+from ..errors import ProtocolError, QuelayError
+from ..identity import Identity, TrustStore, fingerprint_of_der, load_or_create_identity
+from ..scheduler import FeedScheduler
+from ..transport.connection import ConnectionClosed, QuicConn
+from ..transport.endpoint import QuicEndpoint
+from ..transport.pacing import WireGate
+from ..transport.path_memory import PathMemory
+from ..transport.udp import Address, UdpSocket, header_bytes_for, resolve
+from .book import HistoryPolicy, TransferBook
 from .events import EventHub
-from .identity import Identity, TrustStore, fingerprint_of_der, load_or_create_identity
 from .inbox import Inbox
 from .journal import Journal
-from .scheduler import FeedScheduler
-from .session import Session, SessionEnded
-from .transfers import State, Transfer, hash_file
-from .transport.connection import ConnectionClosed, QuicConn
-from .transport.endpoint import QuicEndpoint
-from .transport.pacing import WireGate
-from .transport.udp import Address, UdpSocket, resolve
+from .session import IncomingPolicy, Session, SessionEnded
 
 log = logging.getLogger("quelay.agent")
 
 MiB = 1024 * 1024
 RESUME_GRACE = 30.0  # after a peer restart, how long an incoming file waits to be resumed
+PRUNE_EVERY = 60.0  # seconds between history prunes
 
 
 @dataclass
@@ -53,6 +60,7 @@ class AgentConfig:
     max_streams: int = 1024
     spool_size: int = 1 * MiB
     max_datagram_size: int = 1350
+    link_overhead: int = 0  # bytes the link adds per datagram beyond IP+UDP (VPN, GSE)
     keepalive: float = 1.0
     dead_after: float = 3.0  # silence (or 4 RTTs) after which the link is declared dead
     probe_interval: float = 1.0  # a dial attempt nobody answers is replaced this often
@@ -63,67 +71,124 @@ class AgentConfig:
     progress_interval: float = 0.5
     rate: int = 0  # wire cap in bits/s; 0 = uncapped
     max_concurrent: int = 0  # outbound transfers active at once; 0 = no limit
+    min_free: int = 64 * MiB  # free bytes kept under the inbox; below, incoming files stall
+    stall_timeout: float = 3600.0  # a stalled incoming file fails after this long
+    max_incoming: int = 4096  # live incoming transfers from the peer; more are "busy"
+    history_max: int = 1000  # finished transfers kept (memory and journal)
+    history_age: float = 7 * 24 * 3600.0  # seconds a finished transfer is kept
 
     def __post_init__(self) -> None:
         if (self.listen is None) == (self.peer is None):
             raise ValueError("an agent needs exactly one of --listen HOST:PORT or --peer HOST:PORT")
-        from .transport.allotted import CONGESTION_CONTROLS
+        from ..transport.allotted import CONGESTION_CONTROLS
 
         if self.congestion not in CONGESTION_CONTROLS:
             raise ValueError(f"congestion must be one of {', '.join(CONGESTION_CONTROLS)}")
         if self.rate < 0:
             raise ValueError("rate must be >= 0 bit/s (0 = uncapped)")
+        if self.link_overhead < 0:
+            raise ValueError("link_overhead must be >= 0 bytes")
+        if self.rate:
+            floor = 8 * (self.max_datagram_size + 48 + self.link_overhead)
+            if self.rate < floor:
+                raise ValueError(f"rate must be 0 (uncapped) or at least {floor} bit/s "
+                                 "(one datagram with its headers per second)")
         if self.max_concurrent < 0:
             raise ValueError("max_concurrent must be >= 0 (0 = no limit)")
+        if self.min_free < 0 or self.history_max < 0:
+            raise ValueError("min_free and history_max must be >= 0")
+        if self.max_incoming < 1:
+            raise ValueError("max_incoming must be >= 1")
+        if self.stall_timeout <= 0 or self.history_age <= 0:
+            raise ValueError("stall_timeout and history_age must be > 0 seconds")
+
+
+class StateDirLocked(QuelayError):
+    """Another agent runs on this state directory (an operator error)."""
+
+    code = "state_dir_locked"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the state directory's exclusive lock (held for the process lifetime)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirLocked(f"another agent is running on state directory {state_dir}") from None
+    return fd
 
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self._lock_fd = lock_state_dir(config.state_dir)
+        try:
+            self._init(config)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _init(self, config: AgentConfig) -> None:
         self.identity: Identity = load_or_create_identity(config.state_dir)
         self.trust = TrustStore.from_specs(config.trust)
         self.inbox = Inbox(config.inbox)
         self.journal = Journal(config.state_dir / "journal.sqlite3")
         self.epoch = secrets.randbits(63)
         self.events = EventHub()
-        self.transfers: dict[str, Transfer] = {}
-        self.transfer_added = trio.lowlevel.ParkingLot()
+        self.feed = FeedScheduler()
+        self.feed.rate_bps = config.rate
+        self.feed.uncapped_target = 4 * config.send_high_water
+        self.feed.max_datagram = config.max_datagram_size
+        self.book = TransferBook(
+            journal=self.journal, events=self.events, inbox=self.inbox, feed=self.feed,
+            label=self.label, max_concurrent=config.max_concurrent,
+            history=HistoryPolicy(config.history_max, config.history_age))
+        self.incoming_policy = IncomingPolicy(config.min_free, config.stall_timeout,
+                                              config.max_incoming)
         self.session: Session | None = None
-        self.link_state = "connecting"
+        self.link_state = LinkState.CONNECTING
         self.link_reason = ""
         self.peer_fingerprint: str | None = None
         self.peer_epoch: int | None = None
         self._last_rtt = 0.0
         self._last_attempt_heard = True
-        self._unsent_cancels: dict[str, str] = {}
-        self._queue_snapshot: tuple[str, ...] = ()
-        self._recover()
+        self.link_ups = 0  # sessions established since start (a flapping link shows here)
+        self.book.recover()
         self.endpoint: QuicEndpoint | None = None
         self.sock: UdpSocket | None = None
         self.ready = trio.Event()
-        self._session_changed = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self.stopping = False
-        self.feed = FeedScheduler()
-        self.feed.rate_bps = config.rate
-        self.feed.uncapped_target = 4 * config.send_high_water
-        self.feed.max_datagram = config.max_datagram_size
         self.gate: WireGate | None = None
         self.rate = config.rate
+
+    @property
+    def transfers(self) -> TransferTable:
+        return self.book.table
 
     # -- life ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from .control.server import ControlServer
+        try:
+            await self._run(task_status)
+        finally:
+            os.close(self._lock_fd)
 
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         cfg = self.config
         bind_host, bind_port = cfg.listen if cfg.listen else ("0.0.0.0", 0)
         family, _ = resolve(bind_host, bind_port)
         if cfg.peer is not None:
             family, peer = resolve(*cfg.peer)
             bind_host = "::" if family.name == "AF_INET6" else "0.0.0.0"
-        self.sock = UdpSocket((bind_host, bind_port), family=family)
-        self.gate = WireGate(cfg.rate, trio.current_time(), cfg.max_datagram_size)
+        self.sock = UdpSocket((bind_host, bind_port), family=family,
+                              link_overhead=cfg.link_overhead)
+        self.gate = WireGate(cfg.rate, trio.current_time(), cfg.max_datagram_size,
+                             header_bytes=header_bytes_for(family, peer[0] if cfg.peer else None),
+                             link_overhead=cfg.link_overhead)
         self.endpoint = QuicEndpoint(
             self.sock,
             make_connection=self._make_connection,
@@ -133,9 +198,10 @@ class Agent:
                 "connection_window": cfg.connection_window,
                 "max_streams": cfg.max_streams,
             },
+            path_memory=PathMemory(cfg.state_dir),
         )
         log.info("agent %s starting (udp %s:%d)", self.identity.fingerprint, *self.sock.address)
-        control = ControlServer(self, cfg.control)
+        control = ControlServer(self, self.book, cfg.control)
         try:
             listener = control.bind()
         except BaseException:
@@ -146,7 +212,7 @@ class Agent:
                 self._nursery = nursery
                 await nursery.start(control.serve, listener)
                 nursery.start_soon(self.endpoint.run, nursery)
-                nursery.start_soon(self._progress_loop)
+                nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self.feed.run, self._unsent)
                 if cfg.peer is not None:
                     nursery.start_soon(self._dial_loop, peer)
@@ -180,9 +246,21 @@ class Agent:
         return self.config.name or ("dialler" if self.config.peer else "listener")
 
     @property
+    def fingerprint(self) -> str:
+        return self.identity.fingerprint
+
+    @property
+    def spool_size(self) -> int:
+        return self.config.spool_size
+
+    @property
     def udp_address(self) -> Address:
         assert self.sock is not None
         return self.sock.address
+
+    def hello(self) -> wire.Hello:
+        return wire.Hello(wire.PROTOCOL_VERSION, self.identity.fingerprint, self.epoch,
+                          self.config.name)
 
     def _quic_configuration(self, *, is_client: bool) -> QuicConfiguration:
         import ssl
@@ -202,7 +280,9 @@ class Agent:
         return conf
 
     def _make_connection(self, quic: Any, sock: UdpSocket, peer: Address) -> QuicConn:
-        quic.set_cap(self.rate / 8)
+        assert self.gate is not None
+        self.gate.set_link(header_bytes=header_bytes_for(sock.family, peer[0]))
+        quic.set_cap(self.gate.payload_bytes_per_second)
         return QuicConn(
             quic,
             sock,
@@ -225,25 +305,25 @@ class Agent:
 
     # -- link ----------------------------------------------------------------------
 
-    def _set_link(self, state: str, reason: str = "") -> None:
+    def _set_link(self, state: LinkState, reason: str = "") -> None:
         if state == self.link_state and reason == self.link_reason:
             return
         self.link_state, self.link_reason = state, reason
-        log.info("%s: link %s%s", self.label, state, f": {reason}" if reason else "")
-        self.events.publish("link.state", {"state": state, "reason": reason,
+        log.info("%s: link %s%s", self.label, state.value, f": {reason}" if reason else "")
+        self.events.publish("link.state", {"state": state.value, "reason": reason,
                                            "peer": self.peer_fingerprint})
 
     async def _dial_loop(self, peer: Address) -> None:
         assert self.endpoint is not None
         while True:
-            if self.link_state != "down":
-                self._set_link("connecting")
+            if self.link_state is not LinkState.DOWN:
+                self._set_link(LinkState.CONNECTING)
             conn = self.endpoint.connect(peer)
             try:
                 await self._run_connection(conn, dialer=True)
             finally:
                 self.endpoint.forget(conn)
-            if self.link_state != "down" or self._last_attempt_heard:
+            if self.link_state is not LinkState.DOWN or self._last_attempt_heard:
                 await trio.sleep(self.config.reconnect_interval)
 
     async def _accept_loop(self, nursery: trio.Nursery) -> None:
@@ -280,7 +360,9 @@ class Agent:
                     await _first(conn.authenticated.wait, conn.terminated.wait)
                 if conn.closed is not None:
                     return
-                session = Session(self, conn, dialer=dialer)
+                session = Session(self, self.book, self.feed, conn, dialer=dialer,
+                                  early=dialer and self.peer_epoch is not None,
+                                  policy=self.incoming_policy)
                 await session.run()
             except trio.TooSlowError:
                 reason = "handshake timed out"
@@ -315,16 +397,11 @@ class Agent:
         if old is not None and old.conn is not session.conn:
             old.conn.close("replaced by a newer connection from the peer")
         self.session = session
+        self.book.link = session
         self.peer_fingerprint = session.conn.peer_fingerprint
-        self._set_link("up")
-        for tid, reason in self._unsent_cancels.items():
-            session.send(wire.Cancel(tid, reason))  # canceled here while the link was down
-        self._unsent_cancels.clear()
-        for t in list(self.transfers.values()):
-            if t.direction == "out" and t.state is State.ACTIVE:
-                session.start_outbound(t)  # resume from the receiver's offset
-        self._fill()
-        self._session_changed.unpark_all()
+        self.link_ups += 1
+        self._set_link(LinkState.UP)
+        self.feed.wake()
 
     def peer_identified(self, session: Session) -> None:
         """The peer's hello arrived: a new boot epoch means it restarted."""
@@ -337,173 +414,42 @@ class Agent:
     def _peer_restarted(self) -> None:
         """The peer lost its memory: what lived only there cannot continue."""
         log.warning("%s: the peer restarted (new boot epoch)", self.label)
-        for t in list(self.transfers.values()):
-            if t.terminal:
-                continue
+        for t in self.book.table.live():
             if t.direction == "in" and t.kind == "file":
                 # The sender journals files: give it a moment to resume them.
                 assert self._nursery is not None
                 self._nursery.start_soon(self._expect_resume, t, t.resumes)
             elif t.direction == "in":
-                self.finish_transfer(t, "peer_restarted",
-                                     "the sending agent restarted; its in-memory data is gone")
+                self.book.fail(t, Failure.PEER_RESTARTED,
+                               "the sending agent restarted; its in-memory data is gone")
             elif t.kind == "stream" and t.state is State.ACTIVE:
-                self.finish_transfer(t, "peer_restarted",
-                                     "the receiving agent restarted; the stream cannot resume")
+                self.book.fail(t, Failure.PEER_RESTARTED,
+                               "the receiving agent restarted; the stream cannot resume")
 
     async def _expect_resume(self, t: Transfer, resumes: int) -> None:
         await trio.sleep(RESUME_GRACE)
         if not t.terminal and t.resumes == resumes:
-            self.finish_transfer(t, "peer_restarted",
-                                 "the sending agent restarted and did not resume this file")
+            self.book.fail(t, Failure.PEER_RESTARTED,
+                           "the sending agent restarted and did not resume this file")
 
     def _session_ended(self, conn: QuicConn, reason: str) -> None:
         if self.session is None or self.session.conn is not conn:
             return
-        loss = conn.quic._loss
-        if loss._rtt_initialized:
-            self._last_rtt = loss._rtt_smoothed
+        rtt = conn.path_stats().rtt
+        if rtt is not None:
+            self._last_rtt = rtt
         self.session = None
-        self._set_link("down", reason)
-        live = sum(1 for t in self.transfers.values() if t.state is State.ACTIVE)
+        self.book.link = None
+        self._set_link(LinkState.DOWN, reason)
+        live = len(self.book.table.active_outbound()) + self.book.table.live_incoming()
         if live:
             log.info("%s: %d transfers wait for the link to resume", self.label, live)
 
-    # -- transfers -------------------------------------------------------------------
-
-    def add_transfer(self, t: Transfer) -> None:
-        self.transfers[t.id] = t
-        self.transfer_added.unpark_all()
-
-    def _start(self, t: Transfer) -> None:
-        assert self.session is not None
-        t.move_to(State.ACTIVE)
-        t.queue_position = None
-        t.sched_key = self.feed.add(t.priority)
-        log.info("transfer %s started: %s %s %r, priority %d", t.id, t.kind, t.direction, t.name,
-                 t.priority)
-        self.publish_transfer("transfer.started", t)
-        self.session.start_outbound(t)
-
-    def _release(self, t: Transfer) -> None:
-        """Give back what a finished transfer held: scheduler entry, spool memory."""
-        if t.sched_key is not None:
-            self.feed.remove(t.sched_key)
-            t.sched_key = None
-        if t.spool is not None and not t.spool.released:
-            t.spool.release()
-
-    def _recover(self) -> None:
-        """Reload unfinished file transfers from the journal (after a restart or crash)."""
-        for row in self.journal.unfinished():
-            t = Transfer(row.id, row.direction, "file", row.name, row.size,  # type: ignore[arg-type]
-                         row.priority, row.attrs)
-            t.resumed_from = row.resumed_from
-            if row.direction == "out":
-                t.path, t.offset, t.opened = row.path, row.offset, row.opened
-                t.sent = row.offset
-                if row.path is None or not Path(row.path).is_file():
-                    self._journal_end(t, "failed")
-                    continue
-            else:
-                partial = self.inbox.partial_path(row.id)
-                have = partial.stat().st_size if partial.exists() else 0
-                t.offset = min(have, row.offset)
-                with open(partial, "ab") as f:
-                    f.truncate(t.offset)
-                hash_file(partial, t.hasher, t.offset)  # the receiver's digest so far
-                t.move_to(State.ACTIVE)
-            self.transfers[t.id] = t
-            log.info("%s: recovered %s file transfer %s (%s) at byte %d of %d", self.label,
-                     "outbound" if t.direction == "out" else "inbound", t.id, t.name, t.offset,
-                     row.size)
-
-    def _journal_end(self, t: Transfer, state: str) -> None:
-        if t.kind == "file":
-            self.journal.update(t.id, state=state, offset=t.offset, sha256=t.sha256,
-                                path=t.path)
-
-    def journal_offset(self, t: Transfer) -> None:
-        """Record a file's durable offset (the receiver does this before acking it)."""
-        if t.kind == "file":
-            self.journal.update(t.id, offset=t.offset)
-
-    def submit(self, t: Transfer) -> None:
-        """Accept a new outbound transfer; it starts now or when the link is up."""
-        if t.kind == "file":
-            self.journal.record(id=t.id, direction="out", name=t.name, path=t.path,
-                                size=t.size or 0, priority=t.priority, attrs=t.attrs)
-        self.add_transfer(t)
-        self._fill()
-        if t.state is State.PENDING:
-            self.publish_transfer("transfer.queued", t)
-
-    # -- the pending queue -------------------------------------------------------------
-
-    def queue(self) -> list[Transfer]:
-        """Outbound transfers waiting to start: priority order, FIFO within a priority."""
-        pending = [t for t in self.transfers.values()
-                   if t.direction == "out" and t.state is State.PENDING]
-        pending.sort(key=lambda t: (-t.priority, t.seq))
-        return pending
-
-    def _fill(self) -> None:
-        """Start queued transfers while the link is up and --max-concurrent allows."""
-        queue = self.queue()
-        if self.session is not None:
-            limit = self.config.max_concurrent
-            active = sum(1 for t in self.transfers.values()
-                         if t.direction == "out" and t.state is State.ACTIVE)
-            while queue and (not limit or active < limit):
-                self._start(queue.pop(0))
-                active += 1
-        for position, t in enumerate(queue, 1):
-            t.queue_position = position
-        snapshot = tuple(t.id for t in queue)
-        if snapshot != self._queue_snapshot:
-            self._queue_snapshot = snapshot
-            self.events.publish("queue.status", {"pending": [
-                {"id": t.id, "name": t.name, "priority": t.priority,
-                 "position": t.queue_position} for t in queue]})
-
-    def complete_transfer(self, t: Transfer) -> None:
-        if t.move_to(State.DONE):
-            self._release(t)
-            self._journal_end(t, "done")
-            self._fill()
-            log.info("transfer %s done: %s, %d bytes, sha256 %s", t.id, t.name, t.offset,
-                     t.sha256)
-            self.publish_transfer("transfer.done", t)
-
-    def finish_transfer(self, t: Transfer, code: str, message: str, *,
-                        canceled: bool = False) -> None:
-        """Fail or cancel a transfer and release what it holds; idempotent."""
-        if not t.fail(code, message, canceled=canceled):
-            return
-        log.warning("transfer %s %s: %s: %s", t.id, t.state.value, code, message)
-        self._release(t)
-        self._journal_end(t, t.state.value)
-        self._fill()
-        t.space.unpark_all()
-        if self.session is not None and t.data_stream is not None and t.direction == "out":
-            self.session.conn.reset_stream(t.data_stream)
-        if t.reader is not None:
-            _abort_stream(t.reader)
-        t.reader_ready.set()
-        self.publish_transfer("transfer.canceled" if canceled else "transfer.failed", t)
-
-    def cancel(self, t: Transfer, reason: str = "canceled by local client") -> None:
-        """Cancel in any state; the peer hears of it now, or when the link returns."""
-        if t.terminal:
-            return
-        peer_knows = t.direction == "in" or t.opened
-        if peer_knows and self.session is not None:
-            self.session.send(wire.Cancel(t.id, reason))
-        elif peer_knows:
-            self._unsent_cancels[t.id] = reason
-        self.finish_transfer(t, "canceled", reason, canceled=True)
-
     # -- the rate cap and the feed -------------------------------------------------
+
+    @property
+    def cap(self) -> int:
+        return self.rate
 
     def set_rate(self, rate_bps: int) -> None:
         """Change the wire cap at run time; the next tick and datagram obey it."""
@@ -511,7 +457,7 @@ class Agent:
         self.gate.set_rate(rate_bps, trio.current_time())  # validates
         self.rate = rate_bps
         if self.session is not None:
-            self.session.conn.quic.set_cap(rate_bps / 8)
+            self.session.conn.quic.set_cap(self.gate.payload_bytes_per_second)
         log.info("%s: rate cap %s", self.label, f"{rate_bps} bit/s" if rate_bps else "off")
         self.feed.rate_bps = rate_bps
         self.feed.wake()
@@ -519,24 +465,28 @@ class Agent:
     def _unsent(self) -> int | None:
         return None if self.session is None else self.session.unsent_bulk()
 
-    def publish_transfer(self, name: str, t: Transfer) -> None:
-        self.events.publish(name, t.info())
-
-    async def _progress_loop(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Progress events, busy retries and history pruning, at the progress interval."""
         last: dict[str, int] = {}
+        next_prune = trio.current_time()
         while True:
             await trio.sleep(self.config.progress_interval)
-            for t in list(self.transfers.values()):
-                if t.state is State.ACTIVE and last.get(t.id) != t.offset:
-                    last[t.id] = t.offset
-                    self.publish_transfer("transfer.progress", t)
-            for tid in [tid for tid in last if tid not in self.transfers]:
+            for t in self.book.table.live():
+                if t.state is State.ACTIVE and last.get(t.id) != t.delivered:
+                    last[t.id] = t.delivered
+                    self.book.publish("transfer.progress", t)
+            for tid in [tid for tid in last if tid not in self.book.table]:
                 del last[tid]
+            if any(t.not_before for t in self.book.table.queue()):
+                self.book.fill()  # a transfer refused as busy may retry now
+            if trio.current_time() >= next_prune:
+                next_prune = trio.current_time() + PRUNE_EVERY
+                self.book.prune()
 
     def status(self) -> dict[str, Any]:
         counters = self.sock.counters if self.sock else None
         states: dict[str, int] = {}
-        for t in self.transfers.values():
+        for t in self.book.table:
             states[t.state.value] = states.get(t.state.value, 0) + 1
         out: dict[str, Any] = {
             "agent": self.identity.fingerprint,
@@ -544,8 +494,8 @@ class Agent:
             "epoch": self.epoch,
             "role": "dial" if self.config.peer else "listen",
             "udp": list(self.udp_address) if self.sock else None,
-            "link": {"state": self.link_state, "reason": self.link_reason,
-                     "peer": self.peer_fingerprint},
+            "link": {"state": self.link_state.value, "reason": self.link_reason,
+                     "peer": self.peer_fingerprint, "ups": self.link_ups},
             "transfers": states,
             "wire": None,
         }
@@ -554,6 +504,11 @@ class Agent:
             now = trio.current_time()
             out["wire"] = {
                 "rate": self.gate.window_bytes(now) * 8 if self.gate else 0,
+                "payload_rate": self.gate.window_payload(now) * 8 if self.gate else 0,
+                "wire_bytes_sent": counters.wire_bytes_sent,
+                "wire_bytes_received": counters.wire_bytes_received,
+                "header_bytes": self.gate.header_bytes if self.gate else 0,
+                "link_overhead": self.config.link_overhead,
                 "held_datagrams": self.gate.held if self.gate else 0,
                 "bytes_sent": counters.bytes_sent,
                 "bytes_received": counters.bytes_received,
@@ -561,28 +516,15 @@ class Agent:
                 "datagrams_received": counters.datagrams_received,
             }
         if self.session is not None:
-            rec = self.session.conn.quic._loss
-            out["link"]["rtt"] = rec._rtt_smoothed if rec._rtt_initialized else None
-            out["link"]["cwnd"] = rec._cc.congestion_window
-            out["link"]["bytes_in_flight"] = rec._cc.bytes_in_flight
-            out["link"]["lost_packets"] = self.session.conn.quic.lost_packets
-            out["link"]["lost_bytes"] = self.session.conn.quic.lost_bytes
+            stats = self.session.conn.path_stats()
+            out["link"]["rtt"] = stats.rtt
+            out["link"]["cwnd"] = stats.cwnd
+            out["link"]["bytes_in_flight"] = stats.bytes_in_flight
+            out["link"]["lost_packets"] = stats.lost_packets
+            out["link"]["lost_bytes"] = stats.lost_bytes
+            out["link"]["spurious_losses"] = stats.spurious_losses
             out["link"]["congestion"] = self.config.congestion
         return out
-
-
-def _abort_stream(stream: Any) -> None:
-    """Close a local reader's socket with RST so it sees an error, not a clean EOF."""
-    import socket
-    import struct
-
-    sock = getattr(stream, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError as exc:
-            log.debug("could not set SO_LINGER on reader socket: %s", exc)
-        sock.close()
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -17,10 +17,10 @@ from typing import Any
 
 import trio
 
-from .agent import Agent, AgentConfig
-from .client import open_client
-from .identity import load_or_create_identity
-from .units import format_rate, format_size
+from ..agent import Agent, AgentConfig
+from ..client import open_client
+from ..identity import load_or_create_identity
+from ..units import format_rate, format_size
 
 
 def _say(text: str) -> None:

@@ -13,14 +13,23 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .errors import RemoteProtocolError
+from ..errors import RemoteProtocolError
+
+
+class TransferProtocolError(RemoteProtocolError):
+    """A peer message that names a transfer was invalid: it costs that transfer only."""
+
+    def __init__(self, transfer_id: str, message: str) -> None:
+        super().__init__(message)
+        self.transfer_id = transfer_id
 
 PROTOCOL_VERSION = 1
 ALPN = "quelay/1"
 MAX_WIRE_FRAME = 64 * 1024
 MAX_NAME_BYTES = 1024
 MAX_ATTRS = 64
-MAX_ATTR_BYTES = 4096
+MAX_ATTR_BYTES = 4096  # one entry: key + value, UTF-8 bytes
+MAX_ATTRS_TOTAL = 16 * 1024  # all entries together, so an open always fits in a frame
 PRIORITY_RANGE = range(0, 16)
 
 Kind = Literal["file", "stream"]
@@ -47,6 +56,7 @@ class Open:
     name: str
     attrs: dict[str, str] = field(default_factory=dict)
     resume: bool = False  # re-announced after a reconnect: answer with Resume
+    offset: int = 0  # bytes the sender already had acknowledged (0 = nothing delivered yet)
 
 
 @dataclass(frozen=True)
@@ -152,14 +162,51 @@ def _transfer_id(body: dict[str, Any], key: str = "id") -> str:
 
 def _attrs(body: dict[str, Any]) -> dict[str, str]:
     value = body.get("attrs", {})
-    if not isinstance(value, dict) or len(value) > MAX_ATTRS:
-        raise RemoteProtocolError(f"field 'attrs' must be a map of at most {MAX_ATTRS} entries")
+    problem = attrs_problem(value)
+    if problem is not None:
+        raise RemoteProtocolError(f"field 'attrs': {problem}")
+    return dict(value)
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def attrs_problem(value: object) -> str | None:
+    """Why ``value`` is not acceptable as a transfer's attributes, or None.
+
+    One rule for both boundaries: the control server applies it to a local
+    client's request, the session to the peer's ``open``, so nothing a client
+    may submit can be refused by the peer later.
+    """
+    if not isinstance(value, dict):
+        return "must be a map of strings to strings"
+    if len(value) > MAX_ATTRS:
+        return f"has more than {MAX_ATTRS} entries"
+    total = 0
     for k, v in value.items():
         if not isinstance(k, str) or not isinstance(v, str):
-            raise RemoteProtocolError("attrs keys and values must be strings")
-        if len(k) + len(v) > MAX_ATTR_BYTES:
-            raise RemoteProtocolError("an attrs entry is too long")
-    return dict(value)
+            return "keys and values must be strings"
+        if "\x00" in k or "\x00" in v:
+            return "keys and values must not contain NUL"
+        size = _utf8_len(k) + _utf8_len(v)
+        if size > MAX_ATTR_BYTES:
+            return f"entry {k[:40]!r} is {size} bytes (at most {MAX_ATTR_BYTES} per key + value)"
+        total += size
+    if total > MAX_ATTRS_TOTAL:
+        return f"{total} bytes in all (at most {MAX_ATTRS_TOTAL})"
+    return None
+
+
+def name_problem(value: object) -> str | None:
+    """Why ``value`` is not acceptable as a transfer's name (both boundaries), or None."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if _utf8_len(value) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
+    if "\x00" in value:
+        return "must not contain NUL"
+    return None
 
 
 def decode_message_untrusted(body: Any) -> Message:
@@ -167,12 +214,25 @@ def decode_message_untrusted(body: Any) -> Message:
     if not isinstance(body, dict):
         raise RemoteProtocolError("a message must be a msgpack map")
     kind = body.get("t")
+    if kind != "hello" and "id" in body and body.get("id") is not None:
+        # Past this point a failure concerns one transfer: the session can name it.
+        tid = _transfer_id(body)
+        try:
+            return _decode_body(kind, body, tid)
+        except RemoteProtocolError as exc:
+            raise TransferProtocolError(tid, str(exc)) from exc
+    return _decode_body(kind, body, None)
+
+
+def _decode_body(kind: Any, body: dict[str, Any], tid: Any) -> Message:
     if kind == "hello":
         version = _uint(body, "version")
         assert version is not None
         epoch = _uint(body, "epoch")
         assert epoch is not None
         return Hello(version, _str(body, "agent", 128), epoch, _str(body, "name"))
+    if tid is None and kind in _TYPES and kind != "error":
+        raise RemoteProtocolError("field 'id' must be a UUID")
     if kind == "open":
         tkind = body.get("kind")
         if tkind not in ("file", "stream"):
@@ -183,40 +243,45 @@ def decode_message_untrusted(body: Any) -> Message:
         resume = body.get("resume", False)
         if not isinstance(resume, bool):
             raise RemoteProtocolError("field 'resume' must be a boolean")
+        name = body.get("name")
+        problem = name_problem(name)
+        if problem is not None:
+            raise RemoteProtocolError(f"field 'name' {problem}")
+        assert isinstance(name, str)
         return Open(
-            _transfer_id(body),
+            tid,
             tkind,
             _uint(body, "size", optional=True),
             priority,
-            _str(body, "name"),
+            name,
             _attrs(body),
             resume,
+            _uint(body, "offset", optional=True) or 0,
         )
     if kind == "resume":
         offset = _uint(body, "offset")
         assert offset is not None
-        return Resume(_transfer_id(body), offset)
+        return Resume(tid, offset)
     if kind == "ack":
         offset = _uint(body, "offset")
         assert offset is not None
         final = body.get("final", False)
         if not isinstance(final, bool):
             raise RemoteProtocolError("field 'final' must be a boolean")
-        return Ack(_transfer_id(body), offset, final)
+        return Ack(tid, offset, final)
     if kind == "finish":
         total = _uint(body, "total")
         assert total is not None
         digest = body.get("sha256")
         if not isinstance(digest, bytes) or len(digest) != 32:
             raise RemoteProtocolError("field 'sha256' must be 32 bytes")
-        return Finish(_transfer_id(body), total, digest)
+        return Finish(tid, total, digest)
     if kind == "cancel":
-        return Cancel(_transfer_id(body), _str(body, "reason"))
+        return Cancel(tid, _str(body, "reason"))
     if kind == "error":
-        tid = None if body.get("id") is None else _transfer_id(body)
         return Error(tid, _str(body, "code", 64), _str(body, "message"))
     if kind == "data":
         offset = _uint(body, "offset")
         assert offset is not None
-        return DataHeader(_transfer_id(body), offset)
+        return DataHeader(tid, offset)
     raise RemoteProtocolError(f"unknown message type {kind!r}")

@@ -1,0 +1,317 @@
+"""The transfer book: every transfer this agent knows, and what happens to it.
+
+The book owns the registry (:class:`~quelay.core.transfer.TransferTable`),
+the pending queue, the journal, recovery after a restart, the done / failed /
+canceled transitions with their events, and the finished history and its
+pruning. The session (which talks to the peer) and the control server (which
+talks to local clients) both work through it; neither knows the agent.
+
+What moves a transfer's bytes at run time — its pipe, its hasher, the lock
+that keeps one pump or sink at a time, the event waiters block on — is its
+:class:`Runtime`, kept here beside the plain record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from ..core.codes import Failure
+from ..core.transfer import PeerNotice, State, Transfer, TransferTable
+from .events import EventHub
+from .filehash import hash_file
+from .inbox import Inbox
+from .journal import Journal
+from .pipes import InboundPipe, OutboundPipe
+
+log = logging.getLogger("quelay.book")
+
+#: Failures after which an incoming file's partial bytes are kept (the operator may
+#: want them: the disk filled up, the data itself was fine).
+_KEEP_PARTIAL = frozenset({Failure.NO_SPACE.value, Failure.INBOX_UNAVAILABLE.value})
+
+
+class LinkPort(Protocol):
+    """What the book needs from the session that is up (if any)."""
+
+    def transfer_started(self, t: Transfer) -> None:
+        """Announce an outbound transfer to the peer and start its bytes."""
+
+    def transfer_ended(self, t: Transfer) -> None:
+        """Stop sending ``t`` and tell the peer what it must hear."""
+
+
+class FeedPort(Protocol):
+    def add(self, priority: int) -> int: ...
+    def remove(self, key: int) -> None: ...
+
+
+@dataclass
+class Runtime:
+    """A transfer's run-time plumbing (never part of the public record)."""
+
+    finished: trio.Event = field(default_factory=trio.Event)
+    lock: trio.Lock = field(default_factory=trio.Lock)  # one pump / one sink at a time
+    hasher: Any = field(default_factory=hashlib.sha256)  # in: SHA-256 of delivered bytes
+    out: OutboundPipe | None = None  # out streams
+    inp: InboundPipe | None = None  # in streams
+    feed_key: int | None = None  # out, active: its entry in the feed scheduler
+    claim: object | None = None  # in streams: the control connection that claimed it
+    journaled: int = 0  # out files: the acked offset last written to the journal
+
+
+@dataclass(frozen=True)
+class HistoryPolicy:
+    max_count: int = 1000  # finished transfers kept (memory and journal)
+    max_age: float = 7 * 24 * 3600.0  # seconds a finished transfer is kept
+
+
+class TransferBook:
+    def __init__(self, *, journal: Journal, events: EventHub, inbox: Inbox, feed: FeedPort,
+                 label: str = "", max_concurrent: int = 0,
+                 history: HistoryPolicy | None = None,
+                 clock: Callable[[], float] = trio.current_time) -> None:
+        self.table = TransferTable()
+        self.journal = journal
+        self.events = events
+        self.inbox = inbox
+        self.feed = feed
+        self.label = label
+        self.max_concurrent = max_concurrent
+        self.history = history or HistoryPolicy()
+        self.link: LinkPort | None = None
+        self.added = trio.lowlevel.ParkingLot()  # a transfer was added or unclaimed
+        self._clock = clock
+        self._runtime: dict[str, Runtime] = {}
+        self._queue_snapshot: tuple[str, ...] = ()
+
+    # -- lookups -------------------------------------------------------------------
+
+    def get(self, transfer_id: str) -> Transfer | None:
+        return self.table.get(transfer_id)
+
+    def runtime(self, t: Transfer) -> Runtime:
+        rt = self._runtime.get(t.id)
+        if rt is None:
+            rt = self._runtime[t.id] = Runtime()
+            if t.terminal:
+                rt.finished.set()
+        return rt
+
+    async def wait_finished(self, t: Transfer) -> None:
+        await self.runtime(t).finished.wait()
+
+    # -- outbound ---------------------------------------------------------------------
+
+    def submit(self, t: Transfer, pipe: OutboundPipe | None = None) -> None:
+        """Accept a new outbound transfer; it starts now or when the link is up."""
+        if t.kind == "file":
+            self.journal.record(id=t.id, direction="out", name=t.name, path=t.path,
+                                size=t.size or 0, priority=t.priority, attrs=t.attrs)
+        self.table.add(t)
+        self.runtime(t).out = pipe
+        self.added.unpark_all()
+        self.fill()
+        if t.state is State.PENDING:
+            self.publish("transfer.queued", t)
+
+    def fill(self) -> None:
+        """Start queued transfers while the link is up and ``max_concurrent`` allows."""
+        queue = self.table.queue()
+        if self.link is not None:
+            now = self._clock()
+            limit = self.max_concurrent
+            active = len(self.table.active_outbound())
+            waiting = []
+            for t in queue:
+                if limit and active >= limit:
+                    waiting.append(t)
+                elif t.not_before > now:
+                    waiting.append(t)  # refused as busy: retried after its delay
+                else:
+                    self._start(t)
+                    active += 1
+            queue = waiting
+        for position, t in enumerate(queue, 1):
+            t.queue_position = position
+        snapshot = tuple(t.id for t in queue)
+        if snapshot != self._queue_snapshot:
+            self._queue_snapshot = snapshot
+            self.events.publish("queue.status", {"pending": [
+                {"id": t.id, "name": t.name, "priority": t.priority,
+                 "position": t.queue_position} for t in queue[:100]],
+                "count": len(queue)})
+
+    def _start(self, t: Transfer) -> None:
+        assert self.link is not None
+        t.move_to(State.ACTIVE)
+        t.queue_position = None
+        rt = self.runtime(t)
+        if rt.feed_key is None:
+            rt.feed_key = self.feed.add(t.priority)
+        log.info("transfer %s started: %s %s %r, priority %d", t.id, t.kind, t.direction, t.name,
+                 t.priority)
+        self.publish("transfer.started", t)
+        self.link.transfer_started(t)
+
+    def requeue(self, t: Transfer, delay: float) -> None:
+        """The receiver refused ``t`` as busy (already moved back to pending): retry later."""
+        t.not_before = self._clock() + delay
+        rt = self.runtime(t)
+        if rt.feed_key is not None:
+            self.feed.remove(rt.feed_key)
+            rt.feed_key = None
+        log.info("transfer %s: the receiver is busy; retrying in %.0f s", t.id, delay)
+        self.publish("transfer.queued", t)
+        self.fill()
+
+    # -- incoming -------------------------------------------------------------------------
+
+    def add_incoming(self, t: Transfer) -> None:
+        """The peer opened ``t`` (the protocol already added the record)."""
+        if t.kind == "file":
+            assert t.size is not None
+            self.journal.record(id=t.id, direction="in", name=t.name, path=None, size=t.size,
+                                priority=t.priority, attrs=t.attrs, state="active")
+        else:
+            self.runtime(t).inp = InboundPipe()
+        self.added.unpark_all()
+        self.publish("transfer.incoming", t)
+
+    def unclaim(self, owner: object) -> None:
+        """A control connection that claimed incoming streams went away before attaching."""
+        for t in self.table.live("in"):
+            rt = self._runtime.get(t.id)
+            if rt is not None and rt.claim is owner and not t.attached:
+                rt.claim = None
+                t.claimed = False
+                self.added.unpark_all()
+
+    # -- endings ----------------------------------------------------------------------------
+
+    def completed(self, t: Transfer) -> None:
+        """``t`` moved to done: release, record, publish."""
+        self._release(t)
+        self._journal_end(t)
+        log.info("transfer %s done: %s, %d bytes, sha256 %s", t.id, t.name, t.delivered,
+                 t.sha256)
+        self.publish("transfer.done", t)
+        self.runtime(t).finished.set()
+        self.fill()
+
+    def ended(self, t: Transfer) -> None:
+        """``t`` moved to failed or canceled: release, record, publish."""
+        log.warning("transfer %s %s: %s: %s", t.id, t.state.value, t.error_code,
+                    t.error_message)
+        rt = self.runtime(t)
+        self._release(t)
+        self._journal_end(t)
+        if rt.inp is not None:
+            rt.inp.abort()
+        if t.direction == "in" and t.kind == "file" and t.error_code not in _KEEP_PARTIAL:
+            self.inbox.discard(self.inbox.partial_path(t.id))  # the bytes are garbage now
+        self.publish("transfer.canceled" if t.state is State.CANCELED else "transfer.failed", t)
+        rt.finished.set()
+        self.fill()
+
+    def fail(self, t: Transfer, code: Failure, message: str, *, tell_peer: bool = True) -> None:
+        """End ``t`` by a local decision; the peer hears it now or when the link returns."""
+        if not t.fail(code, message, canceled=code is Failure.CANCELED):
+            return
+        if tell_peer and t.peer_may_know:
+            t.peer_notice = PeerNotice(code, message)
+        self.ended(t)
+        if self.link is not None:
+            self.link.transfer_ended(t)
+
+    def cancel(self, t: Transfer, reason: str = "canceled by local client") -> None:
+        self.fail(t, Failure.CANCELED, reason)
+
+    def _release(self, t: Transfer) -> None:
+        """Give back what a finished transfer held: scheduler entry, spool memory."""
+        rt = self.runtime(t)
+        if rt.feed_key is not None:
+            self.feed.remove(rt.feed_key)
+            rt.feed_key = None
+        if rt.out is not None:
+            rt.out.abort()
+        rt.hasher = None
+
+    def _journal_end(self, t: Transfer) -> None:
+        if t.kind == "file":
+            self.journal.update(t.id, state=t.state.value, offset=t.delivered, sha256=t.sha256,
+                                path=t.path)
+
+    # -- stalls (incoming files) ----------------------------------------------------------
+
+    def stalled(self, t: Transfer) -> None:
+        self.publish("transfer.stalled", t)
+
+    # -- recovery and history -----------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Reload unfinished file transfers from the journal (after a restart or crash)."""
+        for row in self.journal.unfinished():
+            t = Transfer(row.id, row.direction, "file", row.name, row.size,  # type: ignore[arg-type]
+                         row.priority, row.attrs)
+            t.resumed_from = row.resumed_from
+            if row.direction == "out":
+                t.path, t.delivered, t.opened = row.path, row.offset, row.opened
+                t.sent = row.offset
+                # What the previous life sent is unknown: any ack up to the size is valid.
+                t.sent_high = row.size
+                t.source = source_stat(row.path)
+                if t.source is None:
+                    t.fail(Failure.IO_ERROR, f"source {row.path} is gone after a restart")
+                    self._journal_end(t)
+                    continue
+            else:
+                partial = self.inbox.partial_path(row.id)
+                have = partial.stat().st_size if partial.exists() else 0
+                t.delivered = min(have, row.offset)
+                with open(partial, "ab") as f:
+                    f.truncate(t.delivered)
+                t.move_to(State.ACTIVE)
+                hash_file(partial, self.runtime(t).hasher, t.delivered)
+            self.table.add(t)
+            log.info("%s: recovered %s file transfer %s (%s) at byte %d of %d", self.label,
+                     "outbound" if t.direction == "out" else "inbound", t.id, t.name,
+                     t.delivered, row.size)
+
+    def prune(self, now: float | None = None) -> int:
+        """Forget finished transfers beyond the history bound (count and age)."""
+        now = time.time() if now is None else now
+        finished = [t for t in self.table.newest_first() if t.terminal]
+        drop = [t for i, t in enumerate(finished)
+                if i >= self.history.max_count
+                or (t.finished_at or t.created) < now - self.history.max_age]
+        for t in drop:
+            rt = self._runtime.get(t.id)
+            if rt is not None and rt.finished.is_set():
+                del self._runtime[t.id]
+            self.table.remove(t.id)
+        if drop:
+            self.journal.delete([t.id for t in drop if t.kind == "file"])
+        return len(drop)
+
+    def publish(self, name: str, t: Transfer) -> None:
+        self.events.publish(name, t.info())
+
+
+def source_stat(path: str | None) -> tuple[int, int, int] | None:
+    """(size, mtime_ns, inode) of a regular file, or None if it is not one."""
+    if path is None:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+

@@ -1,0 +1,628 @@
+"""The Trio driver of one session: performs what the peer protocol decides.
+
+After TLS has proven both identities, the dialling agent opens the control
+stream (bidirectional) and both sides exchange ``Hello``. From then on every
+decision about transfers is made by the sans-IO
+:class:`~quelay.core.peer.PeerProtocol`; this module only moves bytes and
+performs its actions: frames onto the control stream, one pump task per
+outbound transfer (file or spool → QUIC), one sink task per incoming data
+stream (QUIC → fsynced partial file, or → the attached reader), journal
+writes and inbox renames. Anything malformed from the peer costs the
+transfer it names; only a control-stream violation naming no transfer ends
+the session — never the agent.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from ..core import messages as m
+from ..core import peer as pp
+from ..core.codes import Failure, StallReason
+from ..core.transfer import Transfer
+from ..errors import RemoteProtocolError
+from ..framing import FrameDecoder, encode_frame
+from ..transport.connection import ConnectionClosed, InboundStream, QuicConn, StreamReset
+from .book import Runtime, TransferBook, source_stat
+from .filehash import hash_file
+from .inbox import InboxError, UnsafeNameError
+from .pipes import PipeAborted
+
+log = logging.getLogger("quelay.session")
+
+CHUNK = 64 * 1024
+HELLO_TIMEOUT = 10.0
+OPEN_WAIT = 30.0
+FSYNC_EVERY = 4 * 1024 * 1024
+READER_GRACE = 30.0  # seconds a reader may take to finish a write once the session ended
+ACK_EVERY = 64 * 1024
+JOURNAL_SENT_EVERY = 8 * 1024 * 1024
+STALL_CHECK = 1.0  # how often a stalled incoming file looks for space again
+
+#: errno values that mean "the inbox's disk is full": back-pressure, not failure.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: errno values after which an incoming file waits for the operator instead of failing.
+_STALL_ERRNOS = _NO_SPACE | {errno.ENOENT, errno.EACCES, errno.EROFS, errno.EPERM, errno.EIO}
+
+
+class SessionEnded(Exception):
+    """The peer closed the control stream or reported a session-level error."""
+
+
+class AgentPort(Protocol):
+    """What a session needs from its agent (and nothing more)."""
+
+    @property
+    def label(self) -> str: ...
+
+    def hello(self) -> m.Hello: ...
+    def session_up(self, session: Session) -> None: ...
+    def peer_identified(self, session: Session) -> None: ...
+
+
+class FeedPort(Protocol):
+    async def acquire(self, key: int, want: int, backlog: int | None = None) -> int: ...
+    def idle(self, key: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class IncomingPolicy:
+    """How incoming files treat a full or missing inbox (see docs/operations.md)."""
+
+    min_free: int = 64 * 1024 * 1024  # bytes that must stay free under the inbox
+    stall_timeout: float = 3600.0  # a stall longer than this fails the transfer
+    max_incoming: int = 4096  # live incoming transfers; more are answered "busy"
+
+
+class Session:
+    def __init__(self, agent: AgentPort, book: TransferBook, feed: FeedPort, conn: QuicConn, *,
+                 dialer: bool, early: bool, policy: IncomingPolicy | None = None,
+                 free_bytes: Callable[[Path], int] | None = None) -> None:
+        self.agent = agent
+        self.book = book
+        self.feed = feed
+        self.conn = conn
+        self.dialer = dialer
+        self.early = early  # a reconnect: start before the peer's hello arrives
+        self.policy = policy or IncomingPolicy()
+        self.protocol = pp.PeerProtocol(book.table, max_incoming=self.policy.max_incoming)
+        self.peer_hello: m.Hello | None = None
+        self.control_sid: int | None = None
+        self._free_bytes = free_bytes or _free_bytes
+        self._nursery: trio.Nursery | None = None
+        self._shields: set[trio.CancelScope] = set()
+        self._pumps: dict[str, tuple[trio.CancelScope, int]] = {}  # id -> (scope, stream)
+
+    # -- sending -------------------------------------------------------------------
+
+    def send(self, msg: m.Message) -> None:
+        """Queue a control message; control frames never wait behind bulk data."""
+        assert self.control_sid is not None
+        try:
+            frame = encode_frame(m.encode_message(msg), m.MAX_WIRE_FRAME)
+            self.conn.send_nowait(self.control_sid, frame)
+        except ConnectionClosed:
+            log.debug("not sending %s: connection closed", type(msg).__name__)
+
+    def perform(self, actions: list[pp.Action]) -> None:
+        """Carry out the protocol's actions, in order."""
+        book = self.book
+        for action in actions:
+            if isinstance(action, pp.Send):
+                self.send(action.message)
+            elif isinstance(action, pp.StartSending):
+                self._start_pump(action.transfer, action.offset)
+            elif isinstance(action, pp.StopSending):
+                self._stop_pump(action.transfer)
+            elif isinstance(action, pp.Created):
+                book.add_incoming(action.transfer)
+            elif isinstance(action, pp.Persist):
+                if action.transfer.kind == "file":
+                    book.journal.update(action.transfer.id, **dict(action.fields))
+            elif isinstance(action, pp.Acked):
+                self._on_acked(action.transfer)
+            elif isinstance(action, pp.Finalize):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._finalize, action.transfer)
+            elif isinstance(action, pp.Completed):
+                book.completed(action.transfer)
+            elif isinstance(action, pp.Ended):
+                book.ended(action.transfer)
+            elif isinstance(action, pp.Requeue):
+                book.requeue(action.transfer, action.delay)
+
+    # -- LinkPort (called by the book) --------------------------------------------------
+
+    def transfer_started(self, t: Transfer) -> None:
+        self.perform(self.protocol.announce(t))
+
+    def transfer_ended(self, t: Transfer) -> None:
+        self._stop_pump(t)
+        self.perform(self.protocol.flush_notices())
+
+    # -- life ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Hello exchange, then serve until the connection or control stream ends."""
+        control = await self._open_control()
+        decoder = FrameDecoder(m.MAX_WIRE_FRAME)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                # On a reconnect the dialler starts at once: TLS has proven the listener,
+                # which accepted us before and checks us again before it reads a byte.
+                # Resuming a round trip before its hello can arrive is what makes
+                # recovery fast on a long link. First contact waits for the hello.
+                if self.early:
+                    self._go(nursery)
+                self.peer_hello = await self._read_hello(control, decoder)
+                self.agent.peer_identified(self)
+                if not self.early:
+                    self._go(nursery)
+                await self._control_loop(control, decoder)
+            finally:
+                for shield in self._shields:
+                    shield.deadline = trio.current_time() + READER_GRACE
+                nursery.cancel_scope.cancel()
+
+    def _go(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._accept_data_streams)
+        self.agent.session_up(self)  # the book's link is now this session
+        self.perform(self.protocol.start())
+        self.book.fill()
+
+    async def _read_hello(self, control: InboundStream, decoder: FrameDecoder) -> m.Hello:
+        with trio.fail_after(HELLO_TIMEOUT):
+            hello = await self._read_message(control, decoder)
+        if not isinstance(hello, m.Hello):
+            raise RemoteProtocolError(f"expected hello, got {type(hello).__name__}")
+        if hello.version != m.PROTOCOL_VERSION:
+            self.send(m.Error(None, Failure.VERSION.value,
+                              f"unsupported version {hello.version}"))
+            raise RemoteProtocolError(f"peer speaks protocol version {hello.version}")
+        if hello.agent != self.conn.peer_fingerprint:
+            raise RemoteProtocolError("hello names an identity other than the TLS certificate")
+        return hello
+
+    async def _open_control(self) -> InboundStream:
+        if self.dialer:
+            sid, control = self.conn.open_bidi()
+            self.control_sid = sid
+            self.send(self.agent.hello())
+            return control
+        with trio.fail_after(HELLO_TIMEOUT):
+            control = await self.conn.accept_stream()
+        if control.stream_id & 0x2:
+            raise RemoteProtocolError("the first stream must be the bidirectional control stream")
+        self.control_sid = control.stream_id
+        self.send(self.agent.hello())
+        return control
+
+    async def _read_message(self, stream: InboundStream, decoder: FrameDecoder) -> m.Message:
+        while True:
+            body = decoder.next_frame_untrusted()
+            if body is not None:
+                return m.decode_message_untrusted(body)
+            data = await stream.receive_some(CHUNK)
+            if not data:
+                raise SessionEnded("peer closed the control stream")
+            decoder.feed(data)
+
+    async def _control_loop(self, control: InboundStream, decoder: FrameDecoder) -> None:
+        while True:
+            try:
+                msg = await self._read_message(control, decoder)
+            except m.TransferProtocolError as exc:
+                log.warning("%s: invalid message for transfer %s: %s", self.agent.label,
+                            exc.transfer_id, exc)
+                self.perform(self.protocol.refused(exc.transfer_id, str(exc)))
+                continue
+            if isinstance(msg, (m.Hello, m.DataHeader)):
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the control stream")
+            self.perform(self.protocol.receive(msg))
+
+    # -- outbound --------------------------------------------------------------------
+
+    def _start_pump(self, t: Transfer, start: int) -> None:
+        assert self._nursery is not None
+        self._stop_pump(t)
+        self._nursery.start_soon(self._pump, t, start)
+
+    def _stop_pump(self, t: Transfer) -> None:
+        entry = self._pumps.pop(t.id, None)
+        if entry is not None:
+            scope, sid = entry
+            scope.cancel()
+            self.conn.reset_stream(sid)
+
+    def _on_acked(self, t: Transfer) -> None:
+        rt = self.book.runtime(t)
+        if rt.out is not None:
+            rt.out.acked(t.delivered)
+        elif t.kind == "file" and t.delivered - rt.journaled >= JOURNAL_SENT_EVERY:
+            # The sender's journal only saves replay after its own restart (the
+            # receiver's offset is the truth then): no need to write every ack.
+            rt.journaled = t.delivered
+            self.book.journal.update(t.id, offset=t.delivered)
+
+    async def _pump(self, t: Transfer, start: int) -> None:
+        rt = self.book.runtime(t)
+        async with rt.lock:  # a pump of an earlier session may still be unwinding
+            if t.terminal or rt.feed_key is None:
+                return
+            digest: bytes | None = None
+            with trio.CancelScope() as scope:  # cancelled by StopSending
+                sid = self.conn.open_stream()
+                self._pumps[t.id] = (scope, sid)
+                try:
+                    digest = await self._pump_bytes(t, rt, sid, start)
+                except (ConnectionClosed, trio.ClosedResourceError, PipeAborted):
+                    return  # the session ended or the transfer left the scheduler
+                except _SourceChanged as exc:
+                    self.book.fail(t, Failure.SOURCE_CHANGED, str(exc))
+                    return
+                except OSError as exc:
+                    self.book.fail(t, Failure.IO_ERROR, f"reading {t.path}: {exc}")
+                    return
+                except Exception as exc:  # a bug here costs this transfer, not the session
+                    log.exception("transfer %s: sending failed", t.id)
+                    self.book.fail(t, Failure.INTERNAL, f"internal error while sending: {exc!r}")
+                    return
+                finally:
+                    if self._pumps.get(t.id, (None, None))[0] is scope:
+                        del self._pumps[t.id]
+            if digest is not None and not t.terminal:
+                self.perform(self.protocol.sent_all(t, t.sent, digest))
+
+    async def _pump_bytes(self, t: Transfer, rt: Runtime, sid: int, start: int) -> bytes | None:
+        if start:
+            log.info("transfer %s resumes at byte %d", t.id, start)
+        self.conn.send_nowait(sid, encode_frame(m.encode_message(m.DataHeader(t.id, start))))
+        if t.kind == "file":
+            await self._pump_file(t, rt, sid)
+            _check_source(t)
+            assert t.path is not None
+            # The sender's digest is of the whole file, independent of resumes.
+            digest: bytes = (await trio.to_thread.run_sync(hash_file, t.path)).digest()
+            _check_source(t)
+            return digest
+        assert rt.out is not None
+        if start or t.resumes:
+            rt.out.rewind()
+        await self._pump_spool(t, rt, sid)
+        return rt.out.digest()
+
+    async def _pump_file(self, t: Transfer, rt: Runtime, sid: int) -> None:
+        assert t.path is not None and t.size is not None and rt.feed_key is not None
+        _check_source(t)
+        with open(t.path, "rb") as source:
+            source.seek(t.sent)
+            while t.sent < t.size:
+                remaining = t.size - t.sent
+                allowed = await self.feed.acquire(rt.feed_key, min(CHUNK, remaining), remaining)
+                chunk = source.read(allowed)
+                if not chunk:
+                    raise _SourceChanged(f"{t.path} shrank while sending "
+                                         f"({t.sent} of {t.size} bytes)")
+                await self.conn.send(sid, chunk)
+                t.sent += len(chunk)
+                t.sent_high = max(t.sent_high, t.sent)
+            if source.read(1):
+                raise _SourceChanged(f"{t.path} grew while sending (more than {t.size} bytes)")
+        await self.conn.send(sid, b"", end_stream=True)
+
+    async def _pump_spool(self, t: Transfer, rt: Runtime, sid: int) -> None:
+        assert rt.feed_key is not None and rt.out is not None
+        pipe = rt.out
+        while True:
+            if pipe.pending:
+                allowed = await self.feed.acquire(rt.feed_key, min(pipe.pending, CHUNK),
+                                                  pipe.pending)
+                chunk = pipe.read(allowed)
+                await self.conn.send(sid, chunk)
+                t.sent += len(chunk)
+                t.sent_high = max(t.sent_high, t.sent)
+            elif pipe.eof:
+                await self.conn.send(sid, b"", end_stream=True)
+                return
+            else:
+                self.feed.idle(rt.feed_key)
+                await pipe.wait_readable()
+
+    def data_stream_of(self, transfer_id: str) -> int | None:
+        """The QUIC stream carrying an outbound transfer's bytes this session, if any."""
+        entry = self._pumps.get(transfer_id)
+        return None if entry is None else entry[1]
+
+    def unsent_bulk(self) -> int:
+        """Bytes the pumps handed to QUIC that have not been put in a packet yet."""
+        quic = self.conn.quic
+        return sum(quic.stream_unsent(sid) for _, sid in self._pumps.values())
+
+    # -- inbound ---------------------------------------------------------------------
+
+    async def _accept_data_streams(self) -> None:
+        assert self._nursery is not None
+        while True:
+            stream = await self.conn.accept_stream()
+            if not stream.stream_id & 0x2:
+                raise RemoteProtocolError("peer opened an extra bidirectional stream")
+            self._nursery.start_soon(self._serve_data_stream, stream)
+
+    async def _serve_data_stream(self, stream: InboundStream) -> None:
+        decoder = FrameDecoder(m.MAX_WIRE_FRAME)
+        named: str | None = None  # the transfer this stream carries, once known
+        try:
+            try:
+                header = await self._read_message(stream, decoder)
+            except RemoteProtocolError as exc:
+                tid = getattr(exc, "transfer_id", None)
+                if tid is not None:
+                    self.perform(self.protocol.refused(tid, str(exc)))
+                log.warning("data stream %d: %s", stream.stream_id, exc)
+                return
+            if not isinstance(header, m.DataHeader):
+                log.warning("data stream %d does not start with a data header", stream.stream_id)
+                return
+            named = header.id
+            decision = await self._wait_for_open(header)
+            if isinstance(decision, pp.Refuse):
+                log.warning("data stream %d for %s refused: %s", stream.stream_id, header.id,
+                            decision.reason)
+                self.perform(decision.actions)
+                return
+            t = decision.transfer
+            rt = self.book.runtime(t)
+            async with rt.lock:  # the sink of an earlier session may still be unwinding
+                again = self.protocol.data_header(header)  # things may have moved meanwhile
+                if not isinstance(again, pp.Accept):
+                    return
+                decision = again
+                try:
+                    leftover = await _skip(stream, decoder.take_rest(), decision.skip)
+                except RemoteProtocolError as exc:
+                    self.perform(self.protocol.data_failed(t, str(exc)))
+                    return
+                if t.kind == "file":
+                    await self._sink_file(t, rt, stream, leftover)
+                else:
+                    await self._sink_stream(t, rt, stream, leftover)
+        except StreamReset:
+            return  # no verdict: a cancel or error, if any, comes on the control stream
+        except (ConnectionClosed, SessionEnded):
+            return
+        except Exception as exc:  # a bug here costs this transfer, not the session
+            log.exception("data stream %d failed", stream.stream_id)
+            t_bad = self.book.get(named) if named is not None else None
+            if t_bad is not None:
+                self.book.fail(t_bad, Failure.INTERNAL, f"internal error while receiving: {exc!r}")
+        finally:
+            self.conn.discard_stream(stream.stream_id)
+
+    async def _wait_for_open(self, header: m.DataHeader) -> pp.Accept | pp.Refuse:
+        """The data stream may overtake its ``open`` (another QUIC stream): wait for it."""
+        with trio.move_on_after(OPEN_WAIT):
+            while True:
+                decision = self.protocol.data_header(header)
+                if not isinstance(decision, pp.WaitForOpen):
+                    return decision
+                await self.book.added.park()
+        return pp.Refuse(f"no open for transfer {header.id} within {OPEN_WAIT:.0f} s", [])
+
+    async def _take(self, stream: InboundStream, leftover: list[bytes]) -> bytes:
+        if leftover:
+            return leftover.pop()
+        return await stream.receive_some(256 * 1024)
+
+    async def _sink_file(self, t: Transfer, rt: Runtime, stream: InboundStream,
+                         pending: list[bytes]) -> None:
+        if t.delivered == 0 and not await self._write_durably(t, rt, [], 0):
+            return  # (creates the partial file, so even an empty file has one)
+        batch: list[bytes] = []
+        size = 0
+        while not t.terminal:
+            chunk = await self._take(stream, pending)
+            if chunk:
+                refused = self.protocol.check_incoming(t, size + len(chunk))
+                if refused:
+                    self.perform(refused)
+                    return
+                batch.append(chunk)
+                size += len(chunk)
+            if size and (not chunk or size >= FSYNC_EVERY or stream.buffered == 0):
+                if not await self._write_durably(t, rt, batch, size):
+                    return
+                batch, size = [], 0
+            if not chunk:
+                self.perform(self.protocol.data_ended(t, rt.hasher.digest()))
+                return
+
+    async def _write_durably(self, t: Transfer, rt: Runtime, batch: list[bytes],
+                             size: int) -> bool:
+        """Write and fsync ``batch`` at the delivered offset, stalling while the disk can't.
+
+        The bytes stay in memory (and unconsumed bytes stay in QUIC, uncredited)
+        until they are on disk: a full disk holds the sender back, it never
+        loses data. ``False`` if the transfer ended meanwhile.
+        """
+        partial = self.book.inbox.partial_path(t.id)
+        while not t.terminal:
+            reason = self._stall_reason(size)
+            if reason is None:
+                try:
+                    await trio.to_thread.run_sync(_write_at, partial, t.delivered, batch)
+                except OSError as exc:
+                    log.warning("transfer %s: writing %s: %s", t.id, partial, exc)
+                    if exc.errno not in _STALL_ERRNOS:
+                        self.book.fail(t, Failure.IO_ERROR, f"writing the partial file: {exc}")
+                        return False
+                    reason = self._stall_reason_for(exc)
+                else:
+                    for chunk in batch:
+                        rt.hasher.update(chunk)
+                    if t.stall is not None:
+                        self._unstall(t)
+                    if size:
+                        self.perform(self.protocol.delivered(t, t.delivered + size))
+                    return True
+            if not await self._stall(t, reason):
+                return False
+        return False
+
+    def _stall_reason(self, size: int) -> StallReason | None:
+        inbox = self.book.inbox
+        try:
+            if not inbox.partial_dir.is_dir():
+                inbox.prepare()  # removed at run time: recreate it
+            free = self._free_bytes(inbox.directory)
+        except (OSError, InboxError) as exc:
+            log.warning("inbox %s unusable: %s", inbox.directory, exc)
+            return StallReason.INBOX_UNAVAILABLE
+        return StallReason.NO_SPACE if free - size < self.policy.min_free else None
+
+    def _stall_reason_for(self, exc: OSError) -> StallReason:
+        if exc.errno in _NO_SPACE:
+            return StallReason.NO_SPACE
+        if exc.errno == errno.ENOENT:
+            try:
+                self.book.inbox.prepare()  # the inbox was removed: recreate it
+            except (OSError, InboxError) as again:
+                log.warning("cannot recreate the inbox: %s", again)
+        return StallReason.INBOX_UNAVAILABLE
+
+    async def _stall(self, t: Transfer, reason: StallReason) -> bool:
+        """Hold ``t`` (no credit to the sender) until the disk recovers or time runs out."""
+        now = trio.current_time()
+        if t.stall is not reason:
+            t.stall = reason
+            if t.stalled_since is None:
+                t.stalled_since = now
+            log.warning("transfer %s stalled: %s", t.id, reason.value)
+            self.book.stalled(t)
+        assert t.stalled_since is not None
+        if now - t.stalled_since >= self.policy.stall_timeout:
+            code = Failure.NO_SPACE if reason is StallReason.NO_SPACE \
+                else Failure.INBOX_UNAVAILABLE
+            self.book.fail(t, code, f"the inbox stayed unusable ({reason.value}) for "
+                           f"{self.policy.stall_timeout:.0f} s; the partial file is kept")
+            return False
+        await trio.sleep(STALL_CHECK)
+        return not t.terminal
+
+    def _unstall(self, t: Transfer) -> None:
+        log.info("transfer %s continues: the inbox is usable again", t.id)
+        t.stall = None
+        t.stalled_since = None
+        self.book.publish("transfer.progress", t)
+
+    async def _finalize(self, t: Transfer) -> None:
+        """Give a verified file its final name (stalling like a write if the disk can't)."""
+        partial = self.book.inbox.partial_path(t.id)
+        while not t.terminal:
+            try:
+                final = await trio.to_thread.run_sync(self.book.inbox.finalize, partial, t.name)
+            except (OSError, InboxError, UnsafeNameError) as exc:
+                log.warning("transfer %s: publishing into the inbox: %s", t.id, exc)
+                cause = exc if isinstance(exc, OSError) else exc.__cause__
+                if not isinstance(cause, OSError) or cause.errno not in _STALL_ERRNOS:
+                    self.book.fail(t, Failure.IO_ERROR, f"cannot publish into the inbox: {exc}")
+                    return
+                if not await self._stall(t, self._stall_reason_for(cause)):
+                    return
+                continue
+            if t.stall is not None:
+                self._unstall(t)
+            self.perform(self.protocol.finalized(t, str(final)))
+            return
+
+    async def _sink_stream(self, t: Transfer, rt: Runtime, stream: InboundStream,
+                           pending: list[bytes]) -> None:
+        assert rt.inp is not None
+        try:
+            reader = await rt.inp.wait_reader()
+        except PipeAborted:
+            return
+        acked = t.delivered
+        try:
+            while not t.terminal:
+                chunk = await self._take(stream, pending)
+                if not chunk:
+                    break
+                # Shielded: a write cut in half by the session ending would leave us not
+                # knowing how much the reader got, and the resume would duplicate it.
+                # When the session ends, the shield gets a grace deadline (see run()).
+                with trio.CancelScope(shield=True) as shield:
+                    self._shields.add(shield)
+                    try:
+                        await reader.send_all(chunk)
+                    finally:
+                        self._shields.discard(shield)
+                if shield.cancelled_caught:
+                    self.book.fail(t, Failure.READER_STALLED, "the local reader stopped reading")
+                    return
+                rt.hasher.update(chunk)
+                offset = t.delivered + len(chunk)
+                if offset - acked >= ACK_EVERY or stream.buffered == 0:
+                    acked = offset
+                    self.perform(self.protocol.delivered(t, offset))
+                else:
+                    t.delivered = offset
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if not t.terminal:
+                self.book.fail(t, Failure.READER_GONE, "the local reader disconnected")
+            return
+        if t.terminal:
+            return
+        if acked != t.delivered:
+            self.perform(self.protocol.delivered(t, t.delivered))
+        self.perform(self.protocol.data_ended(t, rt.hasher.digest()))
+
+
+class _SourceChanged(Exception):
+    """The file being sent changed on disk: a local fault (``source_changed``)."""
+
+
+def _check_source(t: Transfer) -> None:
+    if t.source is not None and source_stat(t.path) != t.source:
+        raise _SourceChanged(f"{t.path} changed on disk while being sent")
+
+
+async def _skip(stream: InboundStream, first: bytes, overlap: int) -> list[bytes]:
+    """Discard replayed bytes the reader already has (a resume may overlap)."""
+    data = first
+    while overlap > 0:
+        if not data:
+            data = await stream.receive_some(min(overlap, 256 * 1024))
+            if not data:
+                raise RemoteProtocolError("data stream ended inside the replayed overlap")
+        cut = min(overlap, len(data))
+        data, overlap = data[cut:], overlap - cut
+    return [data] if data else []
+
+
+def _write_at(path: Path, offset: int, chunks: list[bytes]) -> None:
+    """Write ``chunks`` at ``offset`` (dropping anything after it) and fsync (a thread)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _free_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize

@@ -1,0 +1,207 @@
+"""Transfer records, their one transition table, and the table that holds them.
+
+A transfer is one file or one open-ended stream, in one direction. Its life is
+``pending → active → done``, or ``failed`` / ``canceled`` from any live state;
+an outbound transfer the receiver refused as ``busy`` goes back from
+``active`` to ``pending`` to be retried. Every state change goes through
+:meth:`Transfer.move_to`, which rejects transitions the table does not allow,
+so a late ack can't resurrect a failed transfer and a cancel can't undo a
+completion.
+
+A :class:`Transfer` is a plain record: no Trio objects, no files. What moves
+bytes (spools, hashers, sockets) lives in :mod:`quelay.agent.pipes`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from ..errors import LocalProtocolError
+from .codes import Failure, StallReason
+
+Direction = Literal["out", "in"]
+Kind = Literal["file", "stream"]
+_SEQ = itertools.count()
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+TERMINAL = frozenset({State.DONE, State.FAILED, State.CANCELED})
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.PENDING: frozenset({State.ACTIVE, State.FAILED, State.CANCELED}),
+    # back to PENDING only when the receiver answered ``busy`` (admission): retried later
+    State.ACTIVE: frozenset({State.PENDING, State.DONE, State.FAILED, State.CANCELED}),
+    State.DONE: frozenset(),
+    State.FAILED: frozenset(),
+    State.CANCELED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class PeerNotice:
+    """A verdict the peer must hear (sent now, or when the link returns)."""
+
+    code: Failure
+    message: str
+
+
+@dataclass
+class Transfer:
+    id: str
+    direction: Direction
+    kind: Kind
+    name: str
+    size: int | None
+    priority: int
+    attrs: dict[str, str] = field(default_factory=dict)
+    state: State = State.PENDING
+    #: Bytes safe at the receiving end, in order: handed to the local reader (a
+    #: socket write, or a file write + fsync). Outbound, what the peer acked.
+    delivered: int = 0
+    sent: int = 0  # out: bytes handed to QUIC in the current session
+    sent_high: int = 0  # out: the most bytes ever handed to QUIC: no valid ack exceeds it
+    error_code: str | None = None
+    error_message: str | None = None
+    sha256: str | None = None
+    path: str | None = None  # out: source file; in: final inbox path once done
+    created: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    claimed: bool = False  # in streams: a local reader has taken it
+    attached: bool = False  # a raw data connection is attached
+    opened: bool = False  # out: the peer may have heard of it (a later Open is a resume)
+    resumes: int = 0  # how many times this transfer continued after a reconnect
+    resumed_from: int | None = None  # the offset of the latest resume
+    queue_position: int | None = None  # out, pending: 1 = starts next
+    not_before: float = 0.0  # out, pending: refused as busy; retry after this (monotonic)
+    busy_refusals: int = 0
+    stall: StallReason | None = None  # in files: why bytes are not being written
+    stalled_since: float | None = None  # monotonic time the stall began
+    peer_notice: PeerNotice | None = None  # a verdict the peer has not heard yet
+    source: tuple[int, int, int] | None = None  # out files: (size, mtime_ns, inode) at submit
+    seq: int = field(default_factory=lambda: next(_SEQ))  # FIFO order within a priority
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def move_to(self, new: State) -> bool:
+        """Apply a transition; ``False`` if already terminal (late events are ignored)."""
+        if new is self.state:
+            return True
+        if self.state in TERMINAL:
+            return False
+        if new not in _ALLOWED[self.state]:
+            raise LocalProtocolError(f"transfer {self.id}: {self.state.value} -> {new.value}")
+        if new is State.PENDING and self.direction != "out":
+            raise LocalProtocolError(f"transfer {self.id}: only outbound transfers re-queue")
+        self.state = new
+        if new in TERMINAL:
+            self.finished_at = time.time()
+            self.stall = None
+        return True
+
+    def fail(self, code: str, message: str, *, canceled: bool = False) -> bool:
+        if self.terminal:
+            return False
+        self.error_code, self.error_message = str(code), message
+        return self.move_to(State.CANCELED if canceled else State.FAILED)
+
+    @property
+    def peer_may_know(self) -> bool:
+        """Whether the peer may hold a record of this transfer (so must hear its end)."""
+        return self.direction == "in" or self.opened
+
+    def info(self) -> dict[str, Any]:
+        """The public view, as documented in docs/control-protocol.md."""
+        state = self.state.value
+        if self.state is State.ACTIVE and self.stall is not None:
+            state = "stalled"
+        out: dict[str, Any] = {
+            "id": self.id,
+            "direction": self.direction,
+            "kind": self.kind,
+            "name": self.name,
+            "size": self.size,
+            "priority": self.priority,
+            "attrs": dict(self.attrs),
+            "state": state,
+            "bytes": self.delivered,
+            "sent": self.sent if self.direction == "out" else self.delivered,
+            "created": self.created,
+            "finished": self.finished_at,
+            "sha256": self.sha256,
+            "path": self.path,
+            "error": None,
+            "resumes": self.resumes,
+            "resumed_from": self.resumed_from,
+            "queue_position": self.queue_position,
+            "stall": None if self.stall is None else {"reason": self.stall.value},
+        }
+        if self.error_code is not None:
+            out["error"] = {"code": self.error_code, "message": self.error_message}
+        return out
+
+
+class TransferTable:
+    """Every transfer this agent knows, by id (no I/O: the book adds that)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Transfer] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[Transfer]:
+        return iter(list(self._by_id.values()))
+
+    def __contains__(self, transfer_id: object) -> bool:
+        return transfer_id in self._by_id
+
+    def get(self, transfer_id: str) -> Transfer | None:
+        return self._by_id.get(transfer_id)
+
+    def __getitem__(self, transfer_id: str) -> Transfer:
+        return self._by_id[transfer_id]
+
+    def values(self) -> list[Transfer]:
+        return list(self._by_id.values())
+
+    def add(self, t: Transfer) -> None:
+        if t.id in self._by_id:
+            raise LocalProtocolError(f"transfer {t.id} exists")
+        self._by_id[t.id] = t
+
+    def remove(self, transfer_id: str) -> None:
+        self._by_id.pop(transfer_id, None)
+
+    def live(self, direction: Direction | None = None) -> list[Transfer]:
+        return [t for t in self._by_id.values()
+                if not t.terminal and (direction is None or t.direction == direction)]
+
+    def live_incoming(self) -> int:
+        return sum(1 for t in self._by_id.values() if t.direction == "in" and not t.terminal)
+
+    def active_outbound(self) -> list[Transfer]:
+        return [t for t in self._by_id.values()
+                if t.direction == "out" and t.state is State.ACTIVE]
+
+    def queue(self) -> list[Transfer]:
+        """Outbound transfers waiting to start: priority order, FIFO within a priority."""
+        pending = [t for t in self._by_id.values()
+                   if t.direction == "out" and t.state is State.PENDING]
+        pending.sort(key=lambda t: (-t.priority, t.seq))
+        return pending
+
+    def newest_first(self) -> list[Transfer]:
+        return sorted(self._by_id.values(), key=lambda t: (-t.created, -t.seq))
