@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,20 +69,29 @@ class Journal:
         try:
             if not path.exists():
                 path.touch(mode=0o600)  # the journal names files and peers: owner only
-            self._db = sqlite3.connect(str(path), isolation_level=None)
+            # One connection shared by the Trio thread and the worker thread that makes
+            # a receiver's offsets durable; the lock serialises every statement.
+            self._db = sqlite3.connect(str(path), isolation_level=None,
+                                       check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"journal {path} is unusable: {exc}") from exc
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
+
+    def _execute(self, sql: str, args: Any = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
 
     def record(self, *, id: str, direction: str, name: str, path: str | None, size: int,
                priority: int, attrs: dict[str, str], offset: int = 0, state: str = "pending"
                ) -> None:
-        self._db.execute(
+        self._execute(
             "INSERT OR REPLACE INTO transfers (id, direction, name, path, size, priority, attrs,"
             " offset, opened, state, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
             (id, direction, name, path, size, priority, json.dumps(attrs), offset, state,
@@ -93,7 +103,7 @@ class Journal:
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"cannot update journal fields {sorted(set(fields) - allowed)}")
         names = ", ".join(f"{k} = ?" for k in fields)
-        self._db.execute(
+        self._execute(
             f"UPDATE transfers SET {names}, updated = ? WHERE id = ?",  # noqa: S608 - fixed names
             (*fields.values(), time.time(), transfer_id),
         )
@@ -103,7 +113,7 @@ class Journal:
         for start in range(0, len(transfer_ids), 500):
             chunk = transfer_ids[start:start + 500]
             marks = ", ".join("?" * len(chunk))
-            self._db.execute(f"DELETE FROM transfers WHERE id IN ({marks})", chunk)  # noqa: S608
+            self._execute(f"DELETE FROM transfers WHERE id IN ({marks})", chunk)  # noqa: S608
 
     def get(self, transfer_id: str) -> JournalRow | None:
         rows = self._select("WHERE id = ?", (transfer_id,))
@@ -113,11 +123,12 @@ class Journal:
         return self._select("WHERE state IN ('pending', 'active') ORDER BY updated", ())
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[JournalRow]:
-        cur = self._db.execute(
-            "SELECT id, direction, name, path, size, priority, attrs, offset, opened, state,"
-            f" sha256, resumed_from FROM transfers {where}", args)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, direction, name, path, size, priority, attrs, offset, opened, state,"
+                f" sha256, resumed_from FROM transfers {where}", args).fetchall()
         return [
             JournalRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], bool(r[8]),
                        r[9], r[10], r[11])
-            for r in cur.fetchall()
+            for r in rows
         ]

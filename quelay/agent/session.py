@@ -459,6 +459,11 @@ class Session:
             if reason is None:
                 try:
                     await trio.to_thread.run_sync(_write_at, partial, t.delivered, batch)
+                    if size:
+                        # Durable on disk; now durable in the journal (in the worker
+                        # thread: an fsync never stalls the event loop), then acked.
+                        actions = self.protocol.delivered(t, t.delivered + size)
+                        await trio.to_thread.run_sync(self._persist, actions)
                 except OSError as exc:
                     log.warning("transfer %s: writing %s: %s", t.id, partial, exc)
                     if exc.errno not in _STALL_ERRNOS:
@@ -471,11 +476,17 @@ class Session:
                     if t.stall is not None:
                         self._unstall(t)
                     if size:
-                        self.perform(self.protocol.delivered(t, t.delivered + size))
+                        self.perform([a for a in actions if not isinstance(a, pp.Persist)])
                     return True
             if not await self._stall(t, reason):
                 return False
         return False
+
+    def _persist(self, actions: list[pp.Action]) -> None:
+        """Perform the ``Persist`` actions among ``actions`` (runs in a worker thread)."""
+        for action in actions:
+            if isinstance(action, pp.Persist) and action.transfer.kind == "file":
+                self.book.journal.update(action.transfer.id, **dict(action.fields))
 
     def _stall_reason(self, size: int) -> StallReason | None:
         inbox = self.book.inbox
