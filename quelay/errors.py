@@ -1,4 +1,4 @@
-"""Error types shared across quelay.
+"""Error types shared across quelay: one root, :class:`QuelayError`.
 
 Errors are split by whose fault they are, so callers can decide what to tear
 down: a :class:`RemoteProtocolError` is the peer's (or a client's) fault and
@@ -33,12 +33,3 @@ class FrameTooLarge(RemoteProtocolError):
     """A length prefix announced a frame above the agreed limit."""
 
     code = "frame_too_large"
-
-
-class TransferFailed(QuelayError):
-    """A transfer ended without delivering every byte; ``code`` says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message

@@ -317,3 +317,20 @@ class Interleavings(RuleBasedStateMachine):
 TestInterleavings = Interleavings.TestCase
 TestInterleavings.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_lost_final_ack_is_repeated_when_the_sender_reopens() -> None:
+    lk = link()
+    t = lk.a.submit(DATA)
+    lk.a.start(t)
+    lk.deliver_all()
+    lk.pump(t.id)
+    lk.deliver_one(lk.a)  # the finish reaches the receiver ...
+    while lk.a.outbox:
+        lk.deliver_one(lk.a)
+    assert lk.b.table[t.id].state is State.DONE
+    lk.b.outbox.clear()  # ... but its acks, the final one included, die in an outage
+    assert t.state is State.ACTIVE
+    lk.start_sessions()
+    lk.deliver_all()
+    assert t.state is State.DONE, t.error_message

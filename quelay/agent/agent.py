@@ -122,8 +122,11 @@ def lock_state_dir(state_dir: Path) -> int:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *,
+                 socket_factory: Callable[..., Any] | None = None) -> None:
+        """``socket_factory`` replaces the UDP socket (tests: an in-memory network)."""
         self.config = config
+        self._socket_factory = socket_factory or UdpSocket
         self._lock_fd = lock_state_dir(config.state_dir)
         try:
             self._init(config)
@@ -184,8 +187,8 @@ class Agent:
         if cfg.peer is not None:
             family, peer = resolve(*cfg.peer)
             bind_host = "::" if family.name == "AF_INET6" else "0.0.0.0"
-        self.sock = UdpSocket((bind_host, bind_port), family=family,
-                              link_overhead=cfg.link_overhead)
+        self.sock = self._socket_factory((bind_host, bind_port), family=family,
+                                         link_overhead=cfg.link_overhead)
         self.gate = WireGate(cfg.rate, trio.current_time(), cfg.max_datagram_size,
                              header_bytes=header_bytes_for(family, peer[0] if cfg.peer else None),
                              link_overhead=cfg.link_overhead)

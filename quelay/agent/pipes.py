@@ -19,12 +19,13 @@ from typing import Any
 
 import trio
 
+from ..errors import QuelayError
 from ..native import Spool
 
 log = logging.getLogger("quelay.pipes")
 
 
-class PipeAborted(Exception):
+class PipeAborted(QuelayError):
     """The transfer ended while a side of its pipe was waiting."""
 
 

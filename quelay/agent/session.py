@@ -28,7 +28,7 @@ from ..core import messages as m
 from ..core import peer as pp
 from ..core.codes import Failure, StallReason
 from ..core.transfer import Transfer
-from ..errors import RemoteProtocolError
+from ..errors import QuelayError, RemoteProtocolError
 from ..framing import FrameDecoder, encode_frame
 from ..transport.connection import ConnectionClosed, InboundStream, QuicConn, StreamReset
 from .book import Runtime, TransferBook, source_stat
@@ -53,7 +53,7 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _STALL_ERRNOS = _NO_SPACE | {errno.ENOENT, errno.EACCES, errno.EROFS, errno.EPERM, errno.EIO}
 
 
-class SessionEnded(Exception):
+class SessionEnded(QuelayError):
     """The peer closed the control stream or reported a session-level error."""
 
 
@@ -471,12 +471,19 @@ class Session:
                         return False
                     reason = self._stall_reason_for(exc)
                 else:
-                    for chunk in batch:
-                        rt.hasher.update(chunk)
+                    # On disk. The digest, the offset and the journal move together:
+                    # a session ending here must not leave them disagreeing.
+                    with trio.CancelScope(shield=True):
+                        for chunk in batch:
+                            rt.hasher.update(chunk)
+                        if size:
+                            actions = self.protocol.delivered(t, t.delivered + size)
+                            # durable in the journal (in a worker thread: an fsync never
+                            # stalls the event loop), then acknowledged
+                            await trio.to_thread.run_sync(self._persist, actions)
+                            self.perform([a for a in actions if not isinstance(a, pp.Persist)])
                     if t.stall is not None:
                         self._unstall(t)
-                    if size:
-                        self.perform([a for a in actions if not isinstance(a, pp.Persist)])
                     return True
             if not await self._stall(t, reason):
                 return False
@@ -597,7 +604,7 @@ class Session:
         self.perform(self.protocol.data_ended(t, rt.hasher.digest()))
 
 
-class _SourceChanged(Exception):
+class _SourceChanged(QuelayError):
     """The file being sent changed on disk: a local fault (``source_changed``)."""
 
 

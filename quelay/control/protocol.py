@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import RemoteProtocolError
+
 MAX_CONTROL_FRAME = 64 * 1024
 
 # Stable error codes (documented; clients may switch on them).
@@ -23,7 +25,9 @@ IO_ERROR = "io_error"
 INTERNAL = "internal"
 
 
-class ControlError(Exception):
+class ControlError(RemoteProtocolError):
+    """A local client sent something we refuse: the client's fault, answered with ``code``."""
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code

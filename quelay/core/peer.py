@@ -313,6 +313,9 @@ class PeerProtocol:
         if t.state is State.FAILED:
             return [Send(m.Error(t.id, t.error_code or Failure.FINISHED.value,
                                  t.error_message or "failed"))]
+        if t.direction == "in":
+            # Done here, but our final ack was lost (an outage): say it again.
+            return [Send(m.Ack(t.id, t.delivered, True))]
         return [Send(m.Error(t.id, Failure.FINISHED.value, f"the transfer is {t.state.value}"))]
 
     def _on_resume(self, msg: m.Resume) -> list[Action]:
@@ -338,7 +341,11 @@ class PeerProtocol:
             t.delivered = msg.offset
             actions.append(Acked(t))
         if msg.final:
-            if t.size is not None and t.sha256 is not None and msg.offset == t.size:
+            # A stream is complete once we announced its end (finish); a file at its size
+            # (after our restart the digest we sent before is not in memory: the
+            # receiver checked it then).
+            ended = t.sha256 is not None or (t.kind == "file" and t.resumes > 0)
+            if t.size is not None and ended and msg.offset == t.size:
                 t.move_to(State.DONE)
                 actions.append(Completed(t))
             else:
