@@ -117,8 +117,8 @@ def test_time_threshold_widens_on_late_arrival_and_is_bounded() -> None:
     s.ack(1.15, (0, 3))
     assert s.rec.spurious_losses == 1
     assert s.rec.time_threshold >= 1.5
-    assert s.rec.time_threshold <= MAX_TIME_THRESHOLD
-    # A packet 3.6 RTTs late widens it only to the bound.
+    assert s.rec.time_threshold <= quic_ext.max_time_threshold(0.1)
+    # A packet 3.6 RTTs late widens it only to the bound (RTT + 100 ms here).
     s.send(2.0, 2)  # 3, 4
     s.ack(2.1, (0, 3), (4, 5))
     due = s.rec.get_loss_detection_time(amplification_limited=False)
@@ -127,7 +127,22 @@ def test_time_threshold_widens_on_late_arrival_and_is_bounded() -> None:
     assert s.rec.lost_packets == 2
     s.ack(2.36, (0, 5))
     assert s.rec.spurious_losses == 2
-    assert s.rec.time_threshold == MAX_TIME_THRESHOLD
+    assert s.rec.time_threshold == quic_ext.max_time_threshold(0.1) == 2.0
+
+
+def test_time_threshold_bound_on_a_short_path() -> None:
+    """3 ms RTT behind ±25 ms of jitter: the bound is RTT + 100 ms, not 2 RTTs."""
+    assert quic_ext.max_time_threshold(0.003) == pytest.approx(1 + 0.1 / 0.003)
+    assert quic_ext.max_time_threshold(0.75) == MAX_TIME_THRESHOLD
+    s = warmed("reno", rtt=0.003)
+    s.send(1.0, 2)
+    s.ack(1.003, (0, 1), (2, 3))
+    due = s.rec.get_loss_detection_time(amplification_limited=False)
+    assert due is not None
+    s.rec.on_loss_detection_timeout(now=due)
+    s.ack(1.03, (0, 3))  # 30 ms late: 10 RTTs
+    assert s.rec.spurious_losses == 1
+    assert s.rec.time_threshold >= 10
 
 
 def test_packet_threshold_is_bounded() -> None:

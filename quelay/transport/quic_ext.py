@@ -64,7 +64,8 @@ PACER_BURST_DATAGRAMS = 64
 
 # -- loss recovery knobs --------------------------------------------------------
 MAX_PACKET_THRESHOLD = 256  # reordering deeper than this many packets is still loss
-MAX_TIME_THRESHOLD = 2.0  # loss delay at most 2 RTTs (RACK: reordering window <= SRTT)
+MAX_TIME_THRESHOLD = 2.0  # loss delay at most 2 RTTs (RACK: reordering window <= SRTT)...
+MAX_REORDER_DELAY = 0.1  # ...or RTT + 100 ms on a short path with long jitter
 TIME_THRESHOLD_MARGIN = 1 / 8  # added to the delay a spurious loss showed
 PROBE_INTERVAL_FLOOR = 1.0  # probes during silence: every max(1 s, SRTT), no further backoff
 TAIL_SMALL_BYTES = 4096  # an open stream with this little unacknowledged is at a tail
@@ -72,6 +73,12 @@ TAIL_RECENT = 1 / 8  # at a tail, packets sent in the last RTT/8 are copied at o
 SILENT_PROBES = 2  # after this many unanswered probes the path is silent (an outage)
 DECLARED_MEMORY = 512  # packets declared lost that we remember, to spot spurious losses
 MAX_SEED_RTT = 5.0  # a remembered RTT beyond this is not believed
+
+
+def max_time_threshold(rtt: float) -> float:
+    """The widest time threshold (× RTT): 2 RTTs, or RTT + 100 ms if that is more (a
+    LAN-short path behind ±25 ms of jitter reorders by many RTTs)."""
+    return max(MAX_TIME_THRESHOLD, 1.0 + MAX_REORDER_DELAY / max(rtt, 1e-3))
 
 
 @dataclass(frozen=True)
@@ -537,7 +544,8 @@ class QuelayPacketRecovery(QuicPacketRecovery):
                 else self._rtt_initial
             assert packet.sent_time is not None
             wanted_t = (now - packet.sent_time) / max(rtt, 1e-3) + TIME_THRESHOLD_MARGIN
-            self.time_threshold = min(MAX_TIME_THRESHOLD, max(self.time_threshold, wanted_t))
+            self.time_threshold = min(max_time_threshold(rtt),
+                                      max(self.time_threshold, wanted_t))
         if not record.congestion:
             return
         cc = self._cc
