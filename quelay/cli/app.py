@@ -670,6 +670,86 @@ def events(
         raise
 
 
+# -- rendezvous relay -----------------------------------------------------------------
+
+
+@app.command("rendezvous")
+def rendezvous_command(
+    listen: Annotated[str, typer.Option("--listen", metavar="HOST:PORT",
+                                        help="UDP address the agents register with.")],
+    secret_file: Annotated[Path, typer.Option("--secret-file", metavar="FILE",
+                                              help="Shared secret (both agents hold it).")],
+    session_timeout: Annotated[float, typer.Option(
+        "--session-timeout", metavar="SECONDS", min=1.0,
+        help="An agent idle this long is dropped from its session.")] = 60.0,
+    max_sessions: Annotated[int, typer.Option("--max-sessions", metavar="N", min=1,
+                                              help="Sessions the table holds.")] = 1024,
+    stats_interval: Annotated[float, typer.Option(
+        "--stats-interval", metavar="SECONDS", min=0.0,
+        help="Seconds between counter lines on the log; 0 disables.")] = 10.0,
+    control: Annotated[Path | None, typer.Option(
+        "--control", metavar="PATH", help="Unix socket serving the counters "
+        "(quelay rendezvous-status).")] = None,
+    as_json: JsonOpt = False,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, "
+                                           "error.")] = "info",
+) -> None:
+    """Run the rendezvous relay: agents behind NAT meet here (see docs/rendezvous.md)."""
+    from ..rendezvous.protocol import RelayLimits
+    from ..rendezvous.server import RendezvousServer, read_secret
+
+    address = parse_hostport(listen)
+    try:
+        setup_logging(log_level, "json" if as_json else "human")
+        secret = read_secret(secret_file)
+    except (OSError, ValueError) as exc:
+        raise fail(f"cannot start: {exc}", 1) from exc
+    server = RendezvousServer(address, secret, control=control, stats_interval=stats_interval,
+                              limits=RelayLimits(max_sessions=max_sessions,
+                                                 session_timeout=session_timeout))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        return
+    except OSError as exc:
+        raise fail(f"rendezvous: {exc}", 1) from exc
+
+
+@app.command("rendezvous-status")
+def rendezvous_status(
+    control: Annotated[Path, typer.Option("--control", metavar="PATH",
+                                          help="The relay's --control socket.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a running rendezvous relay's sessions and counters."""
+    from ..rendezvous.server import read_status
+
+    try:
+        info = trio.run(read_status, control)
+    except (OSError, ValueError) as exc:
+        raise fail(f"no rendezvous relay answers on {control}: {exc}", 2) from exc
+    if as_json:
+        _json_out(info)
+        return
+    typer.echo(f"relay      udp {info['listen']}  up {info['uptime']:.0f} s  "
+               f"cpu {info['cpu_seconds']:.2f} s")
+    typer.echo(f"sessions   {info['sessions']} ({info['paired']} paired), "
+               f"{info['registrations']} registrations, {info['moves']} moves")
+    typer.echo(f"relayed    {info['relayed_datagrams']} datagrams, "
+               f"{format_size(info['relayed_bytes'])}; dropped {info['dropped_datagrams']}")
+    refusals = {k: v for k, v in info["refusals"].items() if v}
+    typer.echo("refusals   " + (", ".join(f"{k} {v}" for k, v in refusals.items()) or "none"))
+
+
 # -- link simulator -------------------------------------------------------------------
 
 
