@@ -36,6 +36,7 @@ from .book import HistoryPolicy, TransferBook
 from .events import EventHub
 from .inbox import Inbox
 from .journal import Journal
+from .metrics import serve_metrics
 from .session import IncomingPolicy, Session, SessionEnded
 
 log = logging.getLogger("quelay.agent")
@@ -76,6 +77,7 @@ class AgentConfig:
     max_incoming: int = 4096  # live incoming transfers from the peer; more are "busy"
     history_max: int = 1000  # finished transfers kept (memory and journal)
     history_age: float = 7 * 24 * 3600.0  # seconds a finished transfer is kept
+    metrics: Address | None = None  # HOST:PORT of the Prometheus endpoint; None = off
 
     def __post_init__(self) -> None:
         if (self.listen is None) == (self.peer is None):
@@ -167,6 +169,7 @@ class Agent:
         self.stopping = False
         self.gate: WireGate | None = None
         self.rate = config.rate
+        self.metrics_address: Address | None = None  # bound once serving (--metrics)
 
     @property
     def transfers(self) -> TransferTable:
@@ -217,6 +220,9 @@ class Agent:
                 nursery.start_soon(self.endpoint.run, nursery)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self.feed.run, self._unsent)
+                self.book.stats.link_changed(self.link_state.value, trio.current_time())
+                if cfg.metrics is not None:
+                    await nursery.start(serve_metrics, self, *cfg.metrics)
                 if cfg.peer is not None:
                     nursery.start_soon(self._dial_loop, peer)
                 else:
@@ -303,6 +309,7 @@ class Agent:
         if der is None:
             return "untrusted peer: it presented no certificate"
         if not self.trust.is_trusted_der(der):
+            self.book.stats.peer_refused("untrusted_identity")
             return f"untrusted peer: identity {fingerprint_of_der(der)} is not in the trust list"
         return None
 
@@ -312,6 +319,7 @@ class Agent:
         if state == self.link_state and reason == self.link_reason:
             return
         self.link_state, self.link_reason = state, reason
+        self.book.stats.link_changed(state.value, trio.current_time())
         log.info("%s: link %s%s", self.label, state.value, f": {reason}" if reason else "")
         self.events.publish("link.state", {"state": state.value, "reason": reason,
                                            "peer": self.peer_fingerprint})
@@ -345,6 +353,7 @@ class Agent:
         """Drive one connection: authenticate, run a session, report why it ended."""
         reason = "connection closed"
         self._last_attempt_heard = True
+        started = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.run)
             if dialer:
@@ -363,6 +372,7 @@ class Agent:
                     await _first(conn.authenticated.wait, conn.terminated.wait)
                 if conn.closed is not None:
                     return
+                self.book.stats.handshake.observe(trio.current_time() - started)
                 session = Session(self, self.book, self.feed, conn, dialer=dialer,
                                   early=dialer and self.peer_epoch is not None,
                                   policy=self.incoming_policy)
@@ -438,6 +448,7 @@ class Agent:
     def _session_ended(self, conn: QuicConn, reason: str) -> None:
         if self.session is None or self.session.conn is not conn:
             return
+        self.book.stats.connection_ended(conn.path_stats())
         rtt = conn.path_stats().rtt
         if rtt is not None:
             self._last_rtt = rtt

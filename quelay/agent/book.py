@@ -29,6 +29,7 @@ from .events import EventHub
 from .filehash import hash_file
 from .inbox import Inbox
 from .journal import Journal
+from .metrics import Stats
 from .pipes import InboundPipe, OutboundPipe
 
 log = logging.getLogger("quelay.book")
@@ -91,6 +92,7 @@ class TransferBook:
         self._clock = clock
         self._runtime: dict[str, Runtime] = {}
         self._queue_snapshot: tuple[str, ...] = ()
+        self.stats = Stats()  # event counters for the metrics endpoint
 
     # -- lookups -------------------------------------------------------------------
 
@@ -200,6 +202,7 @@ class TransferBook:
         """``t`` moved to done: release, record, publish."""
         self._release(t)
         self._journal_end(t)
+        self.stats.transfer_ended(t.direction, t.state.value, None)
         log.info("transfer %s done: %s, %d bytes, sha256 %s", t.id, t.name, t.delivered,
                  t.sha256)
         self.publish("transfer.done", t)
@@ -213,6 +216,7 @@ class TransferBook:
         rt = self.runtime(t)
         self._release(t)
         self._journal_end(t)
+        self.stats.transfer_ended(t.direction, t.state.value, t.error_code)
         if rt.inp is not None:
             rt.inp.abort()
         if t.direction == "in" and t.kind == "file" and t.error_code not in _KEEP_PARTIAL:

@@ -221,6 +221,7 @@ class Session:
             try:
                 msg = await self._read_message(control, decoder)
             except m.TransferProtocolError as exc:
+                self.book.stats.peer_refused("invalid_message")
                 log.warning("%s: invalid message for transfer %s: %s", self.agent.label,
                             exc.transfer_id, exc)
                 self.perform(self.protocol.refused(exc.transfer_id, str(exc)))
@@ -367,14 +368,17 @@ class Session:
                 tid = getattr(exc, "transfer_id", None)
                 if tid is not None:
                     self.perform(self.protocol.refused(tid, str(exc)))
+                self.book.stats.peer_refused("bad_data_stream")
                 log.warning("data stream %d: %s", stream.stream_id, exc)
                 return
             if not isinstance(header, m.DataHeader):
+                self.book.stats.peer_refused("bad_data_stream")
                 log.warning("data stream %d does not start with a data header", stream.stream_id)
                 return
             named = header.id
             decision = await self._wait_for_open(header)
             if isinstance(decision, pp.Refuse):
+                self.book.stats.peer_refused("refused_data_stream")
                 log.warning("data stream %d for %s refused: %s", stream.stream_id, header.id,
                             decision.reason)
                 self.perform(decision.actions)

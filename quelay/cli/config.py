@@ -57,6 +57,7 @@ HELP: dict[str, str] = {
     "control": "Control socket path (default STATE_DIR/control.sock).",
     "listen": "Accept the peer on HOST:PORT (UDP).",
     "peer": "Dial the peer at HOST:PORT (UDP).",
+    "metrics": "Serve Prometheus metrics on HOST:PORT (TCP, GET /metrics); off by default.",
     "trust": "Pinned peer: sha256:<hex> or a certificate file (repeatable).",
     "name": "A label for this agent (logs, status).",
     "stream_window": "Per-stream receive window, e.g. 2MiB.",

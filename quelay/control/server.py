@@ -85,6 +85,8 @@ class ClientConnection:
 
     async def send(self, value: dict[str, Any]) -> None:
         """Queue one frame for the client (never blocks the agent on a slow client)."""
+        if value.get("ok") is False:  # an error reply: counted by code for the metrics
+            self.book.stats.control_rejected[value["error"]["code"]] += 1
         self.post(value)
 
     def post(self, value: dict[str, Any]) -> None:
@@ -122,6 +124,7 @@ class ClientConnection:
             await self._outbox_changed.wait()
 
     async def serve(self) -> None:
+        self.book.stats.control_clients += 1
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
@@ -129,6 +132,7 @@ class ClientConnection:
         except Exception:  # one client's trouble must never take the agent down
             log.exception("control connection failed")
         finally:
+            self.book.stats.control_clients -= 1
             self.book.unclaim(self)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.stream.aclose()
