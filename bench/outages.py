@@ -334,8 +334,9 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
                         t = b.transfers[tid]
                         marks["resumes_before"][kind] = t.resumes
                         start = t.resumed_from if t.resumes and t.resumed_from else 0
-                        stream = conn.quic._streams.get(t.data_stream) \
-                            if t.data_stream is not None else None
+                        pump = getattr(session, "_pumps", {}).get(tid)
+                        sid = pump[1] if pump else getattr(t, "data_stream", None)
+                        stream = conn.quic._streams.get(sid) if sid is not None else None
                         if stream is not None:
                             rtx[kind] = Retransmits(stream.sender, start,
                                                     _header_len(tid, start))
