@@ -26,6 +26,7 @@ from ..core.codes import Failure, LinkState
 from ..core.transfer import State, Transfer, TransferTable
 from ..errors import ProtocolError, QuelayError
 from ..identity import Identity, TrustStore, fingerprint_of_der, load_or_create_identity
+from ..rendezvous.link import run_rendezvous
 from ..scheduler import FeedScheduler
 from ..transport.connection import ConnectionClosed, QuicConn
 from ..transport.endpoint import QuicEndpoint
@@ -53,6 +54,10 @@ class AgentConfig:
     control: Path
     listen: Address | None = None
     peer: Address | None = None
+    rendezvous: Address | None = None  # HOST:PORT of a rendezvous relay (replaces listen/peer)
+    session: str = ""  # rendezvous session name (the same on both agents)
+    rendezvous_secret_file: str = ""  # file with the rendezvous shared secret
+    rendezvous_direct: bool = True  # try a direct path (hole punching); False: always relayed
     trust: list[str] = field(default_factory=list)
     name: str = ""
     stream_window: int = 2 * MiB
@@ -80,7 +85,13 @@ class AgentConfig:
     metrics: Address | None = None  # HOST:PORT of the Prometheus endpoint; None = off
 
     def __post_init__(self) -> None:
-        if (self.listen is None) == (self.peer is None):
+        if self.rendezvous is not None:
+            if self.listen is not None or self.peer is not None:
+                raise ValueError("--rendezvous replaces --listen and --peer: give only one")
+            if not self.session or not self.rendezvous_secret_file:
+                raise ValueError("--rendezvous needs --session NAME and "
+                                 "--rendezvous-secret-file FILE")
+        elif (self.listen is None) == (self.peer is None):
             raise ValueError("an agent needs exactly one of --listen HOST:PORT or --peer HOST:PORT")
         from ..transport.allotted import CONGESTION_CONTROLS
 
@@ -169,6 +180,7 @@ class Agent:
         self.stopping = False
         self.gate: WireGate | None = None
         self.rate = config.rate
+        self.rendezvous: Any = None  # the RendezvousLink of an agent run with --rendezvous
         self.metrics_address: Address | None = None  # bound once serving (--metrics)
 
     @property
@@ -189,6 +201,9 @@ class Agent:
         family, _ = resolve(bind_host, bind_port)
         if cfg.peer is not None:
             family, peer = resolve(*cfg.peer)
+            bind_host = "::" if family.name == "AF_INET6" else "0.0.0.0"
+        if cfg.rendezvous is not None:  # both agents dial out to the relay
+            family, _ = resolve(*cfg.rendezvous)
             bind_host = "::" if family.name == "AF_INET6" else "0.0.0.0"
         self.sock = self._socket_factory((bind_host, bind_port), family=family,
                                          link_overhead=cfg.link_overhead)
@@ -223,7 +238,9 @@ class Agent:
                 self.book.stats.link_changed(self.link_state.value, trio.current_time())
                 if cfg.metrics is not None:
                     await nursery.start(serve_metrics, self, *cfg.metrics)
-                if cfg.peer is not None:
+                if cfg.rendezvous is not None:
+                    nursery.start_soon(run_rendezvous, self, nursery)
+                elif cfg.peer is not None:
                     nursery.start_soon(self._dial_loop, peer)
                 else:
                     nursery.start_soon(self._accept_loop, nursery)
@@ -514,6 +531,8 @@ class Agent:
             "wire": None,
         }
         out["rate"] = self.rate
+        if self.rendezvous is not None:
+            out.update(self.rendezvous.status(self.session.conn.peer if self.session else None))
         if counters is not None:
             now = trio.current_time()
             out["wire"] = {

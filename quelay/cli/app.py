@@ -465,6 +465,11 @@ def status(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> N
     typer.echo(f"agent   {info['agent']} ({info['role']}, udp {info['udp']})")
     typer.echo(f"link    {link['state']} {link.get('reason') or ''}".rstrip())
     typer.echo(f"peer    {link.get('peer')}")
+    if info.get("rendezvous"):
+        rv = info["rendezvous"]
+        refused = f", refused: {rv['refusal']}" if rv["refusal"] else ""
+        typer.echo(f"path    {info.get('path') or '-'} (rendezvous {rv['relay']}, "
+                   f"session {rv['session']}{refused})")
     if link.get("rtt") is not None:
         typer.echo(f"rtt     {link['rtt'] * 1000:.1f} ms  cwnd {format_size(link['cwnd'])}")
     wire_ = info.get("wire") or {}

@@ -53,6 +53,13 @@ class QuicEndpoint:
         self._client: QuicConn | None = None
         self._accepted: trio.MemorySendChannel[QuicConn]
         self._accepted, self.accepted = trio.open_memory_channel[QuicConn](16)
+        # Datagrams that are not QUIC (first byte without the fixed bit 0x40, e.g. the
+        # rendezvous protocol sharing this socket) go here instead of being ignored.
+        self.foreign: Callable[[bytes, Address], None] | None = None
+
+    def reconfigure(self, configuration: QuicConfiguration) -> None:
+        """Use ``configuration`` (e.g. another role) for connections made from now on."""
+        self._configuration = configuration
 
     @staticmethod
     def path_key(addr: Address) -> str:
@@ -108,6 +115,9 @@ class QuicEndpoint:
             touched: dict[int, QuicConn] = {}
             now = trio.current_time()
             for data, addr in self.sock.recv_batch():
+                if self.foreign is not None and data and not data[0] & 0x40:
+                    self.foreign(data, addr)
+                    continue
                 conn = self._route(data, addr, nursery)
                 if conn is not None:
                     conn.datagram_received(data, addr, now)

@@ -1,0 +1,163 @@
+"""Two agents meeting through the rendezvous relay on loopback: relayed and direct paths.
+
+Relayed: each agent reaches the relay through the project's link simulator
+(its upstream socket is connected to the relay, so punches cannot get through:
+the agents try, fail and stay relayed). Direct: on bare loopback, punches work
+and the client moves its connection to the peer's address.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from quelay.agent import Agent
+from quelay.client import open_client
+from quelay.identity import load_or_create_identity
+from quelay.linksim.proxy import open_linksim
+from quelay.rendezvous.protocol import AgentTokens, Refusal, Refused
+from quelay.rendezvous.server import RendezvousServer
+
+from .conftest import make_file, sha256_file, site_config, wait_for
+from .test_transfers_e2e import send_and_wait, stream_across
+
+SECRET = b"rendezvous-test-secret-0123456789"
+
+
+@dataclass
+class Meeting:
+    a: Agent
+    b: Agent
+    relay: RendezvousServer
+
+    @property
+    def client(self) -> Agent:
+        return self.a if self.a.rendezvous.client else self.b
+
+
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rendezvous.secret"
+    path.write_bytes(SECRET + b"\n")
+    path.chmod(0o600)
+    return path
+
+
+async def start_agents(nursery: trio.Nursery, tmp_path: Path, relay_for: dict[str, Any],
+                       **overrides: Any) -> tuple[Agent, Agent]:
+    secret = secret_file(tmp_path)
+    roots = {n: tmp_path / n for n in ("a", "b")}
+    fps = {n: load_or_create_identity(r / "state").fingerprint for n, r in roots.items()}
+    agents = []
+    for n, other in (("a", "b"), ("b", "a")):
+        agent = Agent(site_config(roots[n], rendezvous=relay_for[n], session="site-pair",
+                                  rendezvous_secret_file=str(secret), trust=[fps[other]],
+                                  **overrides))
+        await nursery.start(agent.run)
+        agents.append(agent)
+    return agents[0], agents[1]
+
+
+def both_up(a: Agent, b: Agent) -> bool:
+    return a.link_state == "up" and b.link_state == "up"
+
+
+@asynccontextmanager
+async def relayed_meeting(nursery: trio.Nursery, tmp_path: Path,
+                          **overrides: Any) -> AsyncIterator[Meeting]:
+    relay = RendezvousServer(("127.0.0.1", 0), SECRET)
+    await nursery.start(relay.run)
+    async with open_linksim(upstream=relay.address, seed=1) as sim_a, \
+            open_linksim(upstream=relay.address, seed=2) as sim_b:
+        a, b = await start_agents(nursery, tmp_path, {"a": sim_a.address, "b": sim_b.address},
+                                  **overrides)
+        yield Meeting(a, b, relay)
+
+
+async def test_files_and_streams_byte_exact_through_the_relay(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    async with relayed_meeting(nursery, tmp_path) as m:
+        await wait_for(lambda: both_up(m.a, m.b))
+        # Punching cannot pass the simulators: both agents tried, and stay relayed.
+        await wait_for(lambda: m.a.rendezvous.punch_failures >= 1
+                       and m.b.rendezvous.punch_failures >= 1)
+        assert m.a.status()["path"] == "relayed" and m.b.status()["path"] == "relayed"
+        assert m.a.rendezvous.client != m.b.rendezvous.client
+        assert m.client.fingerprint < (m.b if m.client is m.a else m.a).fingerprint
+
+        relayed_before = m.relay.table.counters.relayed_bytes
+        src = make_file(tmp_path / "through-relay.bin", 6 * 1024 * 1024 + 17, seed=3)
+        final = await send_and_wait(m.a.config.control, src)
+        assert final["state"] == "done"
+        assert sha256_file(m.b.config.inbox / src.name) == sha256_file(src)
+        sent, got, _ = await stream_across(m.b.config.control, m.a.config.control,
+                                           3 * 1024 * 1024 + 5, 11, "relayed-stream")
+        assert sent == got
+        # Every byte went through the relay, as QUIC ciphertext (no plaintext there).
+        assert m.relay.table.counters.relayed_bytes - relayed_before > 9 * 1024 * 1024
+        assert m.a.status()["path"] == "relayed" and m.b.status()["path"] == "relayed"
+        ups = (m.a.link_ups, m.b.link_ups)
+        await refuse_intruders(m)
+        assert (m.a.link_ups, m.b.link_ups) == ups  # the session in progress is untouched
+        src2 = make_file(tmp_path / "after-intruders.bin", 300_000, seed=4)
+        final = await send_and_wait(m.b.config.control, src2)
+        assert final["state"] == "done"
+        assert sha256_file(m.a.config.inbox / src2.name) == sha256_file(src2)
+
+
+async def refuse_intruders(m: Meeting) -> None:
+    """A third agent and a forger ask the live relay to join: both refused, counted."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    with sock:
+        third = AgentTokens(SECRET, "site-pair", "sha256:" + "0" * 64)
+        forger = AgentTokens(b"not the secret at all", "site-pair", m.a.fingerprint)
+        for tokens, code in ((third, Refusal.SESSION_FULL), (forger, Refusal.BAD_TOKEN)):
+            await sock.sendto(tokens.register(time.time()), m.relay.address)
+            with trio.fail_after(5):
+                data, _ = await sock.recvfrom(4096)
+            ev = tokens.receive_untrusted(data, m.relay.address, time.time())
+            assert isinstance(ev, Refused) and ev.code is code
+        # QUIC-looking bytes from the intruder's address are not relayed to anyone.
+        before = m.relay.table.counters.dropped_datagrams
+        await sock.sendto(b"\xc0" + bytes(1199), m.relay.address)
+        await wait_for(lambda: m.relay.table.counters.dropped_datagrams > before)
+    refusals = m.relay.table.counters.refusals
+    assert refusals["session_full"] >= 1 and refusals["bad_token"] >= 1
+
+
+async def test_direct_path_on_loopback(nursery: trio.Nursery, tmp_path: Path) -> None:
+    relay = RendezvousServer(("127.0.0.1", 0), SECRET)
+    await nursery.start(relay.run)
+    a, b = await start_agents(nursery, tmp_path, {"a": relay.address, "b": relay.address})
+    await wait_for(lambda: both_up(a, b) and a.status()["path"] == "direct"
+                   and b.status()["path"] == "direct")
+    client = a if a.rendezvous.client else b
+    assert client.rendezvous.direct is not None and client.rendezvous.punch_successes >= 1
+    relayed = relay.table.counters.relayed_bytes
+    src = make_file(tmp_path / "direct.bin", 4 * 1024 * 1024, seed=5)
+    final = await send_and_wait(b.config.control, src)
+    assert final["state"] == "done"
+    assert sha256_file(a.config.inbox / src.name) == sha256_file(src)
+    assert relay.table.counters.relayed_bytes - relayed < 64 * 1024  # not through the relay
+    assert a.status()["rendezvous"]["relay"] == f"127.0.0.1:{relay.address[1]}"
+
+
+async def test_status_names_the_path_and_the_rendezvous(nursery: trio.Nursery,
+                                                        tmp_path: Path) -> None:
+    relay = RendezvousServer(("127.0.0.1", 0), SECRET)
+    await nursery.start(relay.run)
+    a, b = await start_agents(nursery, tmp_path, {"a": relay.address, "b": relay.address},
+                              rendezvous_direct=False)
+    await wait_for(lambda: both_up(a, b))
+    async with open_client(a.config.control) as client:
+        status = await client.status()
+    assert status["path"] == "relayed"
+    assert status["rendezvous"]["session"] == "site-pair"
+    assert status["rendezvous"]["relay"] == f"127.0.0.1:{relay.address[1]}"
+    assert a.rendezvous.punch_attempts == 0 and b.rendezvous.punch_attempts == 0
