@@ -665,6 +665,10 @@ class BlockingClient:
     def ls(self, limit: int | None = None) -> list[dict[str, Any]]:
         return self._call(lambda c: c.ls(limit))
 
+    def request(self, op: str, **args: Any) -> Any:
+        """Any control operation by name (see docs/control-protocol.md)."""
+        return self._call(lambda c: c.request(op, **args))
+
     def get(self, transfer_id: str) -> dict[str, Any]:
         return self._call(lambda c: c.get(transfer_id))
 

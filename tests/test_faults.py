@@ -315,8 +315,8 @@ async def test_second_agent_on_a_state_dir_is_refused(pair: Any) -> None:
 
 async def test_source_changed_while_sending_is_a_local_failure(nursery: trio.Nursery,
                                                                tmp_path: Path) -> None:
-    pair = await start_pair(nursery, tmp_path, rate=200_000)
-    src = make_file(tmp_path / "moving.bin", 400_000, seed=8)
+    pair = await start_pair(nursery, tmp_path, rate=1_000_000)
+    src = make_file(tmp_path / "moving.bin", 300_000, seed=8)
     async with open_client(pair.b.control) as client:
         info = await client.send_file(src)
         await wait_for(lambda: pair.b.agent.transfers[info["id"]].sent > 0)

@@ -48,6 +48,12 @@ class LinkPort(Protocol):
     def transfer_ended(self, t: Transfer) -> None:
         """Stop sending ``t`` and tell the peer what it must hear."""
 
+    def fetch_requested(self, t: Transfer) -> None:
+        """Ask the peer to send ``t`` (a pull)."""
+
+    async def list_remote(self) -> list[dict[str, object]]:
+        """Every file the peer exports."""
+
 
 class FeedPort(Protocol):
     def add(self, priority: int) -> int: ...
@@ -187,6 +193,17 @@ class TransferBook:
         self.added.unpark_all()
         self.publish("transfer.incoming", t)
 
+    def request_fetch(self, t: Transfer) -> None:
+        """A pull: ``t`` (incoming, pending, ``fetch`` set) is asked for now or at link-up."""
+        self.journal.record(id=t.id, direction="in", name=t.name, path=None, size=0,
+                            priority=t.priority, attrs=t.attrs, state="pending", fetch=t.fetch)
+        self.table.add(t)
+        self.runtime(t)
+        self.added.unpark_all()
+        self.publish("transfer.queued", t)
+        if self.link is not None:
+            self.link.fetch_requested(t)
+
     def unclaim(self, owner: object) -> None:
         """A control connection that claimed incoming streams went away before attaching."""
         for t in self.table.live("in"):
@@ -266,6 +283,11 @@ class TransferBook:
             t = Transfer(row.id, row.direction, "file", row.name, row.size,  # type: ignore[arg-type]
                          row.priority, row.attrs)
             t.resumed_from = row.resumed_from
+            if row.direction == "in" and row.state == "pending" and row.fetch is not None:
+                t.fetch = row.fetch  # a pull the peer never answered: ask again at link-up
+                t.size = None
+                self.table.add(t)
+                continue
             if row.direction == "out":
                 t.path, t.delivered, t.opened = row.path, row.offset, row.opened
                 t.sent = row.offset

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS transfers (
     state TEXT NOT NULL,
     sha256 TEXT,
     resumed_from INTEGER,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    fetch TEXT
 )
 """
 
@@ -61,6 +62,7 @@ class JournalRow:
     state: str
     sha256: str | None
     resumed_from: int | None
+    fetch: tuple[str, str] | None = None  # in: a pull we asked for (export, name)
 
 
 class Journal:
@@ -76,6 +78,9 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(transfers)")}
+            if "fetch" not in columns:  # a journal written before pulls existed
+                self._db.execute("ALTER TABLE transfers ADD COLUMN fetch TEXT")
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"journal {path} is unusable: {exc}") from exc
         self._lock = threading.Lock()
@@ -89,13 +94,13 @@ class Journal:
             return self._db.execute(sql, args)
 
     def record(self, *, id: str, direction: str, name: str, path: str | None, size: int,
-               priority: int, attrs: dict[str, str], offset: int = 0, state: str = "pending"
-               ) -> None:
+               priority: int, attrs: dict[str, str], offset: int = 0, state: str = "pending",
+               fetch: tuple[str, str] | None = None) -> None:
         self._execute(
             "INSERT OR REPLACE INTO transfers (id, direction, name, path, size, priority, attrs,"
-            " offset, opened, state, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+            " offset, opened, state, updated, fetch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
             (id, direction, name, path, size, priority, json.dumps(attrs), offset, state,
-             time.time()),
+             time.time(), None if fetch is None else json.dumps(list(fetch))),
         )
 
     def update(self, transfer_id: str, **fields: Any) -> None:
@@ -126,9 +131,9 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, direction, name, path, size, priority, attrs, offset, opened, state,"
-                f" sha256, resumed_from FROM transfers {where}", args).fetchall()
+                f" sha256, resumed_from, fetch FROM transfers {where}", args).fetchall()
         return [
             JournalRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], bool(r[8]),
-                       r[9], r[10], r[11])
+                       r[9], r[10], r[11], None if r[12] is None else tuple(json.loads(r[12])))
             for r in rows
         ]

@@ -15,11 +15,12 @@ the session — never the agent.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import trio
@@ -32,6 +33,7 @@ from ..errors import QuelayError, RemoteProtocolError
 from ..framing import FrameDecoder, encode_frame
 from ..transport.connection import ConnectionClosed, InboundStream, QuicConn, StreamReset
 from .book import Runtime, TransferBook, source_stat
+from .exports import ExportError, Exports
 from .filehash import hash_file
 from .inbox import InboxError, UnsafeNameError
 from .pipes import PipeAborted
@@ -85,7 +87,8 @@ class IncomingPolicy:
 class Session:
     def __init__(self, agent: AgentPort, book: TransferBook, feed: FeedPort, conn: QuicConn, *,
                  dialer: bool, early: bool, policy: IncomingPolicy | None = None,
-                 free_bytes: Callable[[Path], int] | None = None) -> None:
+                 free_bytes: Callable[[Path], int] | None = None,
+                 exports: Exports | None = None) -> None:
         self.agent = agent
         self.book = book
         self.feed = feed
@@ -100,6 +103,9 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._shields: set[trio.CancelScope] = set()
         self._pumps: dict[str, tuple[trio.CancelScope, int]] = {}  # id -> (scope, stream)
+        self.exports = exports
+        self._listings: dict[int, tuple[trio.Event, list[m.Exports]]] = {}
+        self._rids = itertools.count(1)
 
     # -- sending -------------------------------------------------------------------
 
@@ -138,6 +144,16 @@ class Session:
                 book.ended(action.transfer)
             elif isinstance(action, pp.Requeue):
                 book.requeue(action.transfer, action.delay)
+            elif isinstance(action, pp.ServeFetch):
+                self._serve_fetch(action.request)
+            elif isinstance(action, pp.ServeListing):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._serve_listing, action.request)
+            elif isinstance(action, pp.ListingArrived):
+                waiter = self._listings.get(action.reply.rid)
+                if waiter is not None:
+                    waiter[1].append(action.reply)
+                    waiter[0].set()
 
     # -- LinkPort (called by the book) --------------------------------------------------
 
@@ -147,6 +163,60 @@ class Session:
     def transfer_ended(self, t: Transfer) -> None:
         self._stop_pump(t)
         self.perform(self.protocol.flush_notices())
+
+    def fetch_requested(self, t: Transfer) -> None:
+        self.perform(self.protocol.request_fetch(t))
+
+    async def list_remote(self, timeout: float = 30.0) -> list[dict[str, object]]:
+        """Every file the peer exports (page by page); raises ``ExportError`` on refusal."""
+        entries: list[dict[str, object]] = []
+        cursor: int | None = 0
+        with trio.fail_after(timeout):
+            while cursor is not None:
+                rid = next(self._rids)
+                done = trio.Event()
+                replies: list[m.Exports] = []
+                self._listings[rid] = (done, replies)
+                try:
+                    self.send(m.ListExports(rid, cursor))
+                    await done.wait()
+                finally:
+                    del self._listings[rid]
+                reply = replies[0]
+                if reply.error is not None:
+                    raise ExportError("refused", reply.error)
+                entries.extend(reply.entries)
+                cursor = reply.next
+        return entries
+
+    # -- serving the peer's pulls -------------------------------------------------------
+
+    def _serve_fetch(self, request: m.Fetch) -> None:
+        """Resolve a fetched name inside our exports and send it like any file."""
+        try:
+            if self.exports is None or not self.exports.roots:
+                raise ExportError("refused", "this agent exports nothing")
+            found = self.exports.resolve_untrusted(request.export, request.name)
+        except ExportError as exc:
+            log.warning("%s: refused fetch of %r: %s", self.agent.label, request.name, exc)
+            self.send(m.Error(request.id, exc.code, exc.message))
+            return
+        t = Transfer(request.id, "out", "file", PurePosixPath(request.name).name, found.size,
+                     request.priority)
+        t.path = str(found.path)
+        t.source = (found.size, found.mtime_ns, found.inode)
+        log.info("%s: the peer fetches %s", self.agent.label, found.path)
+        self.book.submit(t)
+
+    async def _serve_listing(self, request: m.ListExports) -> None:
+        if self.exports is None or not self.exports.roots:
+            self.send(m.Exports(request.rid, [], None, "this agent exports nothing"))
+            return
+        entries = await trio.to_thread.run_sync(self.exports.listing)
+        page = entries[request.cursor:request.cursor + m.MAX_EXPORT_ENTRIES]
+        following = request.cursor + len(page)
+        self.send(m.Exports(request.rid, page,
+                            following if following < len(entries) else None))
 
     # -- life ------------------------------------------------------------------------
 
@@ -463,11 +533,6 @@ class Session:
             if reason is None:
                 try:
                     await trio.to_thread.run_sync(_write_at, partial, t.delivered, batch)
-                    if size:
-                        # Durable on disk; now durable in the journal (in the worker
-                        # thread: an fsync never stalls the event loop), then acked.
-                        actions = self.protocol.delivered(t, t.delivered + size)
-                        await trio.to_thread.run_sync(self._persist, actions)
                 except OSError as exc:
                     log.warning("transfer %s: writing %s: %s", t.id, partial, exc)
                     if exc.errno not in _STALL_ERRNOS:

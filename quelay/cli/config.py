@@ -59,6 +59,7 @@ HELP: dict[str, str] = {
     "peer": "Dial the peer at HOST:PORT (UDP).",
     "metrics": "Serve Prometheus metrics on HOST:PORT (TCP, GET /metrics); off by default.",
     "trust": "Pinned peer: sha256:<hex> or a certificate file (repeatable).",
+    "export": "A read-only export the peer may list and fetch: NAME=DIR or DIR (repeatable).",
     "name": "A label for this agent (logs, status).",
     "stream_window": "Per-stream receive window, e.g. 2MiB.",
     "connection_window": "Connection receive window, e.g. 8MiB.",

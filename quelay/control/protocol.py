@@ -22,6 +22,7 @@ INVALID_ARGUMENT = "invalid_argument"
 NOT_FOUND = "not_found"
 CONFLICT = "conflict"
 IO_ERROR = "io_error"
+LINK_DOWN = "link_down"
 INTERNAL = "internal"
 
 

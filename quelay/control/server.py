@@ -17,12 +17,13 @@ import socket
 import stat
 from collections import deque
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import trio
 
 from ..agent.book import TransferBook, source_stat
+from ..agent.exports import ExportError
 from ..agent.pipes import OutboundPipe, PipeAborted
 from ..core.messages import (
     PRIORITY_RANGE,
@@ -309,6 +310,8 @@ class ControlServer:
             "wait": self.op_wait,
             "cancel": self.op_cancel,
             "subscribe": self.op_subscribe,
+            "fetch": self.op_fetch,
+            "ls_remote": self.op_ls_remote,
             "get_rate": self.op_get_rate,
             "set_rate": self.op_set_rate,
         }
@@ -476,6 +479,31 @@ class ControlServer:
             raise ControlError(p.CONFLICT, f"transfer is already {t.state.value}")
         self.book.cancel(t)
         return t.info()
+
+    async def op_fetch(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        """Pull a file from the peer's export; it arrives like any incoming file."""
+        name = p.arg_required_str(args, "name")
+        export = p.arg_str(args, "export", "", limit=255) or ""
+        priority = p.arg_int(args, "priority", DEFAULT_PRIORITY, PRIORITY_RANGE.start,
+                             PRIORITY_RANGE.stop - 1)
+        if "\x00" in name or name.startswith("/") or len(name.encode()) > 4096:
+            raise ControlError(p.INVALID_ARGUMENT, "argument 'name' must be a relative path")
+        t = Transfer(new_transfer_id(), "in", "file", PurePosixPath(name).name or name, None,
+                     priority)
+        t.fetch = (export, name)
+        self.book.request_fetch(t)
+        return t.info()
+
+    async def op_ls_remote(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        link = self.book.link
+        if link is None:
+            raise ControlError(p.LINK_DOWN, "the link is down: the peer's exports are unknown")
+        try:
+            return {"files": await link.list_remote()}
+        except trio.TooSlowError as exc:
+            raise ControlError(p.LINK_DOWN, "the peer did not answer the listing") from exc
+        except ExportError as exc:
+            raise ControlError(p.CONFLICT, f"the peer refused the listing: {exc}") from exc
 
     async def op_get_rate(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         return {"rate": self.agent.rate}

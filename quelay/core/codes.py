@@ -36,6 +36,8 @@ class Failure(StrEnum):
     READER_STALLED = "reader_stalled"  # the local reader stopped reading
     SENDER_GONE = "sender_gone"  # the sender never came back for this incoming transfer
     VERSION = "version"  # session-level: unsupported protocol version
+    NOT_FOUND = "not_found"  # a fetched name is not in the peer's export
+    REFUSED = "refused"  # the peer refused a fetch (outside the export, not a regular file)
     PEER_ERROR = "peer_error"  # the peer reported a failure code we do not know
     INTERNAL = "internal"  # a bug in quelay, contained to this one transfer (please report)
 

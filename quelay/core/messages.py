@@ -108,7 +108,36 @@ class DataHeader:
     offset: int
 
 
-Message = Hello | Open | Resume | Ack | Finish | Cancel | Error | DataHeader
+@dataclass(frozen=True)
+class Fetch:
+    """Pull: please send me ``name`` from your export ``export`` as transfer ``id``."""
+
+    id: str
+    export: str
+    name: str
+    priority: int
+
+
+@dataclass(frozen=True)
+class ListExports:
+    """Ask for one page of the peer's exported files (``rid`` matches the answer)."""
+
+    rid: int
+    cursor: int = 0
+
+
+@dataclass(frozen=True)
+class Exports:
+    """One page of exported files: maps with ``export``, ``name``, ``size``, ``mtime``."""
+
+    rid: int
+    entries: list[dict[str, Any]]
+    next: int | None = None
+    error: str | None = None  # why the listing failed (nothing exported, ...)
+
+
+Message = (Hello | Open | Resume | Ack | Finish | Cancel | Error | DataHeader | Fetch
+           | ListExports | Exports)
 
 _TYPES: dict[str, type] = {
     "hello": Hello,
@@ -119,6 +148,9 @@ _TYPES: dict[str, type] = {
     "cancel": Cancel,
     "error": Error,
     "data": DataHeader,
+    "fetch": Fetch,
+    "list_exports": ListExports,
+    "exports": Exports,
 }
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 
@@ -209,6 +241,36 @@ def name_problem(value: object) -> str | None:
     return None
 
 
+MAX_PATH_BYTES = 4096  # a relative path inside an export
+MAX_EXPORT_ENTRIES = 500  # per exports page (keeps the frame far below its limit)
+
+
+def _decode_listing(kind: str, body: dict[str, Any]) -> Message:
+    rid = _uint(body, "rid")
+    assert rid is not None
+    if kind == "list_exports":
+        return ListExports(rid, _uint(body, "cursor", optional=True) or 0)
+    entries = body.get("entries")
+    if not isinstance(entries, list) or len(entries) > MAX_EXPORT_ENTRIES:
+        raise RemoteProtocolError(f"field 'entries' must be a list of at most "
+                                  f"{MAX_EXPORT_ENTRIES} entries")
+    clean = []
+    for e in entries:
+        if not isinstance(e, dict):
+            raise RemoteProtocolError("an exports entry must be a map")
+        size, mtime = e.get("size"), e.get("mtime")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise RemoteProtocolError("an exports entry needs a size")
+        if not isinstance(mtime, (int, float)) or isinstance(mtime, bool):
+            raise RemoteProtocolError("an exports entry needs an mtime")
+        clean.append({"export": _str(e, "export", 255), "name": _str(e, "name", MAX_PATH_BYTES),
+                      "size": size, "mtime": float(mtime)})
+    error = body.get("error")
+    if error is not None and not isinstance(error, str):
+        raise RemoteProtocolError("field 'error' must be a string")
+    return Exports(rid, clean, _uint(body, "next", optional=True), error)
+
+
 def decode_message_untrusted(body: Any) -> Message:
     """Validate a decoded frame from the peer and build the message it names."""
     if not isinstance(body, dict):
@@ -231,7 +293,9 @@ def _decode_body(kind: Any, body: dict[str, Any], tid: Any) -> Message:
         epoch = _uint(body, "epoch")
         assert epoch is not None
         return Hello(version, _str(body, "agent", 128), epoch, _str(body, "name"))
-    if tid is None and kind in _TYPES and kind != "error":
+    if kind in ("list_exports", "exports"):
+        return _decode_listing(kind, body)
+    if tid is None and isinstance(kind, str) and kind in _TYPES and kind != "error":
         raise RemoteProtocolError("field 'id' must be a UUID")
     if kind == "open":
         tkind = body.get("kind")
@@ -284,4 +348,10 @@ def _decode_body(kind: Any, body: dict[str, Any], tid: Any) -> Message:
         offset = _uint(body, "offset")
         assert offset is not None
         return DataHeader(tid, offset)
+    if kind == "fetch":
+        priority = _uint(body, "priority")
+        if priority is None or priority not in PRIORITY_RANGE:
+            raise RemoteProtocolError("field 'priority' must be within 0..15")
+        return Fetch(tid, _str(body, "export", 255), _str(body, "name", MAX_PATH_BYTES),
+                     priority)
     raise RemoteProtocolError(f"unknown message type {kind!r}")

@@ -109,8 +109,29 @@ class Requeue:
     delay: float
 
 
+@dataclass(frozen=True)
+class ServeFetch:
+    """The peer asks for a file of ours: resolve it in the exports, then send or refuse."""
+
+    request: m.Fetch
+
+
+@dataclass(frozen=True)
+class ServeListing:
+    """The peer asks for a page of our exported files."""
+
+    request: m.ListExports
+
+
+@dataclass(frozen=True)
+class ListingArrived:
+    """The answer to our own ``list_exports``."""
+
+    reply: m.Exports
+
+
 Action = Send | StartSending | StopSending | Created | Persist | Acked | Finalize | Completed \
-    | Ended | Requeue
+    | Ended | Requeue | ServeFetch | ServeListing | ListingArrived
 
 
 class SessionError(RemoteProtocolError):
@@ -169,8 +190,16 @@ class PeerProtocol:
         for t in self.table.active_outbound():
             actions += self.announce(t)
         for t in self.table.live("in"):
-            actions.append(Send(m.Resume(t.id, t.delivered)))
+            if t.state is State.PENDING and t.fetch is not None:
+                actions += self.request_fetch(t)  # asked while the link was down
+            else:
+                actions.append(Send(m.Resume(t.id, t.delivered)))
         return actions
+
+    def request_fetch(self, t: Transfer) -> list[Action]:
+        """Ask the peer to send us ``t`` (a pull); it arrives as an ordinary ``open``."""
+        assert t.fetch is not None
+        return [Send(m.Fetch(t.id, t.fetch[0], t.fetch[1], t.priority))]
 
     def flush_notices(self) -> list[Action]:
         actions: list[Action] = []
@@ -238,6 +267,17 @@ class PeerProtocol:
             return self._on_resume(msg)
         if isinstance(msg, m.Finish):
             return self._on_finish(msg)
+        if isinstance(msg, m.Fetch):
+            known = self.table.get(msg.id)
+            if known is not None:
+                # A repeated request (the first answer was lost): the transfer exists.
+                return [] if known.direction == "out" else [Send(m.Error(
+                    msg.id, Failure.DUPLICATE.value, "a transfer with this id exists"))]
+            return [ServeFetch(msg)]
+        if isinstance(msg, m.ListExports):
+            return [ServeListing(msg)]
+        if isinstance(msg, m.Exports):
+            return [ListingArrived(msg)]
         if isinstance(msg, m.Cancel):
             t = self.table.get(msg.id)
             if t is None:
@@ -269,6 +309,9 @@ class PeerProtocol:
 
     def _on_open(self, msg: m.Open) -> list[Action]:
         known = self.table.get(msg.id)
+        if known is not None and known.state is State.PENDING and known.fetch is not None \
+                and known.direction == "in":
+            return self._fetched_open(known, msg)
         if known is not None:
             if known.direction != "in":
                 return self._refuse_open(msg, Failure.DUPLICATE, "a transfer with this id exists")
@@ -304,6 +347,18 @@ class PeerProtocol:
         t = Transfer(msg.id, "in", msg.kind, msg.name, msg.size, msg.priority, dict(msg.attrs))
         t.move_to(State.ACTIVE)
         self.table.add(t)
+        return [Created(t)]
+
+    def _fetched_open(self, t: Transfer, msg: m.Open) -> list[Action]:
+        """The peer answers our fetch by sending the file: it starts like any open."""
+        if msg.kind != "file" or msg.size is None:
+            return self.fail(t, Failure.BAD_OPEN, "a fetched transfer must be a file with a size")
+        try:
+            safe_name_untrusted(msg.name)
+        except UnsafeNameError as exc:
+            return self.fail(t, Failure.UNSAFE_NAME, str(exc))
+        t.name, t.size, t.attrs = msg.name, msg.size, dict(msg.attrs)
+        t.move_to(State.ACTIVE)
         return [Created(t)]
 
     def _verdict_for(self, t: Transfer) -> list[Action]:

@@ -89,6 +89,7 @@ class Transfer:
     stalled_since: float | None = None  # monotonic time the stall began
     peer_notice: PeerNotice | None = None  # a verdict the peer has not heard yet
     source: tuple[int, int, int] | None = None  # out files: (size, mtime_ns, inode) at submit
+    fetch: tuple[str, str] | None = None  # in files we asked for: (export, name)
     seq: int = field(default_factory=lambda: next(_SEQ))  # FIFO order within a priority
 
     @property
@@ -147,6 +148,8 @@ class Transfer:
             "resumed_from": self.resumed_from,
             "queue_position": self.queue_position,
             "stall": None if self.stall is None else {"reason": self.stall.value},
+            "fetch": None if self.fetch is None else {"export": self.fetch[0],
+                                                      "name": self.fetch[1]},
         }
         if self.error_code is not None:
             out["error"] = {"code": self.error_code, "message": self.error_message}
@@ -188,6 +191,10 @@ class TransferTable:
     def live(self, direction: Direction | None = None) -> list[Transfer]:
         return [t for t in self._by_id.values()
                 if not t.terminal and (direction is None or t.direction == direction)]
+
+    def pending_fetches(self) -> list[Transfer]:
+        return [t for t in self._by_id.values()
+                if t.direction == "in" and t.state is State.PENDING and t.fetch is not None]
 
     def live_incoming(self) -> int:
         return sum(1 for t in self._by_id.values() if t.direction == "in" and not t.terminal)
