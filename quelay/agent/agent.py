@@ -35,6 +35,7 @@ from ..transport.path_memory import PathMemory
 from ..transport.udp import Address, UdpSocket, header_bytes_for, resolve
 from .book import HistoryPolicy, TransferBook
 from .events import EventHub
+from .exports import Exports, parse_exports
 from .inbox import Inbox
 from .journal import Journal
 from .metrics import serve_metrics
@@ -59,6 +60,7 @@ class AgentConfig:
     rendezvous_secret_file: str = ""  # file with the rendezvous shared secret
     rendezvous_direct: bool = True  # try a direct path (hole punching); False: always relayed
     trust: list[str] = field(default_factory=list)
+    export: list[str] = field(default_factory=list)  # NAME=DIR read-only exports the peer may fetch
     name: str = ""
     stream_window: int = 2 * MiB
     connection_window: int = 8 * MiB
@@ -99,6 +101,7 @@ class AgentConfig:
             raise ValueError(f"congestion must be one of {', '.join(CONGESTION_CONTROLS)}")
         if self.rate < 0:
             raise ValueError("rate must be >= 0 bit/s (0 = uncapped)")
+        parse_exports(self.export)  # validates: one-component names, existing directories
         if self.link_overhead < 0:
             raise ValueError("link_overhead must be >= 0 bytes")
         if self.rate:
@@ -162,6 +165,7 @@ class Agent:
             journal=self.journal, events=self.events, inbox=self.inbox, feed=self.feed,
             label=self.label, max_concurrent=config.max_concurrent,
             history=HistoryPolicy(config.history_max, config.history_age))
+        self.exports = Exports(parse_exports(config.export))
         self.incoming_policy = IncomingPolicy(config.min_free, config.stall_timeout,
                                               config.max_incoming)
         self.session: Session | None = None
@@ -392,7 +396,7 @@ class Agent:
                 self.book.stats.handshake.observe(trio.current_time() - started)
                 session = Session(self, self.book, self.feed, conn, dialer=dialer,
                                   early=dialer and self.peer_epoch is not None,
-                                  policy=self.incoming_policy)
+                                  policy=self.incoming_policy, exports=self.exports)
                 await session.run()
             except trio.TooSlowError:
                 reason = "handshake timed out"

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -359,6 +360,48 @@ def send(
         _print_info(info, as_json)
 
 
+@app.command()
+def fetch(
+    name: Annotated[str, typer.Argument(help="A file in the peer's export (see ls --remote); "
+                                        "EXPORT/PATH when the peer offers several.")],
+    control: ControlOpt = DEFAULT_CONTROL,
+    export: Annotated[str, typer.Option(help="The peer's export to fetch from.")] = "",
+    priority: Annotated[int, typer.Option(min=0, max=15)] = 4,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until it arrived, verified.")] = False,
+    output: Annotated[Path | None, typer.Option(
+        help="Once verified, move it here from the inbox (never overwriting; implies --wait).")
+    ] = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pull a file from the peer's export; it lands like any incoming file (atomic, verified)."""
+    if output is not None:
+        wait = True
+        output = output.absolute()
+        if output.exists():
+            raise typer.BadParameter(f"{output} exists; quelay never overwrites")
+
+    async def go(client: Client) -> dict[str, Any]:
+        info = await client.request("fetch", name=name, export=export, priority=priority)
+        if not wait:
+            return info  # type: ignore[no-any-return]
+        if not as_json:
+            typer.echo(info["id"])
+        return await follow(client, info["id"], show=not (as_json or quiet))
+
+    info = run_client(control, go, as_json=as_json)
+    if output is not None and info.get("state") == "done" and info.get("path"):
+        os.link(info["path"], output)  # fails rather than replaces an existing file
+        os.unlink(info["path"])
+        info["path"] = str(output)
+    if wait:
+        if as_json:
+            _json_out(info)
+        _exit_for(info)
+    else:
+        _print_info(info, as_json)
+
+
 async def _stdin_chunks(size: int = 65536) -> AsyncIterator[bytes]:
     """Standard input as chunks without blocking the Trio loop (fd or file object)."""
     try:
@@ -493,8 +536,19 @@ def ls(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False,
        limit: Annotated[int, typer.Option("--limit", min=1,
                                           help="Show the newest N transfers.")] = 100,
        show_all: Annotated[bool, typer.Option("--all", help="Every transfer the agent keeps "
-                                              "(fetched page by page).")] = False) -> None:
-    """List transfers, newest first."""
+                                              "(fetched page by page).")] = False,
+       remote: Annotated[bool, typer.Option("--remote", help="The peer's exported files "
+                                            "(name, size, modification time).")] = False) -> None:
+    """List transfers, newest first (with --remote: the files the peer exports)."""
+    if remote:
+        files = run_client(control, lambda c: c.request("ls_remote"), as_json=as_json)["files"]
+        if as_json:
+            _json_out(files)
+            return
+        for f in files:
+            stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(f["mtime"]))
+            typer.echo(f"{f['export']}/{f['name']}  {format_size(f['size'])}  {stamp}")
+        return
 
     async def fetch(c: Client) -> tuple[list[dict[str, Any]], int]:
         if show_all:
