@@ -174,6 +174,8 @@ def pack_address(addr: Address | None) -> bytes:
 
 
 def unpack_address_untrusted(data: bytes, pos: int) -> tuple[Address | None, int]:
+    if not 0 <= pos < len(data):
+        raise ProtocolError("truncated address in rendezvous datagram")
     version = data[pos]
     if version == 0:
         return None, pos + 1
