@@ -304,3 +304,25 @@ def test_probe_after_outage_is_answered_at_once(tmp_path: Path) -> None:
     stats = quic.path_stats()
     assert stats.outage_losses > 0  # the outage's losses were not congestion
     assert stats.cwnd >= 2 * CAP / 8 * 0.5  # allotted kept its window
+
+
+def test_peer_heard_after_a_silence_triggers_a_probe_at_once(tmp_path: Path) -> None:
+    """The server's datagram reaching a client whose probes went unanswered makes the
+    client probe at once (counted), not at its next probe timer."""
+    link = Link(rtt=0.5, seed=4, down=lambda now: 3.0 <= now < 6.0)
+    pair = _connected(tmp_path, link, cap_bps=CAP)
+    client, server = pair.client.quic, pair.server.quic
+    assert client is not None and server is not None
+    sid = client.get_next_available_stream_id(is_unidirectional=True)
+    client.send_stream_data(sid, random.Random(4).randbytes(600_000), end_stream=True)
+    pair.run(lambda: False, 6.0)  # into the outage and out of it
+    rec = client._recovery
+    assert rec._pto_count > 0
+    before, returns = rec.probes, rec.return_probes
+    server.send_ping(99)  # the peer speaks first once the link is back
+    pair.run(lambda: rec._pto_count == 0, 6.0 + 0.5 + 1e-3)  # one one-way delay later
+    assert rec.return_probes == returns + 1
+    assert rec.probes == before  # no timer probe was needed
+    assert rec._pto_count > 0  # the probe is on its way; its ACK is half an RTT off
+    pair.run(lambda: rec._pto_count == 0, 6.0 + 1.0 + 2e-3)
+    assert rec._pto_count == 0 and rec.probes == before

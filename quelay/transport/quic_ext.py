@@ -244,6 +244,8 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         self.tail_copies = 0
         self.tail_copy_bytes = 0
         self.probes = 0
+        self.return_probes = 0  # immediate probes when the peer was heard after a silence
+        self._return_probe_at = -1
         # Set by the connection: "no stream has anything queued" and "the wire has room".
         self.app_idle: Callable[[], bool] = lambda: False
         self.spare_cap: Callable[[], bool] = lambda: True
@@ -270,6 +272,14 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         return super().get_probe_timeout(include_max_ack_delay=include_max_ack_delay)
 
     # -- timers ---------------------------------------------------------------------
+
+    def return_probe_due(self) -> bool:
+        """A datagram arrived during a silence: one immediate probe per silent PTO."""
+        if self._return_probe_at == self._pto_count:
+            return False
+        self._return_probe_at = self._pto_count
+        self.return_probes += 1
+        return True
 
     def probe_interval(self) -> float:
         """The first probe after one PTO; while silence lasts, backed off only up to
@@ -648,6 +658,19 @@ class QuelayQuicConnection(QuicConnection):
         self._recovery.app_idle = self._app_idle
         if remembered_rtt is not None:
             self._recovery.seed(remembered_rtt, remembered_rtt_var or 0.0)
+
+    # -- fast return after an outage ---------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        """Like aioquic's; and if this is the first sign of the peer after a silence
+        (probes unanswered) and it did not acknowledge anything, probe at once:
+        the path is back, and our data (stuck behind a full congestion window, and
+        the next probe up to max(1 s, SRTT) away) should not wait for the timer."""
+        rec = self._recovery
+        silent = self._handshake_confirmed and rec._pto_count > 0
+        super().receive_datagram(data, addr, now)
+        if silent and rec._pto_count > 0 and rec.return_probe_due():
+            self._send_probe()
 
     # -- path statistics ----------------------------------------------------------
 
