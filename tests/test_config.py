@@ -139,6 +139,9 @@ def test_every_agent_field_is_settable_from_file_env_and_flag(
     if setting.kind == "path":
         raw, expected = str(tmp_path / "p"), tmp_path / "p"
     basics = {"listen": "127.0.0.1:1", "state_dir": str(tmp_path / "s")}
+    if field == "rendezvous":  # replaces listen/peer; needs a session and a secret file
+        basics = {"session": "s", "rendezvous_secret_file": "secret",
+                  "state_dir": str(tmp_path / "s")}
     basics.pop(field, None)
     lines = [f"{k} = {json.dumps(v)}" for k, v in {**basics, field: raw}.items()]
     f = write(tmp_path / "q.toml", "\n".join(lines) + "\n")

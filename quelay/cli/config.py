@@ -510,9 +510,11 @@ def _agent_config(result: Settings) -> Any:
     from ..agent import AgentConfig
 
     values = result.values
-    if values.get("listen") is None and values.get("peer") is None:
+    if values.get("listen") is None and values.get("peer") is None \
+            and values.get("rendezvous") is None:
         raise ConfigError("listen/peer", "give one of listen = \"HOST:PORT\" (accept the peer) "
-                                         "or peer = \"HOST:PORT\" (dial it)")
+                                         "or peer = \"HOST:PORT\" (dial it) "
+                                         "or rendezvous = \"HOST:PORT\" (meet at a relay)")
     if values.get("listen") is not None and values.get("peer") is not None:
         raise ConfigError("listen/peer", "give only one of listen (from "
                           f"{result.sources['listen']}) and peer (from {result.sources['peer']})")
