@@ -225,7 +225,10 @@ class Agent:
             },
             path_memory=PathMemory(cfg.state_dir),
         )
-        log.info("agent %s starting (udp %s:%d)", self.identity.fingerprint, *self.sock.address)
+        log.info("agent %s starting (udp %s:%d)", self.identity.fingerprint, *self.sock.address,
+                 extra={"event": "agent.starting", "agent": self.label,
+                        "fingerprint": self.identity.fingerprint,
+                        "udp": f"{self.sock.address[0]}:{self.sock.address[1]}"})
         control = ControlServer(self, self.book, cfg.control)
         try:
             listener = control.bind()
@@ -262,7 +265,8 @@ class Agent:
         if self._nursery is None or self.stopping:
             return
         self.stopping = True
-        log.info("%s: shutting down: %s", self.label, reason)
+        log.info("%s: shutting down: %s", self.label, reason,
+                 extra={"event": "shutdown", "agent": self.label, "reason": reason})
         session = self.session
         if session is not None:
             session.conn.close(reason)
@@ -341,7 +345,9 @@ class Agent:
             return
         self.link_state, self.link_reason = state, reason
         self.book.stats.link_changed(state.value, trio.current_time())
-        log.info("%s: link %s%s", self.label, state.value, f": {reason}" if reason else "")
+        log.info("%s: link %s%s", self.label, state.value, f": {reason}" if reason else "",
+                 extra={"event": f"link.{state.value}", "agent": self.label,
+                        "state": state.value, "reason": reason, "peer": self.peer_fingerprint})
         self.events.publish("link.state", {"state": state.value, "reason": reason,
                                            "peer": self.peer_fingerprint})
 
@@ -415,7 +421,9 @@ class Agent:
             finally:
                 reason = conn.closed or reason
                 log.log(logging.INFO if self.stopping else logging.WARNING,
-                        "%s: connection with %s:%d ended: %s", self.label, *conn.peer, reason)
+                        "%s: connection with %s:%d ended: %s", self.label, *conn.peer, reason,
+                        extra={"event": "connection.ended", "agent": self.label,
+                               "peer": f"{conn.peer[0]}:{conn.peer[1]}", "reason": reason})
                 self._session_ended(conn, reason)
                 if conn.closed is None:
                     conn.close(reason[:200])
@@ -447,7 +455,8 @@ class Agent:
 
     def _peer_restarted(self) -> None:
         """The peer lost its memory: what lived only there cannot continue."""
-        log.warning("%s: the peer restarted (new boot epoch)", self.label)
+        log.warning("%s: the peer restarted (new boot epoch)", self.label,
+                    extra={"event": "peer.restarted", "agent": self.label})
         for t in self.book.table.live():
             if t.direction == "in" and t.kind == "file":
                 # The sender journals files: give it a moment to resume them.
@@ -493,7 +502,8 @@ class Agent:
         self.rate = rate_bps
         if self.session is not None:
             self.session.conn.quic.set_cap(self.gate.payload_bytes_per_second)
-        log.info("%s: rate cap %s", self.label, f"{rate_bps} bit/s" if rate_bps else "off")
+        log.info("%s: rate cap %s", self.label, f"{rate_bps} bit/s" if rate_bps else "off",
+                 extra={"event": "rate", "agent": self.label, "rate": rate_bps})
         self.feed.rate_bps = rate_bps
         self.feed.wake()
 

@@ -165,7 +165,9 @@ class TransferBook:
         if rt.feed_key is None:
             rt.feed_key = self.feed.add(t.priority)
         log.info("transfer %s started: %s %s %r, priority %d", t.id, t.kind, t.direction, t.name,
-                 t.priority)
+                 t.priority, extra={"event": "transfer.started", "agent": self.label,
+                                    "transfer": t.id, "kind": t.kind, "direction": t.direction,
+                                    "transfer_name": t.name, "priority": t.priority})
         self.publish("transfer.started", t)
         self.link.transfer_started(t)
 
@@ -221,7 +223,10 @@ class TransferBook:
         self._journal_end(t)
         self.stats.transfer_ended(t.direction, t.state.value, None)
         log.info("transfer %s done: %s, %d bytes, sha256 %s", t.id, t.name, t.delivered,
-                 t.sha256)
+                 t.sha256, extra={"event": "transfer.done", "agent": self.label,
+                                  "transfer": t.id, "direction": t.direction,
+                                  "transfer_name": t.name, "bytes": t.delivered,
+                                  "sha256": t.sha256})
         self.publish("transfer.done", t)
         self.runtime(t).finished.set()
         self.fill()
@@ -229,7 +234,10 @@ class TransferBook:
     def ended(self, t: Transfer) -> None:
         """``t`` moved to failed or canceled: release, record, publish."""
         log.warning("transfer %s %s: %s: %s", t.id, t.state.value, t.error_code,
-                    t.error_message)
+                    t.error_message,
+                    extra={"event": f"transfer.{t.state.value}", "agent": self.label,
+                           "transfer": t.id, "direction": t.direction, "state": t.state.value,
+                           "code": t.error_code, "reason": t.error_message})
         rt = self.runtime(t)
         self._release(t)
         self._journal_end(t)

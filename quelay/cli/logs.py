@@ -9,10 +9,13 @@
     {"time": "2025-01-31T12:00:00.123Z", "level": "info", "logger": "quelay.agent",
      "message": "site-a: link up", "event": "link.up", "agent": "site-a"}
 
-Fields beyond ``time``/``level``/``logger``/``message``: anything a caller
-passes with ``extra={...}``, plus what :func:`enrich` recognises in the
-agent's messages (``event``, ``transfer``, ``state``, ``reason``...), and
-``exc`` (the traceback, still on one line) for errors.
+Fields beyond ``time``/``level``/``logger``/``message`` are what the caller
+passed with ``extra={...}``: the agent logs every significant event with its
+fields (``event``, ``agent``, ``transfer``, ``state``, ``code``, ``reason``...),
+so nothing is parsed back out of message text. Only a record that carries no
+``event`` (a library's, or a call site not converted yet) gets what
+:func:`enrich` recognises in its text, as a fallback. Errors add ``exc`` (the
+traceback, still on one line).
 
 Nothing secret reaches a log line: a :class:`RedactFilter` on the handler
 replaces ``bytes`` arguments (file or stream contents) by their length and
@@ -34,6 +37,9 @@ FORMATS = ("human", "json")
 _STANDARD = frozenset(vars(logging.LogRecord("x", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName",
 }
+
+# Keys the formatter writes itself; an ``extra`` field never replaces them.
+_RESERVED_OUT = frozenset({"time", "level", "logger", "message", "exc"})
 
 _PEM_RE = re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(?:-----END [A-Z0-9 ]+-----|$)", re.DOTALL)
 _KEYISH_RE = re.compile(r"(?i)(private[_ ]key|secret)(\s*[=:]\s*)(\S+)")
@@ -106,6 +112,25 @@ class RedactFilter(logging.Filter):
         return True
 
 
+def record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a caller passed with ``extra=``, redacted (bytes become their length,
+    PEM blocks and key-looking values are cut out); nested values are kept as JSON."""
+    out: dict[str, Any] = {}
+    for key, value in vars(record).items():
+        if key in _STANDARD or key.startswith("_") or key in _RESERVED_OUT:
+            continue
+        out[key] = _redact_value(value)
+    return out
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return _redact_arg(value)
+
+
 def _timestamp(created: float, *, iso: bool) -> str:
     ms = int(created * 1000) % 1000
     if iso:
@@ -136,10 +161,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": message,
         }
-        out.update(enrich(message))
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = _redact_arg(value)
+        fields = record_fields(record)
+        if "event" not in fields:
+            # A message logged without fields (older call sites, other libraries): what
+            # can be recognised in its text, as a fallback only.
+            fields = {**enrich(message), **fields}
+        out.update(fields)
         if record.exc_info:
             out["exc"] = _redact_text(self.formatException(record.exc_info))
         return json.dumps(out, default=str, ensure_ascii=False)
