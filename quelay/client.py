@@ -379,12 +379,16 @@ class Client:
         return int((await self.request("set_rate", rate=bps))["rate"])
 
     async def send_file(self, path: str | Path, *, priority: int | None = None,
-                        name: str | None = None, attrs: dict[str, str] | None = None
-                        ) -> dict[str, Any]:
-        """Hand a file to the agent (it reads the file itself); returns its info."""
+                        name: str | None = None, attrs: dict[str, str] | None = None,
+                        ttl: int | str | None = None) -> dict[str, Any]:
+        """Hand a file to the agent (it reads the file itself); returns its info.
+
+        ``ttl`` (seconds or ``"2h"``): the receiver deletes its copy that long after
+        it arrived.
+        """
         return await self.request(  # type: ignore[no-any-return]
             "send_file", path=str(Path(path).resolve()), priority=priority, name=name,
-            attrs=attrs)
+            attrs=attrs, ttl=ttl)
 
     async def open_stream(self, *, name: str | None = None, priority: int | None = None,
                           attrs: dict[str, str] | None = None, spool: int | None = None

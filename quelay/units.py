@@ -100,6 +100,35 @@ def _parse_rate_text(text: str) -> int:
     return _nearest(Fraction(m["num"]) * _SI[m["prefix"].lower()])
 
 
+_DURATION_RE = re.compile(r"(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>ms|s|m|h|d|)",
+                          re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """``5``, ``2.5``, ``"2.5s"``, ``"250ms"``, ``"1m"``, ``"2h"``, ``"7d"`` -> seconds (>= 0).
+
+    The one duration parser: config, flags, the control protocol and the link
+    simulator all accept exactly these spellings.
+    """
+    if isinstance(value, bool):
+        raise UnitError(f"expected a duration in seconds, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value.strip())
+        if m is None:
+            raise UnitError(f"{value!r} is not a duration (examples: 5, 2.5s, 250ms, 1m, 2h)")
+        seconds = float(m["num"]) * _DURATION_UNITS[m["unit"].lower()]
+    else:
+        raise UnitError(f"expected a duration in seconds, got {value!r}")
+    if not math.isfinite(seconds):
+        raise UnitError(f"{value!r} is not a finite duration")
+    if seconds < 0:
+        raise UnitError(f"{value!r} is negative")
+    return seconds
+
+
 def _scaled(value: float, step: int, units: list[str], digits: int) -> tuple[float, str]:
     """Pick the unit so the rounded mantissa stays below ``step`` (no "1024.0 KiB")."""
     for unit in units[:-1]:

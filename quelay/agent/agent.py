@@ -46,6 +46,7 @@ log = logging.getLogger("quelay.agent")
 MiB = 1024 * 1024
 RESUME_GRACE = 30.0  # after a peer restart, how long an incoming file waits to be resumed
 PRUNE_EVERY = 60.0  # seconds between history prunes
+SWEEP_EVERY = 10.0  # seconds between looks for received files whose time to live ended
 
 
 @dataclass
@@ -84,6 +85,7 @@ class AgentConfig:
     max_incoming: int = 4096  # live incoming transfers from the peer; more are "busy"
     history_max: int = 1000  # finished transfers kept (memory and journal)
     history_age: float = 7 * 24 * 3600.0  # seconds a finished transfer is kept
+    inbox_ttl: float = 0.0  # seconds a received file stays in the inbox (0 = until removed)
     metrics: Address | None = None  # HOST:PORT of the Prometheus endpoint; None = off
 
     def __post_init__(self) -> None:
@@ -115,6 +117,8 @@ class AgentConfig:
             raise ValueError("min_free and history_max must be >= 0")
         if self.max_incoming < 1:
             raise ValueError("max_incoming must be >= 1")
+        if self.inbox_ttl < 0:
+            raise ValueError("inbox_ttl must be >= 0 seconds (0 = keep received files)")
         if self.stall_timeout <= 0 or self.history_age <= 0:
             raise ValueError("stall_timeout and history_age must be > 0 seconds")
 
@@ -164,7 +168,8 @@ class Agent:
         self.book = TransferBook(
             journal=self.journal, events=self.events, inbox=self.inbox, feed=self.feed,
             label=self.label, max_concurrent=config.max_concurrent,
-            history=HistoryPolicy(config.history_max, config.history_age))
+            history=HistoryPolicy(config.history_max, config.history_age),
+            inbox_ttl=config.inbox_ttl)
         self.exports = Exports(parse_exports(config.export))
         self.incoming_policy = IncomingPolicy(config.min_free, config.stall_timeout,
                                               config.max_incoming)
@@ -513,7 +518,7 @@ class Agent:
     async def _housekeeping(self) -> None:
         """Progress events, busy retries and history pruning, at the progress interval."""
         last: dict[str, int] = {}
-        next_prune = trio.current_time()
+        next_prune = next_sweep = trio.current_time()
         while True:
             await trio.sleep(self.config.progress_interval)
             for t in self.book.table.live():
@@ -524,6 +529,9 @@ class Agent:
                 del last[tid]
             if any(t.not_before for t in self.book.table.queue()):
                 self.book.fill()  # a transfer refused as busy may retry now
+            if trio.current_time() >= next_sweep:
+                next_sweep = trio.current_time() + SWEEP_EVERY
+                self.book.sweep_expired()
             if trio.current_time() >= next_prune:
                 next_prune = trio.current_time() + PRUNE_EVERY
                 self.book.prune()

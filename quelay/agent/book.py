@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,8 +84,9 @@ class HistoryPolicy:
 class TransferBook:
     def __init__(self, *, journal: Journal, events: EventHub, inbox: Inbox, feed: FeedPort,
                  label: str = "", max_concurrent: int = 0,
-                 history: HistoryPolicy | None = None,
-                 clock: Callable[[], float] = trio.current_time) -> None:
+                 history: HistoryPolicy | None = None, inbox_ttl: float = 0.0,
+                 clock: Callable[[], float] = trio.current_time,
+                 wall: Callable[[], float] = time.time) -> None:
         self.table = TransferTable()
         self.journal = journal
         self.events = events
@@ -96,6 +98,8 @@ class TransferBook:
         self.link: LinkPort | None = None
         self.added = trio.lowlevel.ParkingLot()  # a transfer was added or unclaimed
         self._clock = clock
+        self._wall = wall  # Unix time, for expiry (a test passes its own)
+        self.inbox_ttl = inbox_ttl  # seconds a received file stays (0: until removed)
         self._runtime: dict[str, Runtime] = {}
         self._queue_snapshot: tuple[str, ...] = ()
         self.stats = Stats()  # event counters for the metrics endpoint
@@ -219,6 +223,9 @@ class TransferBook:
 
     def completed(self, t: Transfer) -> None:
         """``t`` moved to done: release, record, publish."""
+        ttl = t.ttl or self.inbox_ttl
+        if t.direction == "in" and t.kind == "file" and ttl:
+            t.expires = self._wall() + ttl  # journaled with the ending: a restart keeps it
         self._release(t)
         self._journal_end(t)
         self.stats.transfer_ended(t.direction, t.state.value, None)
@@ -276,7 +283,35 @@ class TransferBook:
     def _journal_end(self, t: Transfer) -> None:
         if t.kind == "file":
             self.journal.update(t.id, state=t.state.value, offset=t.delivered, sha256=t.sha256,
-                                path=t.path)
+                                path=t.path, expires=t.expires)
+
+    def sweep_expired(self) -> int:
+        """Delete received files whose time to live ended (from the journal: restarts too).
+
+        Only a completed file that is still inside the inbox is deleted — never a
+        partial one, never anything the operator moved elsewhere.
+        """
+        removed = 0
+        inbox = os.path.realpath(self.inbox.directory)
+        for tid, path in self.journal.due_to_expire(self._wall()):
+            real = os.path.realpath(path)
+            if os.path.commonpath([inbox, real]) == inbox and os.path.isfile(real) \
+                    and os.path.dirname(real) != os.path.realpath(self.inbox.partial_dir):
+                try:
+                    os.unlink(real)
+                except OSError as exc:
+                    log.warning("transfer %s: cannot delete expired %s: %s", tid, real, exc)
+                    continue
+                removed += 1
+                log.info("transfer %s expired: deleted %s", tid, real)
+            self.journal.update(tid, expired=1)
+            t = self.table.get(tid)
+            if t is not None:
+                t.expired = True
+                self.publish("transfer.expired", t)
+            else:
+                self.events.publish("transfer.expired", {"id": tid, "path": path})
+        return removed
 
     # -- stalls (incoming files) ----------------------------------------------------------
 
@@ -332,7 +367,9 @@ class TransferBook:
                 del self._runtime[t.id]
             self.table.remove(t.id)
         if drop:
-            self.journal.delete([t.id for t in drop if t.kind == "file"])
+            # A received file still waiting for its expiry keeps its journal row.
+            self.journal.delete([t.id for t in drop if t.kind == "file"
+                                 and (t.expires is None or t.expired)])
         return len(drop)
 
     def publish(self, name: str, t: Transfer) -> None:

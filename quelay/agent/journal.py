@@ -37,9 +37,15 @@ CREATE TABLE IF NOT EXISTS transfers (
     sha256 TEXT,
     resumed_from INTEGER,
     updated REAL NOT NULL,
-    fetch TEXT
+    fetch TEXT,
+    ttl INTEGER,
+    expires REAL,
+    expired INTEGER NOT NULL DEFAULT 0
 )
 """
+#: Columns added after the first release, with their definitions (old journals migrate).
+_ADDED_COLUMNS = {"fetch": "TEXT", "ttl": "INTEGER", "expires": "REAL",
+                  "expired": "INTEGER NOT NULL DEFAULT 0"}
 
 
 class JournalError(QuelayError):
@@ -79,8 +85,9 @@ class Journal:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(SCHEMA)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(transfers)")}
-            if "fetch" not in columns:  # a journal written before pulls existed
-                self._db.execute("ALTER TABLE transfers ADD COLUMN fetch TEXT")
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in columns:  # a journal written by an older version
+                    self._db.execute(f"ALTER TABLE transfers ADD COLUMN {column} {kind}")
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"journal {path} is unusable: {exc}") from exc
         self._lock = threading.Lock()
@@ -104,7 +111,8 @@ class Journal:
         )
 
     def update(self, transfer_id: str, **fields: Any) -> None:
-        allowed = {"offset", "opened", "state", "sha256", "path", "resumed_from"}
+        allowed = {"offset", "opened", "state", "sha256", "path", "resumed_from", "ttl",
+                   "expires", "expired"}
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"cannot update journal fields {sorted(set(fields) - allowed)}")
         names = ", ".join(f"{k} = ?" for k in fields)
@@ -119,6 +127,15 @@ class Journal:
             chunk = transfer_ids[start:start + 500]
             marks = ", ".join("?" * len(chunk))
             self._execute(f"DELETE FROM transfers WHERE id IN ({marks})", chunk)  # noqa: S608
+
+    def due_to_expire(self, now: float) -> list[tuple[str, str]]:
+        """(id, path) of received files whose time to live ended and that still exist."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, path FROM transfers WHERE direction = 'in' AND state = 'done'"
+                " AND expired = 0 AND expires IS NOT NULL AND expires <= ? AND path IS NOT NULL",
+                (now,)).fetchall()
+        return [(r[0], r[1]) for r in rows]
 
     def get(self, transfer_id: str) -> JournalRow | None:
         rows = self._select("WHERE id = ?", (transfer_id,))

@@ -337,6 +337,9 @@ def send(
     name: Annotated[str | None, typer.Option(help="Name at the far side.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the peer verified it.")] = False,
     attr: AttrOpt = None,
+    ttl: Annotated[str | None, typer.Option(
+        help="Time to live at the receiver (e.g. 3600, 90m, 2h, 7d): deleted from its inbox "
+             "that long after it arrived.")] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -344,7 +347,7 @@ def send(
     attrs = _parse_attrs(attr)
 
     async def go(client: Client) -> dict[str, Any]:
-        info = await client.send_file(file, priority=priority, name=name, attrs=attrs)
+        info = await client.send_file(file, priority=priority, name=name, attrs=attrs, ttl=ttl)
         if not wait:
             return info
         if not as_json:
@@ -569,6 +572,9 @@ def ls(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False,
         typer.echo(
             f"{t['id']}  {t['direction']:3} {t['kind']:6} {t['state']:8} "
             f"p{t['priority']:<2} {format_size(t['bytes'])}/{size}  {t['name']}"
+            + ("  expired" if t.get("expired") else
+               f"  expires {time.strftime('%Y-%m-%d %H:%M', time.localtime(t['expires']))}"
+               if t.get("expires") else "")
         )
     if total > len(transfers):
         typer.echo(f"... {total - len(transfers)} older transfers not shown (--all shows them)")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import tomllib
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QuelayError
-from ..units import UnitError, format_rate, format_size, parse_rate, parse_size
+from ..units import UnitError, format_rate, format_size, parse_duration, parse_rate, parse_size
 
 ENV_PREFIX = "QUELAY_"
 CONFIG_ENV = "QUELAY_CONFIG"
@@ -59,6 +58,7 @@ HELP: dict[str, str] = {
     "peer": "Dial the peer at HOST:PORT (UDP).",
     "metrics": "Serve Prometheus metrics on HOST:PORT (TCP, GET /metrics); off by default.",
     "trust": "Pinned peer: sha256:<hex> or a certificate file (repeatable).",
+    "inbox_ttl": "Seconds a received file stays in the inbox before it is deleted (0 = keep).",
     "export": "A read-only export the peer may list and fetch: NAME=DIR or DIR (repeatable).",
     "name": "A label for this agent (logs, status).",
     "stream_window": "Per-stream receive window, e.g. 2MiB.",
@@ -229,28 +229,12 @@ def default_state_dir() -> Path:
     return Path(base) / "quelay"
 
 
-_DURATION_RE = re.compile(r"(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>ms|s|m|h|)", re.IGNORECASE)
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_seconds(value: Any) -> float:
-    """``5``, ``2.5``, ``"2.5s"``, ``"250ms"``, ``"1m"`` -> seconds (float, finite, >= 0)."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration in seconds, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION_RE.fullmatch(value.strip())
-        if m is None:
-            raise ValueError(f"{value!r} is not a duration (examples: 5, 2.5s, 250ms, 1m)")
-        seconds = float(m["num"]) * _DURATION_UNITS[m["unit"].lower()]
-    else:
-        raise ValueError(f"expected a duration in seconds, got {value!r}")
-    if not math.isfinite(seconds):
-        raise ValueError(f"{value!r} is not a finite duration")
-    if seconds < 0:
-        raise ValueError(f"{value!r} is negative")
-    return seconds
+    """A duration in seconds (:func:`quelay.units.parse_duration`)."""
+    try:
+        return parse_duration(value)
+    except UnitError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def parse_address(value: Any) -> tuple[str, int]:

@@ -35,7 +35,7 @@ from ..core.names import UnsafeNameError, safe_name_untrusted
 from ..core.transfer import State, Transfer
 from ..errors import FrameTooLarge, RemoteProtocolError
 from ..framing import FrameDecoder, encode_frame
-from ..units import UnitError, parse_rate
+from ..units import UnitError, parse_duration, parse_rate
 from . import protocol as p
 from .protocol import ControlError
 
@@ -431,6 +431,12 @@ class ControlServer:
         except OSError as exc:
             raise ControlError(p.IO_ERROR, f"cannot read {path}: {exc.strerror}") from exc
         t = Transfer(new_transfer_id(), "out", "file", name, st.st_size, priority, attrs)
+        ttl = args.get("ttl")
+        if ttl is not None:
+            try:
+                t.ttl = max(1, round(parse_duration(ttl)))
+            except UnitError as exc:
+                raise ControlError(p.INVALID_ARGUMENT, f"argument 'ttl': {exc}") from exc
         t.path = str(path)
         t.source = source_stat(t.path)
         self.book.submit(t)

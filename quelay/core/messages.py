@@ -57,6 +57,7 @@ class Open:
     attrs: dict[str, str] = field(default_factory=dict)
     resume: bool = False  # re-announced after a reconnect: answer with Resume
     offset: int = 0  # bytes the sender already had acknowledged (0 = nothing delivered yet)
+    ttl: int | None = None  # seconds the received file may stay in the inbox (None: no limit)
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,7 @@ def _decode_body(kind: Any, body: dict[str, Any], tid: Any) -> Message:
             _attrs(body),
             resume,
             _uint(body, "offset", optional=True) or 0,
+            _uint(body, "ttl", optional=True),
         )
     if kind == "resume":
         offset = _uint(body, "offset")

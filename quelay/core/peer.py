@@ -220,7 +220,7 @@ class PeerProtocol:
         start = t.delivered if resume else 0
         actions: list[Action] = [Send(m.Open(
             t.id, t.kind, t.size if t.kind == "file" else None, t.priority, t.name, t.attrs,
-            resume, t.delivered))]
+            resume, t.delivered, t.ttl))]
         if not t.opened:
             t.opened = True
             actions.append(Persist(t, (("opened", 1), ("state", "active"))))
@@ -344,7 +344,8 @@ class PeerProtocol:
         if self.table.live_incoming() >= self.max_incoming:
             return self._refuse_open(msg, BUSY, f"the receiver holds {self.max_incoming} "
                                      "live incoming transfers; retry later")
-        t = Transfer(msg.id, "in", msg.kind, msg.name, msg.size, msg.priority, dict(msg.attrs))
+        t = Transfer(msg.id, "in", msg.kind, msg.name, msg.size, msg.priority, dict(msg.attrs),
+                     ttl=msg.ttl)
         t.move_to(State.ACTIVE)
         self.table.add(t)
         return [Created(t)]
@@ -357,7 +358,7 @@ class PeerProtocol:
             safe_name_untrusted(msg.name)
         except UnsafeNameError as exc:
             return self.fail(t, Failure.UNSAFE_NAME, str(exc))
-        t.name, t.size, t.attrs = msg.name, msg.size, dict(msg.attrs)
+        t.name, t.size, t.attrs, t.ttl = msg.name, msg.size, dict(msg.attrs), msg.ttl
         t.move_to(State.ACTIVE)
         return [Created(t)]
 

@@ -90,6 +90,9 @@ class Transfer:
     peer_notice: PeerNotice | None = None  # a verdict the peer has not heard yet
     source: tuple[int, int, int] | None = None  # out files: (size, mtime_ns, inode) at submit
     fetch: tuple[str, str] | None = None  # in files we asked for: (export, name)
+    ttl: int | None = None  # files: seconds the received file stays in the inbox
+    expires: float | None = None  # in files, done: Unix time the inbox copy is deleted
+    expired: bool = False  # in files: the inbox copy was deleted at expiry
     seq: int = field(default_factory=lambda: next(_SEQ))  # FIFO order within a priority
 
     @property
@@ -150,6 +153,9 @@ class Transfer:
             "stall": None if self.stall is None else {"reason": self.stall.value},
             "fetch": None if self.fetch is None else {"export": self.fetch[0],
                                                       "name": self.fetch[1]},
+            "ttl": self.ttl,
+            "expires": self.expires,
+            "expired": self.expired,
         }
         if self.error_code is not None:
             out["error"] = {"code": self.error_code, "message": self.error_message}

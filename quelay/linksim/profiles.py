@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..units import UnitError, parse_duration
+
 JitterDist = Literal["uniform", "normal"]
 
 MIN_QUEUE_BYTES = 15000
@@ -258,14 +260,11 @@ def parse_rate(text: str) -> float | None:
 
 
 def parse_seconds(text: str) -> float:
-    """``"250ms"``, ``"0.25"``, ``"0.25s"`` -> seconds."""
-    t = text.strip().lower()
+    """``"250ms"``, ``"0.25"``, ``"1m"`` -> seconds (:func:`quelay.units.parse_duration`)."""
     try:
-        if t.endswith("ms"):
-            return float(t[:-2]) / 1000
-        return float(t.removesuffix("s"))
-    except ValueError:
-        raise ValueError(f"bad duration {text!r} (examples: 250ms, 0.25, 1.5s)") from None
+        return parse_duration(text)
+    except UnitError as exc:
+        raise ValueError(f"bad duration: {exc}") from None
 
 
 def parse_probability(text: str) -> float:
