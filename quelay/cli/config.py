@@ -87,7 +87,7 @@ HELP: dict[str, str] = {
 
 # Keys whose zero value is meaningful ("off" / "uncapped"); other sizes and durations must
 # be positive. Counts may be 0 (``max_concurrent = 0`` means no limit).
-ZERO_ALLOWED = frozenset({"keepalive", "rate"})
+ZERO_ALLOWED = frozenset({"keepalive", "rate", "inbox_ttl", "min_free", "link_overhead"})
 # (minimum, maximum) for known numeric keys, in the setting's unit.
 LIMITS: dict[str, tuple[float, float | None]] = {
     "max_datagram_size": (1200, 16383),  # QUIC minimum; above 16383 aioquic corrupts frames
