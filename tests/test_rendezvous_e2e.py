@@ -161,3 +161,56 @@ async def test_status_names_the_path_and_the_rendezvous(nursery: trio.Nursery,
     assert status["rendezvous"]["session"] == "site-pair"
     assert status["rendezvous"]["relay"] == f"127.0.0.1:{relay.address[1]}"
     assert a.rendezvous.punch_attempts == 0 and b.rendezvous.punch_attempts == 0
+
+
+async def test_outage_and_relay_restart_mid_file(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A 4 s outage, then the relay restarts (its table is lost): the file resumes byte-exact."""
+    scopes: list[trio.CancelScope] = []
+
+    async def start_relay(port: int) -> RendezvousServer:
+        relay = RendezvousServer(("127.0.0.1", port), SECRET)
+        scope = trio.CancelScope()
+        scopes.append(scope)
+
+        async def runner(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await relay.run(task_status=task_status)
+
+        await nursery.start(runner)
+        return relay
+
+    relay = await start_relay(0)
+    port = relay.address[1]
+    async with open_linksim(upstream=relay.address, seed=1) as sim_a, \
+            open_linksim(upstream=relay.address, seed=2) as sim_b:
+        a, b = await start_agents(nursery, tmp_path, {"a": sim_a.address, "b": sim_b.address},
+                                  rendezvous_direct=False, rate=40_000_000)
+        await wait_for(lambda: both_up(a, b))
+        size = 24 * 1024 * 1024 + 99
+        src = make_file(tmp_path / "resumed.bin", size, seed=9)
+        async with open_client(a.config.control) as client:
+            tid = (await client.send_file(src))["id"]
+
+            def delivered() -> int:
+                return int(a.transfers[tid].delivered) if tid in a.transfers else 0
+
+            await wait_for(lambda: delivered() > size // 5)
+            sim_a.set_outage(True)  # the link goes silent until both sides declare it dead
+            await wait_for(lambda: a.link_state == "down" and b.link_state == "down")
+            sim_a.set_outage(False)
+            ups = a.link_ups
+            await wait_for(lambda: both_up(a, b) and a.link_ups > ups)
+            mark = delivered()
+            await wait_for(lambda: delivered() > mark + size // 10)
+            assert delivered() < size  # still mid-file when the relay goes
+            scopes[0].cancel()  # the relay dies with its table
+            await wait_for(lambda: a.link_state == "down" and b.link_state == "down")
+            relay2 = await start_relay(port)
+            final = await client.wait(tid)
+        assert final["state"] == "done", final
+        assert sha256_file(b.config.inbox / src.name) == sha256_file(src)
+        # The new relay learnt both agents again from their registrations alone.
+        assert relay2.table.counters.registrations >= 2
+        assert relay2.table.snapshot()["paired"] == 1
+        assert relay2.table.counters.relayed_bytes > 0
+        assert a.status()["path"] == "relayed"
