@@ -19,9 +19,11 @@ for long, jittery, intermittent links (see docs/performance.md):
   packet: the time threshold applied to the tail, which has no later ACK to
   trigger it.
 * **Fast return after an outage.** The probe timeout backs off only up to
-  max(1 s, smoothed RTT); after two silent probes, probes are bare PINGs
-  (they only have to find out that the link is back); losses found by the
-  first ACK after such a silence are an outage's, not congestion's.
+  max(1 s, smoothed RTT); the first four probes of a silence carry data, later
+  ones are bare PINGs (they only have to find out that the link is back); a
+  datagram from the peer during a silence triggers a data probe at once;
+  losses found by the first ACK after such a silence are an outage's, not
+  congestion's.
 * **Quick handshakes.** A remembered RTT (``seed``) sets the probe timeout
   before the first sample, so a 750 ms link does not retransmit Initials
   every 0.2–0.4 s, and a lost one is resent after about one RTT.
@@ -70,7 +72,8 @@ TIME_THRESHOLD_MARGIN = 1 / 8  # added to the delay a spurious loss showed
 PROBE_INTERVAL_FLOOR = 1.0  # probes during silence: every max(1 s, SRTT), no further backoff
 TAIL_SMALL_BYTES = 4096  # an open stream with this little unacknowledged is at a tail
 TAIL_RECENT = 1 / 8  # at a tail, packets sent in the last RTT/8 are copied at once
-SILENT_PROBES = 2  # after this many unanswered probes the path is silent (an outage)
+SILENT_PROBES = 4  # after this many unanswered probes, probes are bare PINGs
+OUTAGE_PROBES = 2  # losses found after this many unanswered probes are an outage's
 DECLARED_MEMORY = 512  # packets declared lost that we remember, to spot spurious losses
 MAX_SEED_RTT = 5.0  # a remembered RTT beyond this is not believed
 
@@ -323,8 +326,11 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         self._pto_count += 1
         self.probes += 1
         if self.handshake_confirmed and self._pto_count > SILENT_PROBES:
-            # The path is silent: a bare PING finds out when it is back; data would
+            # A long silence: a bare PING finds out when the path is back; data would
             # only be lost again (and cost the cap). The first ACK brings retransmission.
+            # The first probes carry data, so that if the path is back the receiver's
+            # first new byte is the probe itself (the dead-link bound ends most
+            # connections within these: 3 s, or 4 RTTs).
             self._send_probe()
         else:
             self.reschedule_data(now=now)
@@ -527,7 +533,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
             largest_before = space.largest_acked_packet
             for k in late:
                 self._on_spurious(declared.pop(k), k, largest_before, now)
-        self._after_silence = self._pto_count >= SILENT_PROBES
+        self._after_silence = self._pto_count >= OUTAGE_PROBES
         try:
             super().on_ack_received(ack_rangeset=ack_rangeset, ack_delay=ack_delay, now=now,
                                     space=space)
@@ -670,7 +676,9 @@ class QuelayQuicConnection(QuicConnection):
         silent = self._handshake_confirmed and rec._pto_count > 0
         super().receive_datagram(data, addr, now)
         if silent and rec._pto_count > 0 and rec.return_probe_due():
-            self._send_probe()
+            # A probe carrying the oldest unacknowledged data: it is the first new byte
+            # the receiver gets, half an RTT from now.
+            rec.reschedule_data(now=now)
 
     # -- path statistics ----------------------------------------------------------
 
@@ -752,6 +760,10 @@ class QuelayQuicConnection(QuicConnection):
         if not self._is_client:
             # Ask the client for its certificate; we check it against the pins.
             self.tls._request_client_certificate = True
+
+    def peer_certificate_chain(self) -> list[Any]:
+        """The certificates the peer sent after its own (parsed, unverified)."""
+        return list(getattr(self.tls, "_peer_certificate_chain", None) or [])
 
     def peer_certificate_der(self) -> bytes | None:
         """DER of the certificate the peer proved it holds the key of, if any."""
