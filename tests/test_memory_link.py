@@ -109,3 +109,67 @@ async def test_transfer_across_a_long_outage_on_mock_time(
         assert sha256_file(a.config.inbox / "f.bin") == sha256_file(src)
     else:
         assert received["digest"] == hashlib.sha256(DATA).hexdigest()
+
+
+async def test_file_and_stream_survive_five_outages(
+        nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """Outages of 1–6 s at random points of the stream's progress (mock time): shorter
+    ones are bridged by QUIC, longer ones by the supervisor and resume; every byte
+    arrives exactly once."""
+    import random
+
+    net = MemoryNetwork(delay=0.02)
+    a, b = await start_memory_pair(nursery, tmp_path, net)
+    src = make_file(tmp_path / "big.bin", 8 * 1024 * 1024, seed=11)
+    payload = random.Random(12).randbytes(6 * 1024 * 1024)
+    rng = random.Random(13)
+    f = Transfer(wire.new_transfer_id(), "out", "file", "big.bin", src.stat().st_size, 4)
+    f.path = str(src)
+    pipe = OutboundPipe(1024 * 1024)
+    s = Transfer(wire.new_transfer_id(), "out", "stream", "survivor", None, 4)
+    b.book.submit(f)
+    b.book.submit(s, pipe)
+    got = hashlib.sha256()
+    count = {"n": 0}
+
+    async def write() -> None:
+        view = memoryview(payload)
+        while view:
+            view = view[await pipe.write(view[:100_000]):]
+        pipe.end()
+
+    async def read() -> None:
+        reader_side, agent_side = trio.testing.memory_stream_pair()
+        while s.id not in a.transfers:
+            await trio.sleep(0.01)
+        t_in = a.transfers[s.id]
+        t_in.claimed = t_in.attached = True
+        a.book.runtime(t_in).inp.attach(agent_side)  # type: ignore[union-attr]
+        while count["n"] < len(payload):
+            chunk = await reader_side.receive_some(65536)
+            got.update(chunk)
+            count["n"] += len(chunk)
+
+    async def outages() -> None:
+        for k in range(5):
+            threshold = len(payload) * (k + rng.random()) / 6
+            while count["n"] < threshold:
+                await trio.sleep(0.01)
+            net.down = True
+            await trio.sleep(rng.uniform(1.0, 6.0))  # the outage's length (mock time)
+            net.down = False
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(write)
+        inner.start_soon(read)
+        inner.start_soon(outages)
+        await b.book.wait_finished(f)
+        await b.book.wait_finished(s)
+    assert f.state is State.DONE and s.state is State.DONE, (f.error_message, s.error_message)
+    assert sha256_file(a.config.inbox / "big.bin") == sha256_file(src)
+    assert count["n"] == len(payload)  # exactly once: every byte, none twice
+    assert got.digest() == hashlib.sha256(payload).digest()
+    assert a.transfers[s.id].delivered == len(payload)
+    assert net.counters.dropped_down > 0
+    assert b.link_ups >= 2  # the long outages ended sessions; every one resumed
+    assert f.resumes + s.resumes >= 1
