@@ -6,6 +6,17 @@ to the peer's certificate file). There is no CA, so the certificate is only a
 container for the public key; what matters is that the key stays the same
 across restarts, which is why it lives in the state directory and is created
 exactly once, atomically.
+
+Rotation without downtime (``quelay identity rotate`` / ``retire``): a new key
+and self-signed certificate become the agent's identity, and the previous pair
+is kept beside it with an *endorsement*: a certificate for the new public key
+issued and signed by the previous key. During the overlap the agent presents
+the new certificate followed by the endorsement and the previous certificate
+(the TLS certificate chain). A peer trusts the connection if the new
+fingerprint is pinned, or if the previous fingerprint is pinned and the
+endorsement proves that its holder vouched for the new key
+(:meth:`TrustStore.trusts_chain`). ``retire`` deletes the previous pair and the
+endorsement: from then on only the new pin works.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -36,6 +47,11 @@ log = logging.getLogger(__name__)
 KEY_FILE = "identity.key"
 CERT_FILE = "identity.crt"
 LOCK_FILE = ".identity.lock"
+PREVIOUS_KEY_FILE = "identity.previous.key"
+PREVIOUS_CERT_FILE = "identity.previous.crt"
+ENDORSEMENT_FILE = "identity.endorsement.crt"  # the new key, signed by the previous one
+NEXT_KEY_FILE = "identity.next.key"  # a rotation in progress (rolled forward on load)
+NEXT_CERT_FILE = "identity.next.crt"
 VALIDITY = dt.timedelta(days=36525)  # ~100 years: pinning replaces expiry
 CLOCK_SKEW = dt.timedelta(hours=1)  # so a peer whose clock is behind still accepts us
 FINGERPRINT_PREFIX = "sha256:"
@@ -63,6 +79,21 @@ class Identity:
     fingerprint: str  # "sha256:<64 lowercase hex>" of the certificate's DER
     cert_path: Path
     key_path: Path
+    # During a rotation's overlap: the previous certificate and the endorsement of
+    # the current key by the previous one (None otherwise).
+    previous: x509.Certificate | None = None
+    endorsement: x509.Certificate | None = None
+
+    @property
+    def previous_fingerprint(self) -> str | None:
+        return fingerprint_of(self.previous) if self.previous is not None else None
+
+    @property
+    def chain(self) -> list[x509.Certificate]:
+        """What follows our certificate in TLS: the endorsement, then the previous one."""
+        if self.previous is None or self.endorsement is None:
+            return []
+        return [self.endorsement, self.previous]
 
 
 # -- fingerprints -----------------------------------------------------------------
@@ -154,11 +185,60 @@ class TrustStore:
     def is_trusted(self, cert: x509.Certificate | None) -> bool:
         return cert is not None and fingerprint_of(cert) in self.fingerprints
 
+    def trusts_chain(self, leaf_der: bytes | None,
+                     chain: Iterable[x509.Certificate]) -> str | None:
+        """The pinned fingerprint that admits this peer, or ``None``.
+
+        The peer's own certificate (``leaf_der``, whose key the TLS handshake
+        proved) admits it if pinned. Otherwise, during the peer's rotation, its
+        chain may hold a pinned *previous* certificate and an endorsement: a
+        certificate for the same public key as the leaf, issued by the previous
+        certificate's subject and signed by its key.
+        """
+        if leaf_der is None:
+            return None
+        fp = fingerprint_of_der(leaf_der)
+        if fp in self.fingerprints:
+            return fp
+        certs = list(chain)[:4]  # ours carry two; a longer chain is not worth parsing
+        try:
+            leaf = x509.load_der_x509_certificate(leaf_der)
+        except ValueError:
+            return None
+        leaf_key = _spki(leaf)
+        for previous in certs:
+            previous_fp = fingerprint_of(previous)
+            if previous_fp not in self.fingerprints:
+                continue
+            for endorsement in certs:
+                if endorsement is previous or _spki(endorsement) != leaf_key:
+                    continue
+                if endorsement.issuer == previous.subject and _signed_by(endorsement, previous):
+                    return previous_fp
+        return None
+
     def __len__(self) -> int:
         return len(self.fingerprints)
 
     def __repr__(self) -> str:
         return f"TrustStore({sorted(self.fingerprints)!r})"
+
+
+def _spki(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    key = issuer.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or cert.signature_hash_algorithm is None:
+        return False
+    try:
+        key.verify(cert.signature, cert.tbs_certificate_bytes,
+                   ec.ECDSA(cert.signature_hash_algorithm))
+    except InvalidSignature:
+        return False
+    return True
 
 
 # -- persistent identity ----------------------------------------------------------
@@ -177,6 +257,7 @@ def load_or_create_identity(state_dir: Path, *, common_name: str = "quelay-agent
     key_path, cert_path = state_dir / KEY_FILE, state_dir / CERT_FILE
     with _locked(state_dir / LOCK_FILE):
         _remove_stale_temps(state_dir)
+        _finish_rotation(state_dir)
         if not key_path.exists():
             if cert_path.exists():
                 raise IdentityError(
@@ -188,9 +269,114 @@ def load_or_create_identity(state_dir: Path, *, common_name: str = "quelay-agent
         if not cert_path.exists():
             _write_private(cert_path, _new_cert_pem(key, common_name), mode=0o600)
         cert = _load_certificate(_read(cert_path), cert_path)
+        previous, endorsement = _load_overlap(state_dir, cert)
     _check_pair(key, key_path, cert, cert_path)
     _warn_if_exposed(key_path)
-    return Identity(cert, key, fingerprint_of(cert), cert_path, key_path)
+    return Identity(cert, key, fingerprint_of(cert), cert_path, key_path, previous, endorsement)
+
+
+def _load_overlap(state_dir: Path, cert: x509.Certificate
+                  ) -> tuple[x509.Certificate | None, x509.Certificate | None]:
+    """The previous certificate and the endorsement, if a rotation is not retired yet."""
+    prev_path, end_path = state_dir / PREVIOUS_CERT_FILE, state_dir / ENDORSEMENT_FILE
+    if not prev_path.exists() or not end_path.exists():
+        return None, None
+    previous = _load_certificate(_read(prev_path), prev_path)
+    endorsement = _load_certificate(_read(end_path), end_path)
+    if _spki(endorsement) != _spki(cert) or not _signed_by(endorsement, previous):
+        raise IdentityError(f"{end_path}: does not endorse the current key with the previous "
+                            f"one; run 'quelay identity retire' to end the overlap")
+    return previous, endorsement
+
+
+def rotate_identity(state_dir: Path, *, common_name: str = "quelay-agent") -> Identity:
+    """Make a new key and certificate the identity, keeping the previous ones (overlap).
+
+    Every file is written whole (temp, fsync, rename) before the current pair is
+    replaced, and a rotation interrupted half way is finished at the next load.
+    Refused while a previous rotation is not retired.
+    """
+    state_dir = Path(state_dir)
+    current = load_or_create_identity(state_dir, common_name=common_name)
+    with _locked(state_dir / LOCK_FILE):
+        if (state_dir / PREVIOUS_CERT_FILE).exists() or (state_dir / PREVIOUS_KEY_FILE).exists():
+            raise IdentityError(
+                f"{state_dir}: a rotation is in its overlap already (previous identity "
+                f"{current.previous_fingerprint}); retire it first: quelay identity retire")
+        new_key_pem = _new_key_pem()
+        new_key = serialization.load_pem_private_key(new_key_pem, password=None)
+        assert isinstance(new_key, ec.EllipticCurvePrivateKey)
+        new_cert_pem = _new_cert_pem(new_key, common_name)
+        endorsement = _endorse(new_key, current)
+        _write_private(state_dir / PREVIOUS_KEY_FILE, _read(current.key_path), mode=0o600)
+        _write_private(state_dir / PREVIOUS_CERT_FILE, _read(current.cert_path), mode=0o600)
+        _write_private(state_dir / ENDORSEMENT_FILE, endorsement, mode=0o600)
+        _write_private(state_dir / NEXT_KEY_FILE, new_key_pem, mode=0o600)
+        _write_private(state_dir / NEXT_CERT_FILE, new_cert_pem, mode=0o600)
+        _finish_rotation(state_dir)
+    rotated = load_or_create_identity(state_dir, common_name=common_name)
+    log.info("identity rotated: %s -> %s (overlap until retired)", current.fingerprint,
+             rotated.fingerprint, extra={"event": "identity.rotated",
+                                         "previous": current.fingerprint,
+                                         "fingerprint": rotated.fingerprint})
+    return rotated
+
+
+def retire_identity(state_dir: Path) -> str:
+    """End the overlap: delete the previous key, certificate and endorsement.
+
+    Returns the retired fingerprint. The endorsement goes first, so an agent
+    (re)loading meanwhile stops presenting the previous identity.
+    """
+    state_dir = Path(state_dir)
+    current = load_or_create_identity(state_dir)
+    retired = current.previous_fingerprint
+    if retired is None:
+        raise IdentityError(f"{state_dir}: no previous identity to retire (no rotation)")
+    with _locked(state_dir / LOCK_FILE):
+        for name in (ENDORSEMENT_FILE, PREVIOUS_CERT_FILE, PREVIOUS_KEY_FILE):
+            (state_dir / name).unlink(missing_ok=True)
+        _fsync_dir(state_dir)
+    log.info("identity %s retired; %s remains", retired, current.fingerprint,
+             extra={"event": "identity.retired", "previous": retired,
+                    "fingerprint": current.fingerprint})
+    return retired
+
+
+def _endorse(new_key: ec.EllipticCurvePrivateKey, current: Identity) -> bytes:
+    """A certificate for ``new_key``'s public half, issued and signed by ``current``."""
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                    "quelay identity endorsement")]))
+        .issuer_name(current.certificate.subject)
+        .public_key(new_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(current.private_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _finish_rotation(state_dir: Path) -> None:
+    """Roll a rotation forward: the next pair replaces the current one (key, then cert)."""
+    next_key, next_cert = state_dir / NEXT_KEY_FILE, state_dir / NEXT_CERT_FILE
+    if not next_cert.exists():
+        next_key.unlink(missing_ok=True)  # a crash before the certificate was written
+        previous, current = state_dir / PREVIOUS_CERT_FILE, state_dir / CERT_FILE
+        if previous.exists() and current.exists() and _read(previous) == _read(current):
+            # ... so the rotation never happened: drop its half-made overlap files.
+            for name in (ENDORSEMENT_FILE, PREVIOUS_CERT_FILE, PREVIOUS_KEY_FILE):
+                (state_dir / name).unlink(missing_ok=True)
+            _fsync_dir(state_dir)
+        return
+    if next_key.exists():
+        os.replace(next_key, state_dir / KEY_FILE)
+    os.replace(next_cert, state_dir / CERT_FILE)
+    _fsync_dir(state_dir)
 
 
 def _ensure_state_dir(state_dir: Path) -> None:

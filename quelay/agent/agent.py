@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import secrets
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,9 @@ class Agent:
         self.rate = config.rate
         self.rendezvous: Any = None  # the RendezvousLink of an agent run with --rendezvous
         self.metrics_address: Address | None = None  # bound once serving (--metrics)
+        # Configurations handed out (the endpoint's; rendezvous makes more): updated in
+        # place when the identity is reloaded, so new connections present the new one.
+        self._quic_confs: list[weakref.ref[QuicConfiguration]] = []
 
     @property
     def transfers(self) -> TransferTable:
@@ -314,9 +318,35 @@ class Agent:
             verify_mode=ssl.CERT_NONE,  # we pin fingerprints ourselves (identity.TrustStore)
             server_name="quelay-peer",
         )
+        self._present_identity(conf)
+        self._quic_confs = [r for r in self._quic_confs if r() is not None] + [weakref.ref(conf)]
+        return conf
+
+    def _present_identity(self, conf: QuicConfiguration) -> None:
+        """Our certificate, and during a rotation the endorsement and the previous one."""
         conf.certificate = self.identity.certificate
         conf.private_key = self.identity.private_key
-        return conf
+        conf.certificate_chain = self.identity.chain
+
+    def reload_identity(self) -> dict[str, Any]:
+        """Re-read the identity (after ``quelay identity rotate``/``retire``).
+
+        Connections made from now on present it; the current session goes on
+        undisturbed on the identity it was authenticated with.
+        """
+        identity = load_or_create_identity(self.config.state_dir)
+        old, self.identity = self.identity.fingerprint, identity
+        for ref in self._quic_confs:
+            conf = ref()
+            if conf is not None:
+                self._present_identity(conf)
+        log.info("%s: identity %s (previous %s)", self.label, identity.fingerprint,
+                 identity.previous_fingerprint or "none",
+                 extra={"event": "identity.loaded", "agent": self.label,
+                        "fingerprint": identity.fingerprint,
+                        "previous": identity.previous_fingerprint, "was": old})
+        return {"fingerprint": identity.fingerprint,
+                "previous": identity.previous_fingerprint}
 
     def _make_connection(self, quic: Any, sock: UdpSocket, peer: Address) -> QuicConn:
         assert self.gate is not None
@@ -326,7 +356,7 @@ class Agent:
             quic,
             sock,
             peer,
-            verify_peer=self._verify_peer,
+            verify_peer=lambda der: self._verify_peer(der, quic.peer_certificate_chain()),
             send_high_water=self.config.send_high_water,
             keepalive=self.config.keepalive,
             label=self.label,
@@ -334,11 +364,12 @@ class Agent:
             dead_after=self.config.dead_after,
         )
 
-    def _verify_peer(self, der: bytes | None) -> str | None:
-        """``None`` if the peer's certificate is pinned, else why it is refused."""
+    def _verify_peer(self, der: bytes | None, chain: Any = ()) -> str | None:
+        """``None`` if the peer's certificate is pinned (or endorsed by a pinned one
+        during the peer's identity rotation), else why it is refused."""
         if der is None:
             return "untrusted peer: it presented no certificate"
-        if not self.trust.is_trusted_der(der):
+        if self.trust.trusts_chain(der, chain) is None:
             self.book.stats.peer_refused("untrusted_identity")
             return f"untrusted peer: identity {fingerprint_of_der(der)} is not in the trust list"
         return None

@@ -267,23 +267,96 @@ def config_keys(as_json: JsonOpt = False) -> None:
 # -- identity -------------------------------------------------------------------------
 
 
-@app.command()
-def identity(
-    state_dir: Annotated[Path | None, typer.Option(help="Agent state directory.")] = None,
-    as_json: JsonOpt = False,
-) -> None:
+identity_app = typer.Typer(help="This agent's identity: print it (no subcommand), rotate it, "
+                                "retire the previous one.")
+app.add_typer(identity_app, name="identity")
+StateDirOpt = Annotated[Path | None, typer.Option(help="Agent state directory.")]
+
+
+@identity_app.callback(invoke_without_command=True)
+def identity(ctx: typer.Context, state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
     """Print this agent's fingerprint (creating the identity on first use)."""
     from ..errors import QuelayError
     from ..identity import load_or_create_identity
 
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         ident = load_or_create_identity(state_dir or default_state_dir())
     except (QuelayError, OSError) as exc:  # the state directory or the key is unusable
         raise fail(f"identity: {exc}", 1) from exc
     if as_json:
-        _json_out({"fingerprint": ident.fingerprint, "certificate": str(ident.cert_path)})
+        _json_out({"fingerprint": ident.fingerprint, "certificate": str(ident.cert_path),
+                   "previous": ident.previous_fingerprint})
     else:
         typer.echo(ident.fingerprint)
+        if ident.previous_fingerprint:
+            typer.echo(f"# previous {ident.previous_fingerprint} (overlap: quelay identity "
+                       "retire ends it)", err=True)
+
+
+def _identity_change(change: Callable[[Path], Any], state_dir: Path | None,
+                     control: Path | None) -> tuple[Any, str]:
+    """Apply ``change`` to the state directory, then ask a running agent to reload."""
+    from ..errors import QuelayError
+
+    directory = state_dir or default_state_dir()
+    try:
+        result = change(directory)
+    except (QuelayError, OSError) as exc:
+        raise fail(f"identity: {exc}", 1) from exc
+    socket_path = control or (directory / "control.sock" if state_dir else default_control())
+
+    async def reload() -> str:
+        try:
+            async with open_client(socket_path) as client:
+                await client.request("reload_identity")
+        except AgentUnavailable:
+            return "no agent running: it uses this identity from its next start"
+        except ClientError as exc:
+            return f"the running agent did not reload: {exc}"
+        return "the running agent presents it to new connections now"
+
+    return result, trio.run(reload)
+
+
+@identity_app.command("rotate")
+def identity_rotate(state_dir: StateDirOpt = None,
+                    control: Annotated[Path | None, typer.Option(
+                        "--control", help="Control socket of a running agent to reload "
+                        "(default STATE_DIR/control.sock).")] = None,
+                    as_json: JsonOpt = False) -> None:
+    """New key and certificate; the previous identity stays valid (overlap) until retired.
+
+    Pin the new fingerprint at the peer, rotate, then retire (docs/operations.md).
+    """
+    from ..identity import rotate_identity
+
+    ident, agent = _identity_change(rotate_identity, state_dir, control)
+    if as_json:
+        _json_out({"fingerprint": ident.fingerprint, "previous": ident.previous_fingerprint,
+                   "agent": agent})
+    else:
+        typer.echo(ident.fingerprint)
+        typer.echo(f"# previous {ident.previous_fingerprint} still accepted by peers that pin "
+                   f"it; {agent}", err=True)
+
+
+@identity_app.command("retire")
+def identity_retire(state_dir: StateDirOpt = None,
+                    control: Annotated[Path | None, typer.Option(
+                        "--control", help="Control socket of a running agent to reload "
+                        "(default STATE_DIR/control.sock).")] = None,
+                    as_json: JsonOpt = False) -> None:
+    """Delete the previous identity: from now on only the new fingerprint is presented."""
+    from ..identity import retire_identity
+
+    retired, agent = _identity_change(retire_identity, state_dir, control)
+    if as_json:
+        _json_out({"retired": retired, "agent": agent})
+    else:
+        typer.echo(retired)
+        typer.echo(f"# retired; {agent}", err=True)
 
 
 # -- transfers ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from ..core.messages import (
 )
 from ..core.names import UnsafeNameError, safe_name_untrusted
 from ..core.transfer import State, Transfer
-from ..errors import FrameTooLarge, RemoteProtocolError
+from ..errors import FrameTooLarge, QuelayError, RemoteProtocolError
 from ..framing import FrameDecoder, encode_frame
 from ..units import UnitError, parse_duration, parse_rate
 from . import protocol as p
@@ -60,6 +60,7 @@ class AgentPort(Protocol):
     def rate(self) -> int: ...
     def status(self) -> dict[str, Any]: ...
     def set_rate(self, rate_bps: int) -> None: ...
+    def reload_identity(self) -> dict[str, Any]: ...
 
 
 class _Raw(Exception):
@@ -314,6 +315,7 @@ class ControlServer:
             "ls_remote": self.op_ls_remote,
             "get_rate": self.op_get_rate,
             "set_rate": self.op_set_rate,
+            "reload_identity": self.op_reload_identity,
         }
 
     async def serve(self, listener: trio.SocketListener | None = None, *,
@@ -375,6 +377,13 @@ class ControlServer:
 
     async def op_identity(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         return {"fingerprint": self.agent.fingerprint}
+
+    async def op_reload_identity(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        """Present the identity now in the state directory (after rotate / retire)."""
+        try:
+            return self.agent.reload_identity()
+        except QuelayError as exc:  # the identity files are unusable: nothing changed
+            raise ControlError(p.IO_ERROR, f"identity not reloaded: {exc}") from exc
 
     async def op_ls(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         """One page of transfers, newest first; ``next`` is the cursor of the following page."""
