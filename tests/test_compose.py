@@ -54,7 +54,7 @@ def substitute(value: str) -> str:
 
 def test_topology(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"site-a", "site-b", "linksim"}
+    assert set(services) == {"site-a", "site-b", "linksim", "prometheus"}
     nets = {name: set(svc["networks"]) for name, svc in services.items()}
     assert nets["site-a"].isdisjoint(nets["site-b"])  # only the simulator joins them
     assert nets["linksim"] >= nets["site-a"] | nets["site-b"]
@@ -73,6 +73,22 @@ def test_topology(compose: dict[str, Any]) -> None:
     profile = services["linksim"]["environment"]["QUELAY_LINKSIM_PROFILE"]
     assert profile.startswith("${LINK_PROFILE:-")
     parse_profile(substitute(profile))  # the default profile exists
+
+
+def test_prometheus_scrapes_both_agents(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    prom = services["prometheus"]
+    assert any(v.startswith("./prometheus.yml:") for v in prom["volumes"])
+    scrape = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    targets = {t for group in job["static_configs"] for t in group["targets"]}
+    for site in ("site-a", "site-b"):
+        metrics = services[site]["environment"]["QUELAY_METRICS"]
+        host, port = config.parse_address(metrics)
+        assert f"{site}:{port}" in targets
+        # Prometheus can reach the site: they share a network.
+        assert set(prom["networks"]) & set(services[site]["networks"])
 
 
 # -- every quelay command and option exists ---------------------------------------------
