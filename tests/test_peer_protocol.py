@@ -334,3 +334,46 @@ def test_lost_final_ack_is_repeated_when_the_sender_reopens() -> None:
     lk.start_sessions()
     lk.deliver_all()
     assert t.state is State.DONE, t.error_message
+
+
+def test_directory_completes_when_every_file_is_done() -> None:
+    from quelay.core.transfer import Transfer
+
+    lk = link()
+    group = Transfer(m.new_transfer_id(), "out", "dir", "tree", 2 * len(DATA), 4, count=2,
+                     dirs=["empty"])
+    lk.a.table.add(group)
+    members = []
+    for rel in ("a/x.bin", "b.bin"):
+        t = lk.a.submit(DATA)
+        t.name, t.group, t.mode = rel, group.id, 0o640
+        members.append(t)
+    lk.a.start(group)
+    for t in members:
+        lk.a.start(t)
+    lk.deliver_all()
+    g_in = lk.b.table[group.id]
+    assert g_in.kind == "dir" and g_in.count == 2 and g_in.dirs == ["empty"]
+    lk.pump(members[0].id)
+    lk.deliver_all()
+    assert g_in.state is State.ACTIVE and g_in.members_done == 1
+    lk.pump(members[1].id)
+    lk.deliver_all()
+    assert g_in.state is State.DONE and group.state is State.DONE
+    assert {lk.b.table[t.id].name for t in members} == {"a/x.bin", "b.bin"}
+
+
+def test_unsafe_path_in_a_directory_fails_the_directory() -> None:
+    from quelay.core.transfer import Transfer
+
+    lk = link()
+    group = Transfer(m.new_transfer_id(), "out", "dir", "tree", 10, 4, count=1)
+    lk.a.table.add(group)
+    t = lk.a.submit(b"x" * 10)
+    t.name, t.group = "a/../../etc/passwd", group.id
+    lk.a.start(group)
+    lk.a.start(t)
+    lk.deliver_all()
+    assert lk.b.table[group.id].state is State.FAILED
+    assert lk.b.table[group.id].error_code == "unsafe_name"
+    assert group.state is State.FAILED  # told to the sender

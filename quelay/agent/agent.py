@@ -183,6 +183,7 @@ class Agent:
         self._last_attempt_heard = True
         self.link_ups = 0  # sessions established since start (a flapping link shows here)
         self.book.recover()
+        self.book.clean_stale_staging()
         self.endpoint: QuicEndpoint | None = None
         self.sock: UdpSocket | None = None
         self.ready = trio.Event()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ..core.codes import Failure
+from ..core.codes import Failure, failure_from_peer
 from ..core.transfer import PeerNotice, State, Transfer, TransferTable
 from .events import EventHub
 from .filehash import hash_file
@@ -124,7 +125,7 @@ class TransferBook:
 
     def submit(self, t: Transfer, pipe: OutboundPipe | None = None) -> None:
         """Accept a new outbound transfer; it starts now or when the link is up."""
-        if t.kind == "file":
+        if t.kind == "file" and t.group is None:  # directory transfers are not journaled
             self.journal.record(id=t.id, direction="out", name=t.name, path=t.path,
                                 size=t.size or 0, priority=t.priority, attrs=t.attrs)
         self.table.add(t)
@@ -140,13 +141,17 @@ class TransferBook:
         if self.link is not None:
             now = self._clock()
             limit = self.max_concurrent
-            active = len(self.table.active_outbound())
+            # A directory has no bytes of its own: it never takes a max_concurrent slot.
+            active = sum(1 for t in self.table.active_outbound() if t.kind != "dir")
             waiting = []
             for t in queue:
-                if limit and active >= limit:
+                group = self.table.get(t.group) if t.group is not None else None
+                if t.kind == "dir" and t.not_before <= now:
+                    self._start(t)  # announced first: its files name it
+                elif limit and active >= limit:
                     waiting.append(t)
-                elif t.not_before > now:
-                    waiting.append(t)  # refused as busy: retried after its delay
+                elif t.not_before > now or (group is not None and group.state is State.PENDING):
+                    waiting.append(t)  # refused as busy (or its directory was): retried later
                 else:
                     self._start(t)
                     active += 1
@@ -166,7 +171,7 @@ class TransferBook:
         t.move_to(State.ACTIVE)
         t.queue_position = None
         rt = self.runtime(t)
-        if rt.feed_key is None:
+        if rt.feed_key is None and t.kind != "dir":
             rt.feed_key = self.feed.add(t.priority)
         log.info("transfer %s started: %s %s %r, priority %d", t.id, t.kind, t.direction, t.name,
                  t.priority, extra={"event": "transfer.started", "agent": self.label,
@@ -190,7 +195,9 @@ class TransferBook:
 
     def add_incoming(self, t: Transfer) -> None:
         """The peer opened ``t`` (the protocol already added the record)."""
-        if t.kind == "file":
+        if t.kind == "dir":
+            self.inbox.create_staging(t.id, t.dirs)
+        elif t.kind == "file" and t.group is None:
             assert t.size is not None
             self.journal.record(id=t.id, direction="in", name=t.name, path=None, size=t.size,
                                 priority=t.priority, attrs=t.attrs, state="active")
@@ -223,6 +230,9 @@ class TransferBook:
 
     def completed(self, t: Transfer) -> None:
         """``t`` moved to done: release, record, publish."""
+        group = self.table.get(t.group) if t.group is not None else None
+        if group is not None and t.direction == "out":
+            group.members_done += 1  # (the receiving side counts in the protocol)
         ttl = t.ttl or self.inbox_ttl
         if t.direction == "in" and t.kind == "file" and ttl:
             t.expires = self._wall() + ttl  # journaled with the ending: a restart keeps it
@@ -253,9 +263,24 @@ class TransferBook:
             rt.inp.abort()
         if t.direction == "in" and t.kind == "file" and t.error_code not in _KEEP_PARTIAL:
             self.inbox.discard(self.inbox.partial_path(t.id))  # the bytes are garbage now
+        if t.direction == "in" and t.kind == "dir":
+            self.inbox.discard_staging(t.id)
         self.publish("transfer.canceled" if t.state is State.CANCELED else "transfer.failed", t)
         rt.finished.set()
+        self._cascade(t)
         self.fill()
+
+    def _cascade(self, t: Transfer) -> None:
+        """A directory transfer ends as a whole: a failed file fails it, and its files."""
+        code = failure_from_peer(t.error_code or "")
+        if t.group is not None:
+            group = self.table.get(t.group)
+            if group is not None and not group.terminal:
+                self.fail(group, code, f"{t.name}: {t.error_message}")
+        if t.kind == "dir":
+            for member in self.table.members(t.id):
+                if not member.terminal:
+                    self.fail(member, code, f"its directory ended: {t.error_message}")
 
     def fail(self, t: Transfer, code: Failure, message: str, *, tell_peer: bool = True) -> None:
         """End ``t`` by a local decision; the peer hears it now or when the link returns."""
@@ -353,6 +378,16 @@ class TransferBook:
             log.info("%s: recovered %s file transfer %s (%s) at byte %d of %d", self.label,
                      "outbound" if t.direction == "out" else "inbound", t.id, t.name,
                      t.delivered, row.size)
+
+    def clean_stale_staging(self) -> None:
+        """Directory transfers do not survive a restart: drop their half-built trees."""
+        for staging in self.inbox.stale_staging():
+            log.warning("%s: removing the unfinished directory transfer %s (restart)",
+                        self.label, staging.name)
+            try:
+                shutil.rmtree(staging)
+            except OSError as exc:
+                log.warning("%s: cannot remove %s: %s", self.label, staging, exc)
 
     def prune(self, now: float | None = None) -> int:
         """Forget finished transfers beyond the history bound (count and age)."""

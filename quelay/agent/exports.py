@@ -115,3 +115,52 @@ class Exports:
                 if seen >= MAX_LISTED:
                     break
         return out
+
+
+MAX_TREE_FILES = 100_000  # files one directory transfer may hold (the receiver bounds it too)
+
+
+class TreeError(QuelayError):
+    """A directory that cannot be sent as one transfer (a local, operator-side problem)."""
+
+
+@dataclass(frozen=True)
+class TreeFile:
+    rel: str  # relative path with "/" separators
+    path: Path
+    size: int
+    mode: int
+    mtime_ns: int
+    inode: int
+
+
+def walk_tree(root: Path) -> tuple[list[TreeFile], list[str]]:
+    """Regular files and empty directories under ``root`` (sorted).
+
+    Symbolic links inside the tree are refused (a link could point anywhere on
+    the sending host, or nowhere at the receiver); so are FIFOs, sockets and
+    devices. The receiver applies its own name rules to every path.
+    """
+    files: list[TreeFile] = []
+    empty: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        for d in dirnames:
+            if os.path.islink(os.path.join(dirpath, d)):
+                raise TreeError(f"{os.path.join(dirpath, d)} is a symbolic link: "
+                                "directory transfers carry regular files only")
+        if not dirnames and not filenames and rel_dir != ".":
+            empty.append(rel_dir.replace(os.sep, "/"))
+        for fname in sorted(filenames):
+            full = os.path.join(dirpath, fname)
+            st = os.lstat(full)
+            if not stat.S_ISREG(st.st_mode):
+                raise TreeError(f"{full} is not a regular file (symbolic links, FIFOs and "
+                                "devices are refused)")
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            files.append(TreeFile(rel, Path(full), st.st_size, stat.S_IMODE(st.st_mode),
+                                  st.st_mtime_ns, st.st_ino))
+            if len(files) > MAX_TREE_FILES:
+                raise TreeError(f"{root} holds more than {MAX_TREE_FILES} files")
+    return files, empty

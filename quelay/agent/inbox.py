@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..errors import QuelayError
 __all__ = ["Inbox", "InboxError", "UnsafeNameError", "safe_name_untrusted"]
 
 PARTIAL_DIR = ".quelay-partial"
+STAGING_SUFFIX = ".dir"
 PARTIAL_SUFFIX = ".part"
 _TRANSFER_ID_RE = re.compile(r"[0-9a-fA-F][0-9a-fA-F-]{0,63}")
 # Errors from os.link meaning "this filesystem cannot hard-link here", not "name taken".
@@ -91,6 +93,60 @@ class Inbox:
             partial.unlink(missing_ok=True)
         except OSError as exc:
             raise InboxError(f"{partial}: cannot remove partial file ({exc})") from exc
+
+    # -- directory transfers ---------------------------------------------------------
+
+    def staging_dir(self, group_id: str) -> Path:
+        """Where a directory transfer's tree is assembled, invisible until complete."""
+        return self.partial_path(group_id).with_suffix(STAGING_SUFFIX)
+
+    def create_staging(self, group_id: str, dirs: list[str]) -> Path:
+        staging = self.staging_dir(group_id)
+        staging.mkdir(mode=0o700, exist_ok=True)
+        for rel in dirs:  # already validated: safe components only
+            (staging / rel).mkdir(parents=True, exist_ok=True)
+        return staging
+
+    def place_member(self, partial: Path, group_id: str, rel: str, mode: int | None) -> Path:
+        """Move a verified file of a directory transfer to its place in the staging tree."""
+        partial = self._own_partial(partial)
+        staging = self.staging_dir(group_id)
+        target = staging / rel
+        if os.path.commonpath([staging, target.absolute()]) != str(staging):
+            raise ValueError(f"{rel!r} leaves the staging directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            raise InboxError(f"{rel!r} appears twice in the directory")
+        _fsync_path(partial)
+        os.rename(partial, target)
+        os.chmod(target, (mode if mode is not None else 0o644) & 0o777)
+        return target
+
+    def publish_dir(self, group_id: str, name: str) -> Path:
+        """Give a complete tree its name in the inbox (``name (1)`` if taken; never merged)."""
+        safe = safe_name_untrusted(name)
+        staging = self.staging_dir(group_id)
+        for candidate in candidates(safe):
+            target = self.directory / candidate
+            try:
+                os.mkdir(target, 0o700)  # reserve the name: fails if anything holds it
+            except FileExistsError:
+                continue
+            os.rename(staging, target)  # onto our own empty reservation
+            os.chmod(target, 0o755)
+            _fsync_path(self.directory)
+            return target
+        raise InboxError(f"inbox {self.directory}: {safe!r} and {MAX_DUPLICATES} numbered "
+                         "variants all exist")
+
+    def discard_staging(self, group_id: str) -> None:
+        staging = self.staging_dir(group_id)
+        if staging.exists():
+            shutil.rmtree(staging)
+
+    def stale_staging(self) -> list[Path]:
+        """Staging trees left by an earlier life (directory transfers do not survive restarts)."""
+        return [p for p in self.partial_dir.glob(f"*{STAGING_SUFFIX}") if p.is_dir()]
 
     def _own_partial(self, partial: Path) -> Path:
         """Refuse paths outside our partial dir: a caller bug must not delete user files."""

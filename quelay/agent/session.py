@@ -15,6 +15,7 @@ the session — never the agent.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -612,11 +613,18 @@ class Session:
 
     async def _finalize(self, t: Transfer) -> None:
         """Give a verified file its final name (stalling like a write if the disk can't)."""
-        partial = self.book.inbox.partial_path(t.id)
+        inbox = self.book.inbox
+        if t.kind == "dir":
+            publish = functools.partial(inbox.publish_dir, t.id, t.name)
+        elif t.group is not None:
+            publish = functools.partial(inbox.place_member, inbox.partial_path(t.id), t.group,
+                                        t.name, t.mode)
+        else:
+            publish = functools.partial(inbox.finalize, inbox.partial_path(t.id), t.name)
         while not t.terminal:
             try:
-                final = await trio.to_thread.run_sync(self.book.inbox.finalize, partial, t.name)
-            except (OSError, InboxError, UnsafeNameError) as exc:
+                final = await trio.to_thread.run_sync(publish)
+            except (OSError, InboxError, UnsafeNameError, ValueError) as exc:
                 log.warning("transfer %s: publishing into the inbox: %s", t.id, exc)
                 cause = exc if isinstance(exc, OSError) else exc.__cause__
                 if not isinstance(cause, OSError) or cause.errno not in _STALL_ERRNOS:
@@ -627,6 +635,9 @@ class Session:
                 continue
             if t.stall is not None:
                 self._unstall(t)
+            if t.kind == "dir":
+                for member in self.book.table.members(t.id):
+                    member.path = str(final / member.name)  # where the tree now lives
             self.perform(self.protocol.finalized(t, str(final)))
             return
 

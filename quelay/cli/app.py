@@ -404,7 +404,8 @@ async def follow(client: Client, transfer_id: str, *, show: bool) -> dict[str, A
 
 @app.command()
 def send(
-    file: Annotated[Path, typer.Argument(help="File to send.", exists=True, dir_okay=False)],
+    file: Annotated[Path, typer.Argument(help="File (or directory tree) to send.",
+                                         exists=True, dir_okay=True)],
     control: ControlOpt = DEFAULT_CONTROL,
     priority: Annotated[int, typer.Option(min=0, max=15)] = 4,
     name: Annotated[str | None, typer.Option(help="Name at the far side.")] = None,

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import trio
 
 from ..agent.book import TransferBook, source_stat
-from ..agent.exports import ExportError
+from ..agent.exports import ExportError, TreeError, walk_tree
 from ..agent.pipes import OutboundPipe, PipeAborted
 from ..core.messages import (
     PRIORITY_RANGE,
@@ -431,6 +431,8 @@ class ControlServer:
             safe_name_untrusted(name)  # the receiver applies the same rule
         except UnsafeNameError as exc:
             raise ControlError(p.INVALID_ARGUMENT, f"argument 'name': {exc}") from exc
+        if path.is_dir() and not path.is_symlink():
+            return self._send_directory(path, name, priority, attrs, args)
         try:
             st = path.stat()
             if not stat.S_ISREG(st.st_mode):
@@ -450,6 +452,30 @@ class ControlServer:
         t.source = source_stat(t.path)
         self.book.submit(t)
         return t.info()
+
+    def _send_directory(self, root: Path, name: str, priority: int, attrs: dict[str, str],
+                        args: dict[str, Any]) -> Any:
+        """A directory tree as one transfer: a directory record, then one file per file."""
+        try:
+            files, empty_dirs = walk_tree(root)
+        except TreeError as exc:
+            raise ControlError(p.INVALID_ARGUMENT, str(exc)) from exc
+        except OSError as exc:
+            raise ControlError(p.IO_ERROR, f"cannot read {root}: {exc.strerror}") from exc
+        group = Transfer(new_transfer_id(), "out", "dir", name, sum(f.size for f in files),
+                         priority, attrs, count=len(files), dirs=empty_dirs)
+        group.path = str(root)
+        if args.get("ttl") is not None:
+            raise ControlError(p.INVALID_ARGUMENT, "a time to live applies to files; "
+                               "directories cannot carry one yet")
+        self.book.submit(group)
+        for f in files:
+            member = Transfer(new_transfer_id(), "out", "file", f.rel, f.size, priority,
+                              group=group.id, mode=f.mode)
+            member.path = str(f.path)
+            member.source = (f.size, f.mtime_ns, f.inode)
+            self.book.submit(member)
+        return group.info()
 
     async def op_open_stream(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         priority, attrs = self._common(args)

@@ -32,7 +32,7 @@ MAX_ATTR_BYTES = 4096  # one entry: key + value, UTF-8 bytes
 MAX_ATTRS_TOTAL = 16 * 1024  # all entries together, so an open always fits in a frame
 PRIORITY_RANGE = range(0, 16)
 
-Kind = Literal["file", "stream"]
+Kind = Literal["file", "stream", "dir"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ class Open:
     resume: bool = False  # re-announced after a reconnect: answer with Resume
     offset: int = 0  # bytes the sender already had acknowledged (0 = nothing delivered yet)
     ttl: int | None = None  # seconds the received file may stay in the inbox (None: no limit)
+    group: str | None = None  # a file of a directory transfer: the directory's transfer id
+    mode: int | None = None  # a file of a directory transfer: its permission bits
+    count: int | None = None  # a directory: how many files it holds
+    dirs: list[str] = field(default_factory=list)  # a directory: its empty subdirectories
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,28 @@ MAX_PATH_BYTES = 4096  # a relative path inside an export
 MAX_EXPORT_ENTRIES = 500  # per exports page (keeps the frame far below its limit)
 
 
+MAX_GROUP_DIRS = 1000  # empty subdirectories one directory transfer may carry
+
+
+def _mode(body: dict[str, Any]) -> int | None:
+    mode = _uint(body, "mode", optional=True)
+    if mode is not None and mode > 0o7777:
+        raise RemoteProtocolError("field 'mode' must be permission bits (at most 0o7777)")
+    return mode
+
+
+def _dirs(body: dict[str, Any]) -> list[str]:
+    value = body.get("dirs", [])
+    if not isinstance(value, list) or len(value) > MAX_GROUP_DIRS:
+        raise RemoteProtocolError(f"field 'dirs' must be a list of at most {MAX_GROUP_DIRS} paths")
+    out = []
+    for entry in value:
+        if not isinstance(entry, str) or _utf8_len(entry) > MAX_PATH_BYTES:
+            raise RemoteProtocolError("field 'dirs' holds relative paths (strings)")
+        out.append(entry)
+    return out
+
+
 def _decode_listing(kind: str, body: dict[str, Any]) -> Message:
     rid = _uint(body, "rid")
     assert rid is not None
@@ -300,8 +326,8 @@ def _decode_body(kind: Any, body: dict[str, Any], tid: Any) -> Message:
         raise RemoteProtocolError("field 'id' must be a UUID")
     if kind == "open":
         tkind = body.get("kind")
-        if tkind not in ("file", "stream"):
-            raise RemoteProtocolError("field 'kind' must be 'file' or 'stream'")
+        if tkind not in ("file", "stream", "dir"):
+            raise RemoteProtocolError("field 'kind' must be 'file', 'stream' or 'dir'")
         priority = _uint(body, "priority")
         if priority is None or priority not in PRIORITY_RANGE:
             raise RemoteProtocolError("field 'priority' must be within 0..15")
@@ -323,6 +349,10 @@ def _decode_body(kind: Any, body: dict[str, Any], tid: Any) -> Message:
             resume,
             _uint(body, "offset", optional=True) or 0,
             _uint(body, "ttl", optional=True),
+            None if body.get("group") is None else _transfer_id(body, "group"),
+            _mode(body),
+            _uint(body, "count", optional=True),
+            _dirs(body),
         )
     if kind == "resume":
         offset = _uint(body, "offset")

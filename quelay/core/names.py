@@ -101,3 +101,16 @@ def candidates(name: str) -> Iterator[str]:
         yield _numbered(name, n)
 
 
+
+
+MAX_DEPTH = 32  # path components in a file of a directory transfer
+
+
+def safe_relative_path_untrusted(path: object) -> str:
+    """``a/b/c.txt`` if every component is a safe name (see ``safe_name_untrusted``)."""
+    if not isinstance(path, str) or not path:
+        raise UnsafeNameError("a path inside a directory transfer must be a non-empty string")
+    parts = path.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeNameError(f"path {path[:80]!r} is deeper than {MAX_DEPTH} levels")
+    return "/".join(safe_name_untrusted(part) for part in parts)

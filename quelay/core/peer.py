@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ..errors import RemoteProtocolError
 from . import messages as m
 from .codes import Failure, failure_from_peer
-from .names import UnsafeNameError, safe_name_untrusted
+from .names import UnsafeNameError, safe_name_untrusted, safe_relative_path_untrusted
 from .transfer import PeerNotice, State, Transfer, TransferTable
 
 # -- actions ----------------------------------------------------------------------
@@ -219,11 +219,14 @@ class PeerProtocol:
         resume = t.opened
         start = t.delivered if resume else 0
         actions: list[Action] = [Send(m.Open(
-            t.id, t.kind, t.size if t.kind == "file" else None, t.priority, t.name, t.attrs,
-            resume, t.delivered, t.ttl))]
+            t.id, t.kind, t.size if t.kind in ("file", "dir") else None, t.priority, t.name,
+            t.attrs, resume, t.delivered, t.ttl, t.group, t.mode,
+            t.count if t.kind == "dir" else None, list(t.dirs)))]
         if not t.opened:
             t.opened = True
             actions.append(Persist(t, (("opened", 1), ("state", "active"))))
+        if t.kind == "dir":
+            return actions  # a directory has no bytes of its own: its files carry them
         if resume:
             t.resumes += 1
             t.resumed_from = start
@@ -326,6 +329,10 @@ class PeerProtocol:
                 actions.append(Persist(known, (("resumed_from", known.delivered),)))
             actions.append(Send(m.Resume(msg.id, known.delivered)))
             return actions
+        if msg.kind == "dir":
+            return self._open_directory(msg)
+        if msg.group is not None:
+            return self._open_member(msg)
         if msg.resume and msg.offset > 0:
             # The sender holds acks from us that we no longer remember: bytes were
             # delivered by a previous life of this agent and cannot be trusted now.
@@ -346,6 +353,52 @@ class PeerProtocol:
                                      "live incoming transfers; retry later")
         t = Transfer(msg.id, "in", msg.kind, msg.name, msg.size, msg.priority, dict(msg.attrs),
                      ttl=msg.ttl)
+        t.move_to(State.ACTIVE)
+        self.table.add(t)
+        return [Created(t)]
+
+    def _open_directory(self, msg: m.Open) -> list[Action]:
+        """A directory transfer: its files follow as opens naming it as their group."""
+        if msg.resume and msg.offset > 0:
+            return self._refuse_open(msg, Failure.UNKNOWN_TRANSFER,
+                                     "the receiver has no record of this directory")
+        if msg.size is None or msg.count is None:
+            return self._refuse_open(msg, Failure.BAD_OPEN,
+                                     "a directory must carry its size and file count")
+        if msg.count > self.max_incoming:
+            return self._refuse_open(msg, Failure.BAD_OPEN, f"{msg.count} files exceed the "
+                                     f"receiver's bound of {self.max_incoming}")
+        try:
+            safe_name_untrusted(msg.name)
+            dirs = [safe_relative_path_untrusted(d) for d in msg.dirs]
+        except UnsafeNameError as exc:
+            return self._refuse_open(msg, Failure.UNSAFE_NAME, str(exc))
+        t = Transfer(msg.id, "in", "dir", msg.name, msg.size, msg.priority, dict(msg.attrs),
+                     ttl=msg.ttl, count=msg.count, dirs=dirs)
+        t.move_to(State.ACTIVE)
+        self.table.add(t)
+        actions: list[Action] = [Created(t)]
+        if t.count == 0:
+            actions.append(Finalize(t))  # nothing but (empty) directories
+        return actions
+
+    def _open_member(self, msg: m.Open) -> list[Action]:
+        """A file of a directory transfer: it lands in the directory's staging area."""
+        assert msg.group is not None
+        group = self.table.get(msg.group)
+        if group is None or group.kind != "dir" or group.direction != "in" or group.terminal:
+            return self._refuse_open(msg, Failure.BAD_OPEN,
+                                     "a file of a directory this receiver does not hold")
+        if msg.kind != "file" or msg.size is None:
+            return self._refuse_open(msg, Failure.BAD_OPEN, "a directory holds files with sizes")
+        try:
+            path = safe_relative_path_untrusted(msg.name)
+        except UnsafeNameError as exc:
+            return self.fail(group, Failure.UNSAFE_NAME, str(exc))
+        if any(t.name == path for t in self.table.members(group.id)):
+            return self.fail(group, Failure.DUPLICATE, f"{path!r} appears twice in the directory")
+        t = Transfer(msg.id, "in", "file", path, msg.size, msg.priority, {}, group=group.id,
+                     mode=msg.mode)
         t.move_to(State.ACTIVE)
         self.table.add(t)
         return [Created(t)]
@@ -388,7 +441,7 @@ class PeerProtocol:
         t = self.table.get(msg.id)
         if t is None or t.direction != "out" or t.terminal:
             return []  # late ack for a transfer that ended: harmless
-        limit = t.sent_high
+        limit = (t.size or 0) if t.kind == "dir" else t.sent_high  # a directory: its files' bytes
         if msg.offset > limit or msg.offset < t.delivered:
             return self.fail(t, Failure.PROTOCOL_ERROR,
                              f"peer acked offset {msg.offset} outside {t.delivered}..{limit}")
@@ -400,7 +453,7 @@ class PeerProtocol:
             # A stream is complete once we announced its end (finish); a file at its size
             # (after our restart the digest we sent before is not in memory: the
             # receiver checked it then).
-            ended = t.sha256 is not None or (t.kind == "file" and t.resumes > 0)
+            ended = t.sha256 is not None or t.kind == "dir" or (t.kind == "file" and t.resumes > 0)
             if t.size is not None and ended and msg.offset == t.size:
                 t.move_to(State.DONE)
                 actions.append(Completed(t))
@@ -428,6 +481,9 @@ class PeerProtocol:
         t = self.table.get(header.id)
         if t is None:
             return WaitForOpen()
+        if t.kind == "dir":
+            return Refuse("data for a directory", self.fail(
+                t, Failure.PROTOCOL_ERROR, "a data stream for a directory itself"))
         if t.direction != "in":
             return Refuse("data for an outbound transfer",
                           [Send(m.Error(t.id, Failure.PROTOCOL_ERROR.value,
@@ -493,6 +549,15 @@ class PeerProtocol:
         return self._complete_incoming(t)
 
     def _complete_incoming(self, t: Transfer) -> list[Action]:
+        if t.kind == "dir":
+            t.delivered = t.size or 0
         if not t.move_to(State.DONE):
             return []
-        return [Completed(t), Send(m.Ack(t.id, t.delivered, True))]
+        actions: list[Action] = [Completed(t), Send(m.Ack(t.id, t.delivered, True))]
+        group = self.table.get(t.group) if t.group is not None else None
+        if group is not None and not group.terminal:
+            group.members_done += 1
+            group.delivered = min(group.size or 0, group.delivered + t.delivered)
+            if group.members_done == group.count:
+                actions.append(Finalize(group))  # every file verified: publish the tree
+        return actions

@@ -25,7 +25,7 @@ from ..errors import LocalProtocolError
 from .codes import Failure, StallReason
 
 Direction = Literal["out", "in"]
-Kind = Literal["file", "stream"]
+Kind = Literal["file", "stream", "dir"]
 _SEQ = itertools.count()
 
 
@@ -93,6 +93,11 @@ class Transfer:
     ttl: int | None = None  # files: seconds the received file stays in the inbox
     expires: float | None = None  # in files, done: Unix time the inbox copy is deleted
     expired: bool = False  # in files: the inbox copy was deleted at expiry
+    group: str | None = None  # a file of a directory transfer: the directory's id
+    mode: int | None = None  # a file of a directory transfer: its permission bits
+    count: int = 0  # a directory: how many files it holds
+    members_done: int = 0  # a directory: how many of them are done
+    dirs: list[str] = field(default_factory=list)  # a directory: its empty subdirectories
     seq: int = field(default_factory=lambda: next(_SEQ))  # FIFO order within a priority
 
     @property
@@ -154,6 +159,9 @@ class Transfer:
             "fetch": None if self.fetch is None else {"export": self.fetch[0],
                                                       "name": self.fetch[1]},
             "ttl": self.ttl,
+            "group": self.group,
+            "files": self.count if self.kind == "dir" else None,
+            "files_done": self.members_done if self.kind == "dir" else None,
             "expires": self.expires,
             "expired": self.expired,
         }
@@ -208,6 +216,9 @@ class TransferTable:
     def active_outbound(self) -> list[Transfer]:
         return [t for t in self._by_id.values()
                 if t.direction == "out" and t.state is State.ACTIVE]
+
+    def members(self, group_id: str) -> list[Transfer]:
+        return [t for t in self._by_id.values() if t.group == group_id]
 
     def queue(self) -> list[Transfer]:
         """Outbound transfers waiting to start: priority order, FIFO within a priority."""
