@@ -93,3 +93,20 @@ async def test_an_unsafe_path_in_a_tree_fails_the_whole_tree(nursery: trio.Nurse
     assert not (pair.a.inbox / "t").exists()
     await wait_for(lambda: not list((pair.a.inbox / ".quelay-partial").iterdir()))
     assert pair.a.agent.link_ups == 1
+
+
+async def test_a_tree_expires_as_a_whole(nursery: trio.Nursery, tmp_path: Path) -> None:
+    import time
+
+    pair = await start_pair(nursery, tmp_path)
+    src = tmp_path / "short-lived"
+    make_tree(src, 5)
+    async with open_client(pair.b.control) as client:
+        info = await client.request("send_file", path=str(src), ttl="10m")
+        final = await client.wait(info["id"])
+    assert final["state"] == "done" and final["ttl"] == 600
+    landed = pair.a.inbox / "short-lived"
+    assert landed.is_dir()
+    pair.a.agent.book._wall = lambda: time.time() + 3600
+    assert pair.a.agent.book.sweep_expired() == 1
+    assert not landed.exists() and pair.a.inbox.is_dir()

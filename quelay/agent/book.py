@@ -234,8 +234,13 @@ class TransferBook:
         if group is not None and t.direction == "out":
             group.members_done += 1  # (the receiving side counts in the protocol)
         ttl = t.ttl or self.inbox_ttl
-        if t.direction == "in" and t.kind == "file" and ttl:
+        if t.direction == "in" and ttl and (t.kind == "dir" or (t.kind == "file"
+                                                                and t.group is None)):
             t.expires = self._wall() + ttl  # journaled with the ending: a restart keeps it
+            if t.kind == "dir":  # (directories are journaled only for their expiry)
+                self.journal.record(id=t.id, direction="in", name=t.name, path=t.path,
+                                    size=t.size or 0, priority=t.priority, attrs=t.attrs,
+                                    state="done")
         self._release(t)
         self._journal_end(t)
         self.stats.transfer_ended(t.direction, t.state.value, None)
@@ -306,7 +311,7 @@ class TransferBook:
         rt.hasher = None
 
     def _journal_end(self, t: Transfer) -> None:
-        if t.kind == "file":
+        if (t.kind == "file" and t.group is None) or (t.kind == "dir" and t.expires):
             self.journal.update(t.id, state=t.state.value, offset=t.delivered, sha256=t.sha256,
                                 path=t.path, expires=t.expires)
 
@@ -320,10 +325,14 @@ class TransferBook:
         inbox = os.path.realpath(self.inbox.directory)
         for tid, path in self.journal.due_to_expire(self._wall()):
             real = os.path.realpath(path)
-            if os.path.commonpath([inbox, real]) == inbox and os.path.isfile(real) \
-                    and os.path.dirname(real) != os.path.realpath(self.inbox.partial_dir):
+            if os.path.commonpath([inbox, real]) == inbox and real != inbox \
+                    and os.path.dirname(real) != os.path.realpath(self.inbox.partial_dir) \
+                    and (os.path.isfile(real) or os.path.isdir(real)):
                 try:
-                    os.unlink(real)
+                    if os.path.isdir(real):
+                        shutil.rmtree(real)  # a directory transfer's tree
+                    else:
+                        os.unlink(real)
                 except OSError as exc:
                     log.warning("transfer %s: cannot delete expired %s: %s", tid, real, exc)
                     continue

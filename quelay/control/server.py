@@ -465,9 +465,12 @@ class ControlServer:
         group = Transfer(new_transfer_id(), "out", "dir", name, sum(f.size for f in files),
                          priority, attrs, count=len(files), dirs=empty_dirs)
         group.path = str(root)
-        if args.get("ttl") is not None:
-            raise ControlError(p.INVALID_ARGUMENT, "a time to live applies to files; "
-                               "directories cannot carry one yet")
+        ttl = args.get("ttl")
+        if ttl is not None:
+            try:
+                group.ttl = max(1, round(parse_duration(ttl)))
+            except UnitError as exc:
+                raise ControlError(p.INVALID_ARGUMENT, f"argument 'ttl': {exc}") from exc
         self.book.submit(group)
         for f in files:
             member = Transfer(new_transfer_id(), "out", "file", f.rel, f.size, priority,
