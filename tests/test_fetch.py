@@ -112,3 +112,27 @@ async def test_fetch_across_an_outage(nursery: trio.Nursery, tmp_path: Path) -> 
     assert final["state"] == "done", final
     assert final["resumes"] >= 1
     assert sha256_file(b.config.inbox / "through.bin") == sha256_file(src)
+
+
+async def test_fetch_survives_a_restart_of_the_exporter(nursery: trio.Nursery,
+                                                        tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    src = make_file(export / "long.bin", 3 * MiB, seed=5)
+    pair = await start_pair(nursery, tmp_path, export=[str(export)], rate=4_000_000)
+    a, b = pair.a.agent, pair.b.agent
+    port = a.udp_address[1]
+    async with open_client(b.config.control) as client:
+        info = await client.request("fetch", name="long.bin")
+        await wait_for(lambda: (t := b.transfers.get(info["id"])) is not None
+                       and t.delivered > 256 * 1024)
+    await a.shutdown("test: the exporting agent restarts mid-file")
+    await wait_for(lambda: not a.config.control.exists())
+    a2 = Agent(site_config(pair.a.root, listen=("127.0.0.1", port), trust=a.config.trust,
+                           export=[str(export)]))
+    await nursery.start(a2.run)
+    async with open_client(b.config.control) as client:
+        final = await client.wait(info["id"])
+    assert final["state"] == "done", final
+    assert final["resumes"] >= 1 and final["resumed_from"] > 0
+    assert sha256_file(b.config.inbox / "long.bin") == sha256_file(src)
