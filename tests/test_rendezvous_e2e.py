@@ -214,3 +214,27 @@ async def test_outage_and_relay_restart_mid_file(nursery: trio.Nursery, tmp_path
         assert relay2.table.snapshot()["paired"] == 1
         assert relay2.table.counters.relayed_bytes > 0
         assert a.status()["path"] == "relayed"
+
+
+async def test_rendezvous_datagrams_count_against_the_cap(nursery: trio.Nursery,
+                                                         tmp_path: Path) -> None:
+    """Registrations and punches pass the wire gate like QUIC: the gate saw every byte."""
+    relay = RendezvousServer(("127.0.0.1", 0), SECRET)
+    await nursery.start(relay.run)
+    rate = 4_000_000
+    a, b = await start_agents(nursery, tmp_path, {"a": relay.address, "b": relay.address},
+                              rate=rate)
+    await wait_for(lambda: both_up(a, b) and a.status()["path"] == "direct"
+                   and b.status()["path"] == "direct")
+    assert a.rendezvous.punch_attempts >= 1 and b.rendezvous.punch_attempts >= 1
+    src = make_file(tmp_path / "capped.bin", 1_500_000, seed=6)
+    final = await send_and_wait(b.config.control, src)
+    assert final["state"] == "done"
+    for agent in (a, b):
+        assert agent.rendezvous.registrations_sent >= 1
+        gate, sock = agent.gate, agent.sock
+        assert gate is not None and sock is not None
+        # Every datagram that left the socket (QUIC, registrations, punches) went through
+        # the gate, so the cap's one-second window accounted for it.
+        assert gate.total_datagrams == sock.counters.datagrams_sent
+        assert gate.total_bytes == sock.counters.wire_bytes_sent

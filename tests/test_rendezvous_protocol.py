@@ -79,10 +79,19 @@ def test_relays_only_between_the_two_registered_addresses() -> None:
     assert table.relay(b"\x41quic", B, 1.0, WALL) == (b"\x41quic", A)
     assert table.counters.relayed_datagrams == 2 and table.counters.relayed_bytes == 10
     # An unknown source gets nothing relayed, only an "unregistered" refusal (rate-limited).
-    data, dst = table.relay(b"\x41x", C, 1.0, WALL) or (b"", C)
+    quic = b"\x41" + bytes(99)
+    data, dst = table.relay(quic, C, 1.0, WALL) or (b"", C)
     assert dst == C and refusal_of(table, [(data, dst)]) is Refusal.UNREGISTERED
-    assert table.relay(b"\x41x", C, 1.5, WALL) is None
-    assert table.counters.dropped_datagrams == 2
+    assert table.relay(quic, C, 1.5, WALL) is None  # once a second per address
+    assert table.relay(b"\x41x", ("10.0.0.9", 1), 3.0, WALL) is None  # smaller than an answer
+    assert table.counters.dropped_datagrams == 3
+
+
+def test_unregistered_answers_have_a_global_budget() -> None:
+    table = RelayTable(SECRET, RelayLimits(unsolicited_per_second=10.0))
+    answers = sum(table.relay(b"\x41" + bytes(99), ("10.9.0.1", port), 0.0, WALL) is not None
+                  for port in range(1, 101))
+    assert answers == 10 and table.counters.dropped_datagrams == 100
 
 
 def test_forged_token_is_refused_and_the_session_is_untouched() -> None:
@@ -112,14 +121,14 @@ def test_replayed_token_from_a_new_port_is_refused_and_does_not_move_the_session
     out = table.handle_untrusted(token, thief, 1.0, WALL + 1)
     assert refusal_of(table, out) is Refusal.REPLAYED
     assert table.relay(b"\x41q", B, 1.0, WALL) == (b"\x41q", A)  # still to A
-    assert table.relay(b"\x41q", thief, 1.0, WALL)[1] == thief  # type: ignore[index]
+    assert table.relay(b"\x41" + bytes(99), thief, 1.0, WALL)[1] == thief  # type: ignore[index]
     assert table.counters.moves == 0
 
 
 def test_a_new_port_without_any_token_is_not_followed() -> None:
     table, _, _ = paired()
     new_port = ("10.0.0.1", 4001)
-    reply = table.relay(b"\x41quic", new_port, 1.0, WALL)
+    reply = table.relay(b"\x41" + bytes(99), new_port, 1.0, WALL)
     assert reply is not None and reply[1] == new_port  # "unregistered", nothing relayed
     assert table.relay(b"\x41q", B, 1.0, WALL) == (b"\x41q", A)
     assert table.counters.relayed_datagrams == 1
@@ -165,9 +174,11 @@ def test_idle_members_expire_and_the_table_is_bounded() -> None:
 
 def test_registrations_per_source_are_rate_limited() -> None:
     table = RelayTable(SECRET, RelayLimits(rate=1.0, burst=3.0))
-    kinds = [verify_untrusted(SECRET, table.handle_untrusted(
-        agent(FP_A).register(WALL), A, 0.0, WALL)[0][0]).kind for _ in range(5)]
-    assert kinds.count(Kind.REGISTERED) == 3 and kinds.count(Kind.REFUSED) == 2
+    replies = [table.handle_untrusted(agent(FP_A).register(WALL), A, 0.0, WALL)
+               for _ in range(5)]
+    kinds = [verify_untrusted(SECRET, r[0][0]).kind for r in replies if r]
+    # Told once that it is limited; the next refusal in the same second is silent.
+    assert kinds == [Kind.REGISTERED] * 3 + [Kind.REFUSED] and replies[4] == []
     assert table.counters.refusals["rate_limited"] == 2
     # Another source is not affected; the limited one recovers with time.
     assert verify_untrusted(SECRET, table.handle_untrusted(

@@ -56,7 +56,7 @@ async def test_relay_pairs_relays_refuses_and_counts(tmp_path: Path) -> None:
         ev_c = tc.receive_untrusted(await recv(sc), relay, time.time())
         assert isinstance(ev_c, Refused) and ev_c.code is Refusal.SESSION_FULL and ev_c.authentic
         # ... and its datagrams are not relayed anywhere.
-        await sc.sendto(b"\x41intruder", relay)
+        await sc.sendto(b"\x41intruder" + bytes(64), relay)
         ev_c = tc.receive_untrusted(await recv(sc), relay, time.time())
         assert isinstance(ev_c, Refused) and ev_c.code is Refusal.UNREGISTERED
         await sa.sendto(b"\x41still", relay)

@@ -41,7 +41,8 @@ REGISTER_RETRY = 1.0  # seconds between registrations until the relay answers
 REFUSED_RETRY = 5.0  # after a refusal
 REFRESH = 10.0  # registrations while registered (keeps the relay's entry and the NAT mapping)
 PUNCH_WINDOW = 3.0  # seconds both agents punch after the relay says so
-PUNCH_EVERY = 0.1
+PUNCH_EVERY = 0.1  # uncapped; a capped link punches so as to spend at most 10 % of its cap
+PUNCH_BYTES = 200  # about the size of a punch datagram
 DIRECT_RETRY = 30.0  # while relayed, ask for another punch this often
 
 
@@ -183,8 +184,17 @@ class RendezvousLink:
             return  # already direct
         self._nursery.start_soon(self._punch, peer)
 
+    def _punch_every(self) -> float:
+        """Seconds between punches: at most a tenth of the cap goes to punching."""
+        gate = self.gate
+        if gate is None or not gate.capped:
+            return PUNCH_EVERY
+        wire = gate.wire_size(PUNCH_BYTES)
+        return max(PUNCH_EVERY, 10 * wire / gate.bytes_per_second)
+
     async def _punch(self, peer: Address) -> None:
         self._punching = True
+        every = self._punch_every()
         self._heard_from, self._peer_heard_us = None, False
         self.punch_attempts += 1
         try:
@@ -195,13 +205,13 @@ class RendezvousLink:
                     if self._heard_from is not None and self._heard_from != peer:
                         self._send(self.tokens.punch(time.time(), heard=True),
                                    self._dst(self._heard_from))
-                    await trio.sleep(PUNCH_EVERY)
+                    await trio.sleep(every)
             opened = self._heard_from is not None and self._peer_heard_us
             if self._heard_from is not None:  # make sure the peer can confirm too
                 for _ in range(3):
                     self._send(self.tokens.punch(time.time(), heard=True),
                                self._dst(self._heard_from))
-                    await trio.sleep(PUNCH_EVERY)
+                    await trio.sleep(every)
         finally:
             self._punching = False
         if not opened:
@@ -308,7 +318,10 @@ async def _client_loop(agent: Any, link: RendezvousLink) -> None:
             link.direct_failed()
             continue
         if not direct and link.direct is not None:
-            continue  # moving to the direct path: dial it at once
+            # Moving to the direct path. Give the peer the reconnect interval to end the
+            # relayed session before the direct one starts (see docs/rendezvous.md).
+            await trio.sleep(agent.config.reconnect_interval)
+            continue
         if direct and not agent._last_attempt_heard:
             link.direct_failed()
             continue

@@ -46,6 +46,7 @@ LABEL_REGISTER = b"quelay-rendezvous/1 agent->relay\x00"
 LABEL_RELAY = b"quelay-rendezvous/1 relay->agent\x00"
 LABEL_PUNCH = b"quelay-rendezvous/1 agent->agent\x00"
 
+UNREGISTERED_MIN = 64  # smaller datagrams from unknown sources get no answer (amplification)
 FLAG_PUNCH = 0x01  # register: "tell both of us to punch now"; peer: "punch now"
 FLAG_HEARD = 0x02  # punch: "I have heard a valid punch from you"
 
@@ -303,6 +304,7 @@ class RelayLimits:
     rate: float = 5.0  # registrations per second per source IP
     burst: float = 20.0
     max_sources: int = 10_000  # rate-limiter entries kept
+    unsolicited_per_second: float = 100.0  # "unregistered" answers, all sources together
 
 
 class RelayTable:
@@ -321,8 +323,9 @@ class RelayTable:
         self.by_address: dict[Address, tuple[Session, Member]] = {}
         self.replay = ReplayCache(self.limits.window)
         self.counters = Counters()
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._buckets: OrderedDict[str, tuple[float, float, float]] = OrderedDict()
         self._unregistered_told: OrderedDict[Address, float] = OrderedDict()
+        self._unsolicited: tuple[float, float] = (self.limits.unsolicited_per_second, 0.0)
 
     # -- relaying ---------------------------------------------------------------------
 
@@ -334,8 +337,11 @@ class RelayTable:
         if entry is None:
             self.counters.dropped_datagrams += 1
             # Tell an agent the relay forgot it (a restart), at most once a second per address.
+            # Never an amplifier: no answer to a datagram smaller than the answer would
+            # be, at most one a second per address, and a global budget.
             told = self._unregistered_told.get(src)
-            if told is not None and now - told < 1.0:
+            if (told is not None and now - told < 1.0) or len(data) < UNREGISTERED_MIN \
+                    or not self._unsolicited_ok(now):
                 return None
             self._unregistered_told[src] = now
             self._unregistered_told.move_to_end(src)
@@ -362,21 +368,40 @@ class RelayTable:
         return encode(self.secret, Kind.REFUSED, session=session, fingerprint="", wall=wall,
                       body=pack_refusal(code, reason), nonce=nonce)
 
-    def _rate_ok(self, host: str, now: float) -> bool:
+    def _unsolicited_ok(self, now: float) -> bool:
+        rate = self.limits.unsolicited_per_second
+        tokens, last = self._unsolicited
+        tokens = min(rate, tokens + (now - last) * rate)
+        ok = tokens >= 1.0
+        self._unsolicited = (tokens - 1.0 if ok else tokens, now)
+        return ok
+
+    def _rate_ok(self, host: str, now: float) -> bool | None:
+        """True if allowed; False if limited (say so); None if limited and already told."""
         lim = self.limits
-        tokens, last = self._buckets.pop(host, (lim.burst, now))
+        tokens, last, told = self._buckets.pop(host, (lim.burst, now, -1e9))
         tokens = min(lim.burst, tokens + (now - last) * lim.rate)
         ok = tokens >= 1.0
-        self._buckets[host] = (tokens - 1.0 if ok else tokens, now)
+        result: bool | None = True
+        if not ok:
+            # Tell a limited source at most once a second: refusals are not an amplifier.
+            result = False if now - told >= 1.0 else None
+            if result is False:
+                told = now
+        self._buckets[host] = (tokens - 1.0 if ok else tokens, now, told)
         while len(self._buckets) > lim.max_sources:
             self._buckets.popitem(last=False)
-        return ok
+        return result
 
     def handle_untrusted(self, data: bytes, src: Address, now: float,
                          wall: float) -> list[tuple[bytes, Address]]:
         """One rendezvous datagram from ``src``: the replies (to it and maybe its peer)."""
         src = normalise(src)
-        if not self._rate_ok(src[0], now):
+        allowed = self._rate_ok(src[0], now)
+        if allowed is None:
+            self.counters.refusals[Refusal.RATE_LIMITED.text] += 1
+            return []
+        if not allowed:
             return [(self._refusal(Refusal.RATE_LIMITED, "too many registrations from "
                                    "this address", "", wall, bytes(NONCE_SIZE)), src)]
         try:
