@@ -56,6 +56,12 @@ HELP: dict[str, str] = {
     "control": "Control socket path (default STATE_DIR/control.sock).",
     "listen": "Accept the peer on HOST:PORT (UDP).",
     "peer": "Dial the peer at HOST:PORT (UDP).",
+    "rendezvous": "Meet the peer through the rendezvous relay at HOST:PORT (instead of "
+                  "listen/peer; see docs/rendezvous.md).",
+    "session": "Rendezvous session name (the same on both agents).",
+    "rendezvous_secret_file": "File holding the rendezvous shared secret.",
+    "rendezvous_direct": "Try a direct path through the NATs (true) or always use the "
+                         "relay (false).",
     "metrics": "Serve Prometheus metrics on HOST:PORT (TCP, GET /metrics); off by default.",
     "trust": "Pinned peer: sha256:<hex> or a certificate file (repeatable).",
     "inbox_ttl": "Seconds a received file stays in the inbox before it is deleted (0 = keep).",
