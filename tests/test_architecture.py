@@ -14,7 +14,7 @@ SANS_IO = [
     "quelay.core.codes", "quelay.core.feed", "quelay.core.messages", "quelay.core.names",
     "quelay.core.peer", "quelay.core.transfer", "quelay.framing", "quelay.control.protocol",
     "quelay.transport.pacing", "quelay.transport.liveness", "quelay.transport.allotted",
-    "quelay.linksim.impairment", "quelay.units", "quelay.errors",
+    "quelay.linksim.impairment", "quelay.units", "quelay.errors", "quelay.rendezvous.protocol",
 ]
 IO_MODULES = {"trio", "socket", "os", "sqlite3", "subprocess", "asyncio", "selectors"}
 
