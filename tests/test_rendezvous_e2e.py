@@ -238,3 +238,23 @@ async def test_rendezvous_datagrams_count_against_the_cap(nursery: trio.Nursery,
         # the gate, so the cap's one-second window accounted for it.
         assert gate.total_datagrams == sock.counters.datagrams_sent
         assert gate.total_bytes == sock.counters.wire_bytes_sent
+
+
+async def test_relayed_over_an_impaired_link(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Site A behind a LOS-250ms link to the relay (250 ms RTT, 500 kbit/s up): byte-exact."""
+    relay = RendezvousServer(("127.0.0.1", 0), SECRET)
+    await nursery.start(relay.run)
+    async with open_linksim(upstream=relay.address, profile="LOS-250ms", seed=3) as sim_a, \
+            open_linksim(upstream=relay.address, seed=4) as sim_b:
+        a, b = await start_agents(nursery, tmp_path, {"a": sim_a.address, "b": sim_b.address},
+                                  rendezvous_direct=False)
+        await wait_for(lambda: both_up(a, b))
+        src = make_file(tmp_path / "over-los.bin", 150_000, seed=8)
+        final = await send_and_wait(a.config.control, src)  # up the slow direction
+        assert final["state"] == "done"
+        assert sha256_file(b.config.inbox / src.name) == sha256_file(src)
+        sent, got, _ = await stream_across(b.config.control, a.config.control, 400_000, 12,
+                                           "down-the-fast-side")
+        assert sent == got
+        assert a.status()["path"] == "relayed" and a.status()["link"]["rtt"] >= 0.2
+        assert sim_a.stats.up.bytes_forwarded > 150_000  # the file crossed the impaired link
