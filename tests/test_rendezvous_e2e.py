@@ -258,3 +258,20 @@ async def test_relayed_over_an_impaired_link(nursery: trio.Nursery, tmp_path: Pa
         assert sent == got
         assert a.status()["path"] == "relayed" and a.status()["link"]["rtt"] >= 0.2
         assert sim_a.stats.up.bytes_forwarded > 150_000  # the file crossed the impaired link
+
+
+async def test_quelay_status_prints_the_path(nursery: trio.Nursery, tmp_path: Path) -> None:
+    import sys
+
+    relay = RendezvousServer(("127.0.0.1", 0), SECRET)
+    await nursery.start(relay.run)
+    a, b = await start_agents(nursery, tmp_path, {"a": relay.address, "b": relay.address},
+                              rendezvous_direct=False)
+    await wait_for(lambda: both_up(a, b))
+    done = await trio.run_process([sys.executable, "-m", "quelay.cli", "status", "--control",
+                                   str(a.config.control)], capture_stdout=True)
+    text = done.stdout.decode()
+    assert f"path    relayed (rendezvous 127.0.0.1:{relay.address[1]}, session site-pair)" \
+        in text, text
+    role = "dial" if a.rendezvous.client else "listen"
+    assert f"({role}, udp" in text

@@ -69,3 +69,31 @@ async def test_relay_pairs_relays_refuses_and_counts(tmp_path: Path) -> None:
         assert status["refusals"]["unregistered"] == 1
         nursery.cancel_scope.cancel()
     assert not control.exists()
+
+
+def test_rendezvous_command_refuses_a_bad_secret_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from quelay.cli.app import app
+
+    empty = tmp_path / "empty.secret"
+    empty.write_text("\n")
+    short = tmp_path / "short.secret"
+    short.write_text("tooshort\n")
+    runner = CliRunner()
+    for path, why in ((empty, "is empty"), (short, "shorter than 16 bytes"),
+                      (tmp_path / "missing", "No such file")):
+        result = runner.invoke(app, ["rendezvous", "--listen", "127.0.0.1:0",
+                                     "--secret-file", str(path)])
+        assert result.exit_code == 1, result.output
+        assert "cannot start" in result.output and why in result.output
+
+
+async def test_rendezvous_status_without_a_relay_says_so(tmp_path: Path) -> None:
+    import sys
+
+    done = await trio.run_process(
+        [sys.executable, "-m", "quelay.cli", "rendezvous-status", "--control",
+         str(tmp_path / "nobody.sock")], capture_stderr=True, check=False)
+    assert done.returncode == 2
+    assert b"no rendezvous relay answers" in done.stderr

@@ -51,11 +51,11 @@ class RendezvousLink:
                  gate: WireGate | None, *, label: str = "agent", direct: bool = True) -> None:
         self.sock = sock
         self.relay = normalise(relay)
-        self._relay_dst = relay  # as the socket wants it (v4-mapped on a v6 socket)
         self.tokens = tokens
         self.gate = gate
         self.label = label
         self.direct_allowed = direct
+        self._relay_dst = self._dst(self.relay)  # as the socket wants it (v4-mapped on v6)
         self.observed: Address | None = None
         self.peer_address: Address | None = None
         self.registered = False
@@ -247,7 +247,7 @@ class RendezvousLink:
         path = None
         if session_peer is not None:
             path = "relayed" if normalise(session_peer) == self.relay else "direct"
-        return {
+        out: dict[str, Any] = {
             "path": path,
             "rendezvous": {
                 "relay": f"{self.relay[0]}:{self.relay[1]}",
@@ -265,6 +265,9 @@ class RendezvousLink:
                 "direct_failures": self.direct_failures,
             },
         }
+        if self.client is not None:  # the QUIC client dials (the relay or the peer)
+            out["role"] = "dial" if self.client else "listen"
+        return out
 
 
 def _fmt(addr: Address | None) -> str:
@@ -278,7 +281,6 @@ async def run_rendezvous(agent: Any, nursery: trio.Nursery) -> None:
     _, relay = resolve(*cfg.rendezvous)
     link = RendezvousLink(agent.sock, relay, AgentTokens(secret, cfg.session, agent.fingerprint),
                           agent.gate, label=agent.label, direct=cfg.rendezvous_direct)
-    link._relay_dst = link._dst(link.relay)
     agent.rendezvous = link
     endpoint = agent.endpoint
     endpoint.foreign = link.handle
