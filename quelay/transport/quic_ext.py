@@ -270,8 +270,10 @@ class QuelayPacketRecovery(QuicPacketRecovery):
 
     def get_probe_timeout(self, *, include_max_ack_delay: bool = True) -> float:
         if not self._rtt_initialized and self._seed is not None:
+            # At least 1.25 RTT: a dial attempt that hears nothing is replaced by the
+            # agent after 1.2 RTT with a fresh Initial, so resending within it is waste.
             rtt, var = self._seed
-            return rtt + max(4 * var, K_GRANULARITY, rtt / 8)
+            return rtt + max(4 * var, K_GRANULARITY, rtt / 4)
         return super().get_probe_timeout(include_max_ack_delay=include_max_ack_delay)
 
     # -- timers ---------------------------------------------------------------------
