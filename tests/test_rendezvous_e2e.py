@@ -275,3 +275,34 @@ async def test_quelay_status_prints_the_path(nursery: trio.Nursery, tmp_path: Pa
         in text, text
     role = "dial" if a.rendezvous.client else "listen"
     assert f"({role}, udp" in text
+
+
+async def test_relayed_agents_keep_trying_and_move_direct_when_it_works(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: Any) -> None:
+    """Punches blocked at first (relayed); once they pass, the next retry moves direct."""
+    import quelay.rendezvous.link as link_mod
+
+    monkeypatch.setattr(link_mod, "DIRECT_RETRY", 1.0)
+    blocked = [True]
+    genuine = AgentTokens.punch
+
+    def punch(self: AgentTokens, wall: float, *, heard: bool) -> bytes:
+        data = genuine(self, wall, heard=heard)
+        return data[:-1] + bytes([data[-1] ^ 1]) if blocked[0] else data  # a bad MAC: ignored
+
+    monkeypatch.setattr(AgentTokens, "punch", punch)
+    relay = RendezvousServer(("127.0.0.1", 0), SECRET)
+    await nursery.start(relay.run)
+    a, b = await start_agents(nursery, tmp_path, {"a": relay.address, "b": relay.address})
+    await wait_for(lambda: both_up(a, b) and a.rendezvous.punch_failures >= 1
+                   and b.rendezvous.punch_failures >= 1)
+    assert a.status()["path"] == "relayed" and b.status()["path"] == "relayed"
+    assert a.rendezvous.punch_successes == 0 and b.rendezvous.punch_successes == 0
+    blocked[0] = False
+    await wait_for(lambda: both_up(a, b) and a.status()["path"] == "direct"
+                   and b.status()["path"] == "direct")
+    assert a.rendezvous.punch_attempts >= 2 and a.rendezvous.punch_successes >= 1
+    src = make_file(tmp_path / "after-move.bin", 1_000_000, seed=10)
+    final = await send_and_wait(a.config.control, src)
+    assert final["state"] == "done"
+    assert sha256_file(b.config.inbox / src.name) == sha256_file(src)
