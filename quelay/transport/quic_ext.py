@@ -249,6 +249,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         self.probes = 0
         self.return_probes = 0  # immediate probes when the peer was heard after a silence
         self._return_probe_at = -1
+        self._last_ack_at: float | None = None
         # Set by the connection: "no stream has anything queued" and "the wire has room".
         self.app_idle: Callable[[], bool] = lambda: False
         self.spare_cap: Callable[[], bool] = lambda: True
@@ -277,6 +278,28 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         return super().get_probe_timeout(include_max_ack_delay=include_max_ack_delay)
 
     # -- timers ---------------------------------------------------------------------
+
+    def reschedule_data(self, *, now: float, speed_up_handshake: bool = False) -> None:
+        """A probe's data. aioquic resends the oldest unacknowledged packet; after a
+        silence that one has most likely arrived (its ACK was what the outage ate),
+        so its copy is no news to the receiver. We resend the oldest one sent after
+        half an RTT before the last ACK we got: the first one the outage likely ate."""
+        space = self._app_space()
+        if not self.handshake_confirmed or speed_up_handshake or space is None \
+                or self._last_ack_at is None:
+            super().reschedule_data(now=now, speed_up_handshake=speed_up_handshake)
+            return
+        rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
+        cutoff = self._last_ack_at - rtt / 2
+        for packet in space.sent_packets.values():
+            assert packet.sent_time is not None
+            if packet.is_ack_eliciting and packet.sent_time >= cutoff \
+                    and _stream_handlers(packet):
+                self._on_packets_lost(congestion_event=False, now=now, packets=[packet],
+                                      space=space)
+                self._send_probe()
+                return
+        super().reschedule_data(now=now, speed_up_handshake=speed_up_handshake)
 
     def return_probe_due(self) -> bool:
         """A datagram arrived during a silence: one immediate probe per silent PTO."""
@@ -517,6 +540,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
 
     def on_ack_received(self, *, ack_rangeset: RangeSet, ack_delay: float, now: float,
                         space: QuicPacketSpace) -> None:
+        self._last_ack_at = now
         declared = self._declared
         key = id(space)
         if declared:
