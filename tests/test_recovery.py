@@ -159,7 +159,7 @@ def test_allotted_does_not_slow_down_for_reordering() -> None:
 
     def run(late_ack: bool) -> float:
         s = warmed("allotted", rtt=0.1)
-        cc = s.rec._cc
+        cc = s.rec.congestion
         cc.set_allotment(250_000)  # type: ignore[attr-defined]
         t = 1.0
         for _ in range(12):  # 12 epochs of 0.5 s

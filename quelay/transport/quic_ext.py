@@ -260,6 +260,11 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         self._protected: set[int] = set()
         self._after_silence = False
 
+    @property
+    def congestion(self) -> Any:
+        """The congestion controller (``allotted``, ``reno`` or ``cubic``)."""
+        return self._cc
+
     # -- remembered path ------------------------------------------------------------
 
     def seed(self, rtt: float, rtt_var: float) -> None:
