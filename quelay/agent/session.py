@@ -330,6 +330,8 @@ class Session:
         async with rt.lock:  # a pump of an earlier session may still be unwinding
             if t.terminal or rt.feed_key is None:
                 return
+            # Only now: an unwinding pump of the previous session may have moved it.
+            t.sent = start
             digest: bytes | None = None
             with trio.CancelScope() as scope:  # cancelled by StopSending
                 sid = self.conn.open_stream()
