@@ -390,6 +390,8 @@ class Agent:
 
     async def _dial_loop(self, peer: Address) -> None:
         assert self.endpoint is not None
+        # The first dial after a restart waits as long as the path needs (path memory).
+        self._last_rtt = self.endpoint.remembered_rtt(peer) or self._last_rtt
         while True:
             if self.link_state is not LinkState.DOWN:
                 self._set_link(LinkState.CONNECTING)
@@ -515,8 +517,11 @@ class Agent:
     def _session_ended(self, conn: QuicConn, reason: str) -> None:
         if self.session is None or self.session.conn is not conn:
             return
-        self.book.stats.connection_ended(conn.path_stats())
-        rtt = conn.path_stats().rtt
+        stats = conn.path_stats()
+        self.book.stats.connection_ended(stats)
+        # The path's own round trip (min RTT), not the smoothed one, which includes the
+        # queue at the cap: a dial attempt need not wait for a queue that is gone.
+        rtt = stats.min_rtt if stats.min_rtt is not None else stats.rtt
         if rtt is not None:
             self._last_rtt = rtt
         self.session = None
