@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .. import units
 from ..units import UnitError, parse_duration
 
 JitterDist = Literal["uniform", "normal"]
@@ -244,19 +244,18 @@ _SHORT_KEYS = {
     "queue_s": "queue_s",
     "max_in_flight": "max_in_flight_bytes",
 }
-_RATE_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
-_SIZE_SUFFIX = {"": 1, "k": 1000, "m": 1000**2, "kib": 1024, "mib": 1024**2}
 
 
 def parse_rate(text: str) -> float | None:
-    """``"500k"``, ``"11M"``, ``"2Mbps"``, ``"13e6"`` -> bits/s; ``"unlimited"`` -> None."""
+    """``"500k"``, ``"11M"``, ``"2Mbps"`` -> bits/s (:func:`quelay.units.parse_rate`);
+    ``"unlimited"`` -> None."""
     t = text.strip().lower()
     if t in ("none", "unlimited", "inf"):
         return None
-    m = re.fullmatch(r"([0-9.e+-]+)\s*([kmg]?)(?:bit/s|bps|b/s)?", t)
-    if not m:
-        raise ValueError(f"bad rate {text!r} (examples: 500k, 11M, 2Mbps, unlimited)")
-    return float(m.group(1)) * _RATE_SUFFIX[m.group(2)]
+    try:
+        return float(units.parse_rate(text))
+    except UnitError as exc:
+        raise ValueError(f"bad rate: {exc} (examples: 500k, 11M, 2Mbps, unlimited)") from None
 
 
 def parse_seconds(text: str) -> float:
@@ -277,11 +276,11 @@ def parse_probability(text: str) -> float:
 
 
 def parse_size(text: str) -> int:
-    """``"64k"``, ``"1MiB"``, ``"4500"`` -> bytes."""
-    m = re.fullmatch(r"([0-9.]+)\s*(k|m|kib|mib)?b?", text.strip().lower())
-    if not m:
-        raise ValueError(f"bad size {text!r} (examples: 4500, 64k, 1MiB)")
-    return int(float(m.group(1)) * _SIZE_SUFFIX[m.group(2) or ""])
+    """``"64k"``, ``"1MiB"``, ``"4500"`` -> bytes (:func:`quelay.units.parse_size`)."""
+    try:
+        return units.parse_size(text)
+    except UnitError as exc:
+        raise ValueError(f"bad size: {exc} (examples: 4500, 64k, 1MiB)") from None
 
 
 def _parse_value(field_name: str, text: str) -> Any:
