@@ -306,3 +306,40 @@ async def test_relayed_agents_keep_trying_and_move_direct_when_it_works(
     final = await send_and_wait(a.config.control, src)
     assert final["state"] == "done"
     assert sha256_file(b.config.inbox / src.name) == sha256_file(src)
+
+
+async def test_a_file_in_flight_moves_from_relayed_to_direct(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: Any) -> None:
+    """The move to the direct path happens mid-file: the file resumes and arrives intact."""
+    import quelay.rendezvous.link as link_mod
+
+    monkeypatch.setattr(link_mod, "DIRECT_RETRY", 0.5)
+    blocked = [True]
+    genuine = AgentTokens.punch
+
+    def punch(self: AgentTokens, wall: float, *, heard: bool) -> bytes:
+        data = genuine(self, wall, heard=heard)
+        return data[:-1] + bytes([data[-1] ^ 1]) if blocked[0] else data
+
+    monkeypatch.setattr(AgentTokens, "punch", punch)
+    relay = RendezvousServer(("127.0.0.1", 0), SECRET)
+    await nursery.start(relay.run)
+    a, b = await start_agents(nursery, tmp_path, {"a": relay.address, "b": relay.address},
+                              rate=4_000_000)
+    await wait_for(lambda: both_up(a, b))
+    size = 4 * 1024 * 1024 + 1
+    # The receiver is the QUIC client: it is the one that ends the relayed connection.
+    client = a if a.rendezvous.client else b
+    sender = b if client is a else a
+    src = make_file(tmp_path / "moving.bin", size, seed=13)
+    async with open_client(sender.config.control) as c:
+        tid = (await c.send_file(src))["id"]
+        await wait_for(lambda: sender.transfers[tid].delivered > size // 5)
+        assert sender.status()["path"] == "relayed"
+        blocked[0] = False
+        await wait_for(lambda: client.rendezvous.current_direct)
+        assert sender.transfers[tid].delivered < size  # moved while the file was in flight
+        final = await c.wait(tid)
+    assert final["state"] == "done" and final["resumes"] >= 1, final
+    assert sha256_file(client.config.inbox / src.name) == sha256_file(src)
+    assert client.status()["path"] == "direct"
