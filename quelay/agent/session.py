@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -501,25 +501,57 @@ class Session:
 
     async def _sink_file(self, t: Transfer, rt: Runtime, stream: InboundStream,
                          pending: list[bytes]) -> None:
+        """QUIC → partial file, by group commit: while one batch is written, fsynced,
+        journaled and acked (worker threads), the next one accumulates.
+
+        A batch is what arrived during the previous commit, at most
+        :data:`FSYNC_EVERY` bytes: at a high rate batches grow and fsyncs are
+        few; at a low rate each arrival is committed (and acked) at once. With a
+        full batch waiting, the sink stops consuming (no QUIC credit: the sender
+        waits), so a stalled disk holds the sender back as before.
+        """
         if t.delivered == 0 and not await self._write_durably(t, rt, [], 0):
             return  # (creates the partial file, so even an empty file has one)
-        batch: list[bytes] = []
-        size = 0
-        while not t.terminal:
-            chunk = await self._take(stream, pending)
-            if chunk:
-                refused = self.protocol.check_incoming(t, size + len(chunk))
-                if refused:
-                    self.perform(refused)
-                    return
-                batch.append(chunk)
-                size += len(chunk)
-            if size and (not chunk or size >= FSYNC_EVERY or stream.buffered == 0):
-                if not await self._write_durably(t, rt, batch, size):
-                    return
-                batch, size = [], 0
-            if not chunk:
-                self.perform(self.protocol.data_ended(t, rt.hasher.digest()))
+        batches = _Batches(t.delivered)
+        raised: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._commit_batches, t, rt, batches, nursery.cancel_scope)
+            try:
+                while not t.terminal:
+                    while batches.size >= FSYNC_EVERY:
+                        await batches.changed.park()
+                    chunk = await self._take(stream, pending)
+                    if not chunk:
+                        batches.end()
+                        break
+                    # (t.delivered moves as batches commit; batches.received does not wait)
+                    refused = self.protocol.check_incoming(
+                        t, batches.received + len(chunk) - t.delivered)
+                    if refused:
+                        self.perform(refused)
+                        break
+                    batches.add(chunk)
+            except (StreamReset, ConnectionClosed, SessionEnded) as exc:
+                raised = exc  # re-raised outside the nursery (not as an exception group)
+            if not batches.ended:
+                nursery.cancel_scope.cancel()
+        if raised is not None:
+            raise raised
+        if batches.ended and batches.committed and not t.terminal:
+            self.perform(self.protocol.data_ended(t, rt.hasher.digest()))
+
+    async def _commit_batches(self, t: Transfer, rt: Runtime, batches: _Batches,
+                              scope: trio.CancelScope) -> None:
+        """The committing half of :meth:`_sink_file`: one batch at a time, in order."""
+        while True:
+            while not batches.size and not batches.ended:
+                await batches.changed.park()
+            if not batches.size:
+                batches.committed = True  # ended, and everything is on disk
+                return
+            chunks, size = batches.take()
+            if not await self._write_durably(t, rt, chunks, size):
+                scope.cancel()
                 return
 
     async def _write_durably(self, t: Transfer, rt: Runtime, batch: list[bytes],
@@ -535,7 +567,10 @@ class Session:
             reason = self._stall_reason(size)
             if reason is None:
                 try:
-                    await trio.to_thread.run_sync(_write_at, partial, t.delivered, batch)
+                    # Written, fsynced and hashed in a worker thread (hashlib drops the
+                    # GIL): the event loop keeps receiving meanwhile.
+                    await trio.to_thread.run_sync(_write_at, partial, t.delivered, batch,
+                                                  rt.hasher)
                 except OSError as exc:
                     log.warning("transfer %s: writing %s: %s", t.id, partial, exc)
                     if exc.errno not in _STALL_ERRNOS:
@@ -545,9 +580,8 @@ class Session:
                 else:
                     # On disk. The digest, the offset and the journal move together:
                     # a session ending here must not leave them disagreeing.
+                    # (_write_at hashed the batch once it was durable.)
                     with trio.CancelScope(shield=True):
-                        for chunk in batch:
-                            rt.hasher.update(chunk)
                         if size:
                             actions = self.protocol.delivered(t, t.delivered + size)
                             # durable in the journal (in a worker thread: an fsync never
@@ -708,8 +742,9 @@ async def _skip(stream: InboundStream, first: bytes, overlap: int) -> list[bytes
     return [data] if data else []
 
 
-def _write_at(path: Path, offset: int, chunks: list[bytes]) -> None:
-    """Write ``chunks`` at ``offset`` (dropping anything after it) and fsync (a thread)."""
+def _write_at(path: Path, offset: int, chunks: list[bytes], hasher: Any = None) -> None:
+    """Write ``chunks`` at ``offset`` (dropping anything after it) and fsync (a thread);
+    then, only once they are durable, feed them to ``hasher``."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.ftruncate(fd, offset)
@@ -721,6 +756,37 @@ def _write_at(path: Path, offset: int, chunks: list[bytes]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    if hasher is not None:
+        for chunk in chunks:
+            hasher.update(chunk)
+
+
+class _Batches:
+    """Bytes received for one incoming file and not yet committed (see ``_sink_file``)."""
+
+    def __init__(self, offset: int) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0  # accumulated, waiting for the committer
+        self.received = offset  # the file offset after the last byte received
+        self.ended = False  # the data stream ended (FIN)
+        self.committed = False  # ended and every byte committed
+        self.changed = trio.lowlevel.ParkingLot()
+
+    def add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        self.received += len(chunk)
+        self.changed.unpark_all()
+
+    def end(self) -> None:
+        self.ended = True
+        self.changed.unpark_all()
+
+    def take(self) -> tuple[list[bytes], int]:
+        chunks, size = self.chunks, self.size
+        self.chunks, self.size = [], 0
+        self.changed.unpark_all()
+        return chunks, size
 
 
 def _free_bytes(directory: Path) -> int:

@@ -642,7 +642,11 @@ class CoarsePacer(QuicPacketPacer):
             pacing_rate = min(pacing_rate, self.cap_bytes_per_second)
             burst = max(2 * self._max_datagram_size, min(burst, pacing_rate * 0.01))
         self.packet_time = max(1e-6, min(self._max_datagram_size / pacing_rate, 1.0))
-        self.bucket_max = burst / pacing_rate
+        # The bucket holds the burst in packets at the packet time actually charged:
+        # uncapped on a short path the rate is far above what the 1 µs floor charges,
+        # and ``burst / pacing_rate`` would leave room for only a few datagrams per
+        # wake-up (measured: 3.4 per transmit on loopback instead of 64).
+        self.bucket_max = burst / self._max_datagram_size * self.packet_time
         self.bucket_time = min(self.bucket_time, self.bucket_max)
 
 
