@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import itertools
 import logging
 import os
@@ -361,11 +362,7 @@ class Session:
             log.info("transfer %s resumes at byte %d", t.id, start)
         self.conn.send_nowait(sid, encode_frame(m.encode_message(m.DataHeader(t.id, start))))
         if t.kind == "file":
-            await self._pump_file(t, rt, sid)
-            _check_source(t)
-            assert t.path is not None
-            # The sender's digest is of the whole file, independent of resumes.
-            digest: bytes = (await trio.to_thread.run_sync(hash_file, t.path)).digest()
+            digest = await self._pump_file(t, rt, sid)
             _check_source(t)
             return digest
         assert rt.out is not None
@@ -374,9 +371,18 @@ class Session:
         await self._pump_spool(t, rt, sid)
         return rt.out.digest()
 
-    async def _pump_file(self, t: Transfer, rt: Runtime, sid: int) -> None:
+    async def _pump_file(self, t: Transfer, rt: Runtime, sid: int) -> bytes:
+        """Send the file from ``t.sent``; return the SHA-256 of the whole file.
+
+        The digest is of the whole file, independent of resumes: the bytes are
+        hashed as they are read (one pass over the file, not a second one at
+        the end), after the part sent before a resume, hashed first.
+        """
         assert t.path is not None and t.size is not None and rt.feed_key is not None
         _check_source(t)
+        hasher = hashlib.sha256()
+        if t.sent:
+            await trio.to_thread.run_sync(hash_file, t.path, hasher, t.sent)
         with open(t.path, "rb") as source:
             source.seek(t.sent)
             while t.sent < t.size:
@@ -386,12 +392,14 @@ class Session:
                 if not chunk:
                     raise _SourceChanged(f"{t.path} shrank while sending "
                                          f"({t.sent} of {t.size} bytes)")
+                hasher.update(chunk)
                 await self.conn.send(sid, chunk)
                 t.sent += len(chunk)
                 t.sent_high = max(t.sent_high, t.sent)
             if source.read(1):
                 raise _SourceChanged(f"{t.path} grew while sending (more than {t.size} bytes)")
         await self.conn.send(sid, b"", end_stream=True)
+        return hasher.digest()
 
     async def _pump_spool(self, t: Transfer, rt: Runtime, sid: int) -> None:
         assert rt.feed_key is not None and rt.out is not None
