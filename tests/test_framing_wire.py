@@ -77,7 +77,7 @@ def test_messages_roundtrip(msg: wire.Message) -> None:
         [],
         {"t": "nope"},
         {"t": "open", "id": "not-a-uuid", "kind": "file", "size": 1, "priority": 1, "name": "x"},
-        {"t": "open", "id": TID, "kind": "dir", "size": 1, "priority": 1, "name": "x"},
+        {"t": "open", "id": TID, "kind": "folder", "size": 1, "priority": 1, "name": "x"},
         {"t": "open", "id": TID, "kind": "file", "size": -1, "priority": 1, "name": "x"},
         {"t": "open", "id": TID, "kind": "file", "size": 1, "priority": 99, "name": "x"},
         {"t": "open", "id": TID, "kind": "file", "size": 1, "priority": 1, "name": 5},
