@@ -83,3 +83,31 @@ def test_batches_count_received_bytes_across_commits() -> None:
     batches.end()
     assert (batches.size, batches.received, batches.ended) == (1, 1016, True)
     assert not batches.committed
+
+
+def test_endpoint_routes_short_header_datagrams_without_parsing_a_header(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from quelay.transport import endpoint as endpoint_mod
+    from quelay.transport.udp import UdpSocket
+
+    sock = UdpSocket(("127.0.0.1", 0))
+    try:
+        ep = endpoint_mod.QuicEndpoint(sock, make_connection=lambda *a: None,  # type: ignore[arg-type,return-value]
+                                       configuration=QuicConfiguration(is_client=False),
+                                       quic_kwargs={})
+        conn = object()
+        ep._by_cid[b"C" * endpoint_mod.CID_LENGTH] = conn  # type: ignore[assignment]
+
+        def no_parsing(*args: object, **kwargs: object) -> None:
+            raise AssertionError("header parsed")
+
+        monkeypatch.setattr(endpoint_mod, "pull_quic_header", no_parsing)
+        short = bytes([0x40]) + b"C" * endpoint_mod.CID_LENGTH + b"payload" * 10
+        assert ep._route(short, ("127.0.0.1", 1), None) is conn  # type: ignore[arg-type]
+        unknown = bytes([0x40]) + b"D" * endpoint_mod.CID_LENGTH + b"payload" * 10
+        with pytest.raises(AssertionError):  # unknown CID: the full parse still decides
+            ep._route(unknown, ("127.0.0.1", 1), None)  # type: ignore[arg-type]
+    finally:
+        sock.close()

@@ -131,6 +131,12 @@ class QuicEndpoint:
             return self._client
         if self._configuration.is_client:
             return None  # a dialler never accepts: a late answer to an abandoned attempt
+        if len(data) > CID_LENGTH and not data[0] & 0x80:
+            # Short header (1-RTT, nearly every datagram): the destination CID follows
+            # the first byte; no need to parse a header per datagram to route it.
+            conn = self._by_cid.get(data[1:1 + CID_LENGTH])
+            if conn is not None:
+                return conn
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
