@@ -242,6 +242,7 @@ async def test_accept_incoming_claim_ends_with_its_client(pair: Any) -> None:
 
 async def test_listing_ten_thousand_transfers_is_paginated(pair: Any) -> None:
     book = pair.a.agent.book
+    book.history = type(book.history)(max_count=100_000, max_age=1e9)  # no pruning meanwhile
     for i in range(10_000):
         t = Transfer(wire.new_transfer_id(), "in", "stream", f"s{i}", None, 4)
         t.fail("canceled", "test history", canceled=True)
@@ -253,8 +254,18 @@ async def test_listing_ten_thousand_transfers_is_paginated(pair: Any) -> None:
         everything = await client.ls()
         assert len(everything) == 10_000
         assert len({t["id"] for t in everything}) == 10_000
+        # The cursor stays valid while transfers come and go between pages.
+        first = await client.ls_page(0, 300)
+        for t in list(book.table)[:50]:
+            book.table.remove(t.id)
+        book.table.add(Transfer(wire.new_transfer_id(), "in", "stream", "late", None, 4))
+        second = await client.ls_page(first["next"], 300)
+        seen = [t["id"] for t in first["transfers"] + second["transfers"]]
+        assert len(seen) == len(set(seen)) == 600  # no duplicates, no gap
     book.history = type(book.history)(max_count=100, max_age=1e9)
-    assert book.prune() == 9_900 and len(book.table) == 100
+    finished = sum(1 for t in book.table if t.terminal)
+    assert book.prune() == finished - 100
+    assert sum(1 for t in book.table if t.terminal) == 100
 
 
 # -- 7. cancel is exact ----------------------------------------------------------------------

@@ -377,3 +377,15 @@ def test_unsafe_path_in_a_directory_fails_the_directory() -> None:
     assert lk.b.table[group.id].state is State.FAILED
     assert lk.b.table[group.id].error_code == "unsafe_name"
     assert group.state is State.FAILED  # told to the sender
+
+
+def test_a_cancel_after_the_finish_is_refused_so_both_ends_agree() -> None:
+    lk = link()
+    t = lk.a.submit(b"")  # a 0-byte file: finished the moment it is pumped
+    lk.a.start(t)
+    lk.deliver_all()
+    lk.pump(t.id)
+    assert t.sha256 is not None and not t.cancelable
+    assert lk.a.proto.fail(t, Failure.CANCELED, "too late") == []
+    lk.deliver_all()
+    assert t.state is State.DONE and lk.b.table[t.id].state is State.DONE

@@ -297,8 +297,12 @@ class TransferBook:
         if self.link is not None:
             self.link.transfer_ended(t)
 
-    def cancel(self, t: Transfer, reason: str = "canceled by local client") -> None:
+    def cancel(self, t: Transfer, reason: str = "canceled by local client") -> bool:
+        """Cancel at both ends; ``False`` if it is too late (see ``Transfer.cancelable``)."""
+        if not t.cancelable:
+            return False
         self.fail(t, Failure.CANCELED, reason)
+        return True
 
     def _release(self, t: Transfer) -> None:
         """Give back what a finished transfer held: scheduler entry, spool memory."""

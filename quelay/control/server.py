@@ -389,11 +389,11 @@ class ControlServer:
         """One page of transfers, newest first; ``next`` is the cursor of the following page."""
         limit = p.arg_int(args, "limit", LS_DEFAULT_LIMIT, 1, LS_MAX_LIMIT)
         cursor = p.arg_int(args, "cursor", 0, 0, 2**62)
-        everything = self.book.table.newest_first()
-        page = everything[cursor:cursor + limit]
-        following = cursor + len(page)
-        return {"transfers": [t.info() for t in page], "total": len(everything),
-                "next": following if following < len(everything) else None}
+        rest = self.book.table.newest_first(before=cursor or None)
+        page = rest[:limit]
+        more = len(rest) > len(page)
+        return {"transfers": [t.info() for t in page], "total": len(self.book.table),
+                "next": page[-1].seq if more else None}
 
     async def op_get(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         return self.find(args).info()
@@ -521,7 +521,9 @@ class ControlServer:
         t = self.find(args)
         if t.terminal:
             raise ControlError(p.CONFLICT, f"transfer is already {t.state.value}")
-        self.book.cancel(t)
+        if not self.book.cancel(t):
+            raise ControlError(p.CONFLICT, "every byte was sent and announced: the transfer "
+                               "now completes or fails on its own")
         return t.info()
 
     async def op_fetch(self, conn: ClientConnection, args: dict[str, Any]) -> Any:

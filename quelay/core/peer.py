@@ -240,6 +240,8 @@ class PeerProtocol:
              ) -> list[Action]:
         """End ``t`` here; the peer hears it (now) when it may know the transfer."""
         canceled = code is Failure.CANCELED
+        if canceled and tell_peer and not t.cancelable:
+            return []  # a local cancel after our finish would cross the final ack
         if not t.fail(code, message, canceled=canceled):
             return []
         actions: list[Action] = []

@@ -26,7 +26,7 @@ from .codes import Failure, StallReason
 
 Direction = Literal["out", "in"]
 Kind = Literal["file", "stream", "dir"]
-_SEQ = itertools.count()
+_SEQ = itertools.count(1)  # 0 is no cursor (ls)
 
 
 class State(StrEnum):
@@ -125,6 +125,17 @@ class Transfer:
             return False
         self.error_code, self.error_message = str(code), message
         return self.move_to(State.CANCELED if canceled else State.FAILED)
+
+    @property
+    def cancelable(self) -> bool:
+        """Whether a local cancel can still end it the same way at both ends.
+
+        Once a sender has announced the end of the bytes (``finish``) the receiver
+        may complete at any moment: a cancel then would cross its final ack, and
+        the two ends would disagree. So from there the transfer completes or
+        fails on its own.
+        """
+        return not self.terminal and not (self.direction == "out" and self.sha256 is not None)
 
     @property
     def peer_may_know(self) -> bool:
@@ -227,5 +238,9 @@ class TransferTable:
         pending.sort(key=lambda t: (-t.priority, t.seq))
         return pending
 
-    def newest_first(self) -> list[Transfer]:
-        return sorted(self._by_id.values(), key=lambda t: (-t.created, -t.seq))
+    def newest_first(self, before: int | None = None) -> list[Transfer]:
+        """Newest first (by ``seq``: the order this agent learned of them); with
+        ``before``, only those learned before the transfer whose ``seq`` it is — a
+        cursor that stays valid while transfers are added or pruned."""
+        items = (t for t in self._by_id.values() if before is None or t.seq < before)
+        return sorted(items, key=lambda t: -t.seq)
