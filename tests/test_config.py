@@ -134,6 +134,8 @@ def test_every_agent_field_is_settable_from_file_env_and_flag(
         raw = expected = int(config.LIMITS[field][0]) + 1
     if setting.kind == "count" and field in config.LIMITS:
         raw = expected = int(config.LIMITS[field][0]) + 1
+    if setting.kind == "list" and field == "export":
+        raw = expected = [f"data={tmp_path}"]
     if raw is None and setting.kind != "path":
         pytest.skip(f"no sample for kind {setting.kind}")
     if setting.kind == "path":
