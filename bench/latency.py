@@ -52,6 +52,7 @@ from quelay.agent import Agent, AgentConfig  # noqa: E402
 from quelay.client import ClientError, open_client  # noqa: E402
 from quelay.identity import load_or_create_identity  # noqa: E402
 from quelay.linksim import BIN_S, get_profile  # noqa: E402
+from quelay.linksim.measure import max_window_bytes  # noqa: E402
 from quelay.transport.pacing import IPV4_UDP_HEADER  # noqa: E402
 
 SMALL = 5 * 1024
@@ -61,18 +62,6 @@ TARGETS = {"equal": 3.0, "higher": 2.5}
 FAIR_SPREAD = 0.05
 TARGET_SEND = 1.00
 TARGET_WIRE = 1.02
-
-
-def window_max(sends: list[tuple[float, int]], width: float) -> int:
-    """Most bytes sent in any window (t - width, t]."""
-    best = total = j = 0
-    for t, n in sends:
-        total += n
-        while sends[j][0] <= t - width:
-            total -= sends[j][1]
-            j += 1
-        best = max(best, total)
-    return best
 
 
 def peak(values: list[int], n: int = 10) -> int:
@@ -214,7 +203,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             # ---- 3: the cap, headers counted ----------------------------------------
             hist = await sim.histogram()
             result["wire_max"] = peak([h["up_in"] for h in hist]) * 8 / (10 * BIN_S) / rate
-            result["send_max"] = window_max(sends, 1.0) * 8 / rate
+            result["send_max"] = max_window_bytes(sends, 1.0) * 8 / rate
             up = await sim.up_stats()
             result["sim_queue_drops"] = up["dropped_queue"]
             st = b.status()

@@ -102,6 +102,7 @@ from quelay.client import open_client  # noqa: E402
 from quelay.identity import load_or_create_identity  # noqa: E402
 from quelay.linksim import BIN_S, open_linksim  # noqa: E402
 from quelay.linksim import parse_profile as get_profile  # noqa: E402  (names and specs)
+from quelay.linksim.measure import max_window_bytes  # noqa: E402
 from quelay.linksim.profiles import Profile  # noqa: E402
 
 BASE_PROFILES = ["clean", "LOS-250ms", "BLOS-750ms", "Degraded-BLOS"]
@@ -196,18 +197,6 @@ def _peak(values: list[int], n: int = 10) -> int:
     total = best = sum(values[:n])
     for i in range(n, len(values)):
         total += values[i] - values[i - n]
-        best = max(best, total)
-    return best
-
-
-def _window_max(sends: list[tuple[float, int]], width: float) -> int:
-    """Most bytes sent in any window (t - width, t]."""
-    best = total = j = 0
-    for t, n in sends:
-        total += n
-        while sends[j][0] <= t - width:
-            total -= sends[j][1]
-            j += 1
         best = max(best, total)
     return best
 
@@ -369,7 +358,7 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
                 await _file_phase(case, a, b, root, result, limit)
                 hist = await sim.histogram()
                 result["wire_max"] = _peak([h["up_in"] for h in hist]) * 8 / (10 * BIN_S)
-                result["send_max"] = _window_max(sends, 1.0) * 8
+                result["send_max"] = max_window_bytes(sends, 1.0) * 8
                 nursery.cancel_scope.cancel()
                 return result
             async with open_client(a.config.control) as ca, \
@@ -480,10 +469,10 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
             hist = await sim.histogram()
             up_in = [h["up_in"] for h in hist]
             result["wire_max"] = _peak(up_in) * 8 / (10 * BIN_S)
-            result["send_max"] = _window_max(sends, 1.0) * 8
+            result["send_max"] = max_window_bytes(sends, 1.0) * 8
             if b.session is not None:
                 result["path"] = dataclasses.asdict(b.session.conn.path_stats())
-            result["send_max_10ms"] = _window_max(sends, 1.01) * 8 / 1.01
+            result["send_max_10ms"] = max_window_bytes(sends, 1.01) * 8 / 1.01
             up = await sim.up_stats()
             result["sim_up"] = {k: up[k] for k in ("datagrams_in", "bytes_in", "dropped_queue",
                                                   "dropped_loss", "corrupted", "duplicated")}

@@ -20,6 +20,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import pull_quic_header
 
 from quelay.identity import load_or_create_identity
+from quelay.linksim.measure import max_window_bytes
 from quelay.transport.pacing import WireGate
 from quelay.transport.quic_ext import QuelayQuicConnection
 
@@ -167,19 +168,6 @@ class Pair:
                 if side.outbox:
                     times.append(side.gate.ready_at(len(side.outbox[0]), self.now))
             self.now = max(self.now, min(times))
-
-
-def max_window_bytes(sent: list[tuple[float, int]], window: float = 1.0) -> int:
-    """Most wire bytes in any interval (t - window, t] over the send log."""
-    best = total = 0
-    lo = 0
-    for t, n in sent:
-        total += n
-        while sent[lo][0] <= t - window:
-            total -= sent[lo][1]
-            lo += 1
-        best = max(best, total)
-    return best
 
 
 def digest(data: bytes | bytearray) -> str:

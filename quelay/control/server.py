@@ -294,6 +294,17 @@ class ClientConnection:
 Handler = Callable[[ClientConnection, dict[str, Any]], Awaitable[Any]]
 
 
+def _ttl_arg(args: dict[str, Any]) -> int | None:
+    """``ttl``: seconds or ``"2h"``; at least one second."""
+    ttl = args.get("ttl")
+    if ttl is None:
+        return None
+    try:
+        return max(1, round(parse_duration(ttl)))
+    except UnitError as exc:
+        raise ControlError(p.INVALID_ARGUMENT, f"argument 'ttl': {exc}") from exc
+
+
 class ControlServer:
     def __init__(self, agent: AgentPort, book: TransferBook, path: Path) -> None:
         self.agent = agent
@@ -442,12 +453,7 @@ class ControlServer:
         except OSError as exc:
             raise ControlError(p.IO_ERROR, f"cannot read {path}: {exc.strerror}") from exc
         t = Transfer(new_transfer_id(), "out", "file", name, st.st_size, priority, attrs)
-        ttl = args.get("ttl")
-        if ttl is not None:
-            try:
-                t.ttl = max(1, round(parse_duration(ttl)))
-            except UnitError as exc:
-                raise ControlError(p.INVALID_ARGUMENT, f"argument 'ttl': {exc}") from exc
+        t.ttl = _ttl_arg(args)
         t.path = str(path)
         t.source = source_stat(t.path)
         self.book.submit(t)
@@ -465,12 +471,7 @@ class ControlServer:
         group = Transfer(new_transfer_id(), "out", "dir", name, sum(f.size for f in files),
                          priority, attrs, count=len(files), dirs=empty_dirs)
         group.path = str(root)
-        ttl = args.get("ttl")
-        if ttl is not None:
-            try:
-                group.ttl = max(1, round(parse_duration(ttl)))
-            except UnitError as exc:
-                raise ControlError(p.INVALID_ARGUMENT, f"argument 'ttl': {exc}") from exc
+        group.ttl = _ttl_arg(args)
         self.book.submit(group)
         for f in files:
             member = Transfer(new_transfer_id(), "out", "file", f.rel, f.size, priority,
