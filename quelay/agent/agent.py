@@ -29,6 +29,7 @@ from ..errors import ProtocolError, QuelayError
 from ..identity import Identity, TrustStore, fingerprint_of_der, load_or_create_identity
 from ..rendezvous.link import run_rendezvous
 from ..scheduler import FeedScheduler
+from ..transport.admission import HandshakeAdmission
 from ..transport.connection import ConnectionClosed, QuicConn
 from ..transport.endpoint import QuicEndpoint
 from ..transport.pacing import WireGate
@@ -235,6 +236,11 @@ class Agent:
             },
             path_memory=PathMemory(cfg.state_dir),
         )
+        if cfg.listen is not None:  # flood protection for the open port (admission.py)
+            self.endpoint.admission = HandshakeAdmission(label=self.label)
+            gate = self.gate
+            assert gate is not None
+            self.endpoint.retry_gate = lambda size, now: gate.try_send(size, now)
         log.info("agent %s starting (udp %s:%d)", self.identity.fingerprint, *self.sock.address,
                  extra={"event": "agent.starting", "agent": self.label,
                         "fingerprint": self.identity.fingerprint,
@@ -357,7 +363,7 @@ class Agent:
             quic,
             sock,
             peer,
-            verify_peer=lambda der: self._verify_peer(der, quic.peer_certificate_chain()),
+            verify_peer=lambda der: self._verify_peer(der, quic.peer_certificate_chain(), peer),
             send_high_water=self.config.send_high_water,
             keepalive=self.config.keepalive,
             label=self.label,
@@ -365,12 +371,16 @@ class Agent:
             dead_after=self.config.dead_after,
         )
 
-    def _verify_peer(self, der: bytes | None, chain: Any = ()) -> str | None:
+    def _verify_peer(self, der: bytes | None, chain: Any = (),
+                     peer: Address | None = None) -> str | None:
         """``None`` if the peer's certificate is pinned (or endorsed by a pinned one
         during the peer's identity rotation), else why it is refused."""
         if der is None:
             return "untrusted peer: it presented no certificate"
         if self.trust.trusts_chain(der, chain) is None:
+            admission = self.endpoint.admission if self.endpoint is not None else None
+            if admission is not None and peer is not None:
+                admission.identity_refused(peer, trio.current_time())  # ignored a while
             self.book.stats.peer_refused("untrusted_identity")
             return f"untrusted peer: identity {fingerprint_of_der(der)} is not in the trust list"
         return None
@@ -481,6 +491,8 @@ class Agent:
         self.book.link = session
         self.peer_fingerprint = session.conn.peer_fingerprint
         self.link_ups += 1
+        if self.endpoint is not None and self.endpoint.admission is not None:
+            self.endpoint.admission.peer_authenticated(session.conn.peer)
         self._set_link(LinkState.UP)
         self.feed.wake()
 

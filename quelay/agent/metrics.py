@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector
 
 from ..core.codes import LinkState
 from ..core.transfer import State
+from ..transport.admission import REASONS as ADMISSION_REASONS
 
 log = logging.getLogger("quelay.metrics")
 
@@ -311,6 +312,20 @@ class AgentCollector(Collector):
         for reason in PEER_REJECT_REASONS:
             peer.add_metric([reason], stats.peer_rejected[reason])
         yield peer
+
+        # Flood protection of a listener (transport/admission.py).
+        endpoint = agent.endpoint
+        admission = getattr(endpoint, "admission", None)
+        in_progress = GaugeMetricFamily("quelay_handshakes_in_progress",
+                                        "Accepted connections not yet authenticated")
+        refused_hs = CounterMetricFamily("quelay_handshakes_refused",
+                                         "Connection-starting Initials answered by a Retry "
+                                         "or dropped, by reason", labels=["reason"])
+        if admission is not None:
+            in_progress.add_metric([], endpoint.handshakes_in_progress())
+            for reason in ADMISSION_REASONS:
+                refused_hs.add_metric([reason], admission.counters[reason])
+        yield from (in_progress, refused_hs)
 
         free = GaugeMetricFamily("quelay_inbox_free_bytes",
                                  "Free bytes (for this user) under the inbox")

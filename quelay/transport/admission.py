@@ -16,6 +16,11 @@ a connection, *before* any state or cryptography:
   time. Only a client that receives datagrams at its source address comes back
   with the token, so spoofed floods never reach the TLS stack. Without load
   there is no Retry, and a trusted peer's reconnect costs no extra round trip.
+* **Retry budget**: Retries to hosts that never authenticated are limited to
+  ``retry_rate`` per second (burst ``retry_burst``); past it such Initials are
+  dropped, so answering a flood costs a bounded share of the link. The host of
+  a peer that authenticated before (``peer_authenticated``) always gets its
+  Retry, and is exempt from the penalty below.
 * **Untrusted identities**: a host whose handshake ended with an identity that
   is not pinned (:meth:`identity_refused`) is ignored, before any crypto, for
   ``penalty`` seconds, doubling per repeat up to ``max_penalty``. Such a
@@ -53,7 +58,7 @@ _MAC_SIZE = 16
 MAX_TRACKED_HOSTS = 4096  # penalised hosts remembered at once (oldest forgotten first)
 
 # Refusal reasons (the label set of quelay_handshakes_refused_total).
-REASONS = ("retry", "bad_token", "busy", "host_busy", "penalised")
+REASONS = ("retry", "bad_token", "busy", "host_busy", "penalised", "retry_budget", "cap")
 
 
 class Verdict(Enum):
@@ -78,6 +83,8 @@ class AdmissionConfig:
     retry_above: int = 4
     fresh_rate: float = 20.0  # new handshakes per second accepted without Retry
     fresh_burst: float = 40.0
+    retry_rate: float = 50.0  # Retries per second to hosts not known as the peer's
+    retry_burst: float = 50.0
     token_lifetime: float = 10.0
     penalty: float = 1.0
     max_penalty: float = 300.0
@@ -121,8 +128,8 @@ class HandshakeAdmission:
     counters: Counter[str] = field(default_factory=Counter)  # refusals by reason
     accepted: int = 0
     _penalties: OrderedDict[str, _Penalty] = field(default_factory=OrderedDict)
-    _fresh_tokens: float | None = None
-    _fresh_at: float = 0.0
+    _fresh: dict[str, tuple[float, float]] = field(default_factory=dict)  # bucket: level, at
+    _known: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _logs: dict[str, _LogState] = field(default_factory=dict)
 
     # -- the decision ------------------------------------------------------------------
@@ -131,20 +138,25 @@ class HandshakeAdmission:
                 in_progress: int, in_progress_host: int, now: float) -> Decision:
         """What to do with an Initial that would start a new connection."""
         host = host_of(addr)
+        known = host in self._known
         penalty = self._penalties.get(host)
-        if penalty is not None and now < penalty.until:
-            return self._refuse("penalised", addr, now)
+        if penalty is not None and now < penalty.until and not known:
+            return self.refused("penalised", addr, now)
         if in_progress >= self.config.max_handshakes:
-            return self._refuse("busy", addr, now)
+            return self.refused("busy", addr, now)
         if in_progress_host >= self.config.per_host:
-            return self._refuse("host_busy", addr, now)
+            return self.refused("host_busy", addr, now)
         if token:
             checked = self.check_token(token, addr, now)
             if checked is None:
-                return self._refuse("bad_token", addr, now)
+                return self.refused("bad_token", addr, now)
             self.accepted += 1
             return Decision(Verdict.ACCEPT, original_dcid=checked[0], retry_scid=checked[1])
-        if in_progress >= self.config.retry_above or not self._take_fresh(now):
+        cfg = self.config
+        if in_progress >= cfg.retry_above or not self._take("fresh", cfg.fresh_rate,
+                                                            cfg.fresh_burst, now):
+            if not known and not self._take("retry", cfg.retry_rate, cfg.retry_burst, now):
+                return self.refused("retry_budget", addr, now)
             retry_scid = self.random(8)
             packet = encode_quic_retry(
                 version=version, source_cid=retry_scid, destination_cid=scid,
@@ -155,17 +167,22 @@ class HandshakeAdmission:
         self.accepted += 1
         return Decision(Verdict.ACCEPT, original_dcid=dcid)
 
-    def _take_fresh(self, now: float) -> bool:
-        cfg = self.config
-        if self._fresh_tokens is None:
-            self._fresh_tokens, self._fresh_at = cfg.fresh_burst, now
-        elapsed = max(0.0, now - self._fresh_at)
-        self._fresh_tokens = min(cfg.fresh_burst, self._fresh_tokens + elapsed * cfg.fresh_rate)
-        self._fresh_at = now
-        if self._fresh_tokens < 1.0:
+    def _take(self, bucket: str, rate: float, burst: float, now: float) -> bool:
+        level, at = self._fresh.get(bucket, (burst, now))
+        level = min(burst, level + max(0.0, now - at) * rate)
+        if level < 1.0:
+            self._fresh[bucket] = (level, now)
             return False
-        self._fresh_tokens -= 1.0
+        self._fresh[bucket] = (level - 1.0, now)
         return True
+
+    def peer_authenticated(self, addr: Address) -> None:
+        """A trusted peer authenticated from ``addr``: its host is always answered."""
+        host = host_of(addr)
+        self._known.pop(host, None)
+        self._known[host] = None
+        while len(self._known) > 16:
+            self._known.popitem(last=False)
 
     # -- untrusted identities ----------------------------------------------------------
 
@@ -216,7 +233,8 @@ class HandshakeAdmission:
 
     # -- counting and quiet logging ----------------------------------------------------
 
-    def _refuse(self, reason: str, addr: Address, now: float) -> Decision:
+    def refused(self, reason: str, addr: Address, now: float) -> Decision:
+        """Count and (quietly) log a refusal; the Initial is dropped."""
         self.counters[reason] += 1
         self.note(reason, addr, now)
         return Decision(Verdict.DROP, reason)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import trio
 from aioquic.buffer import Buffer
@@ -23,6 +24,7 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
+from .admission import HandshakeAdmission, Verdict, host_of
 from .connection import QuicConn
 from .path_memory import PathMemory
 from .quic_ext import QuelayQuicConnection
@@ -56,6 +58,12 @@ class QuicEndpoint:
         # Datagrams that are not QUIC (first byte without the fixed bit 0x40, e.g. the
         # rendezvous protocol sharing this socket) go here instead of being ignored.
         self.foreign: Callable[[bytes, Address], None] | None = None
+        # Flood protection for a listener (see admission.py): decides on every Initial
+        # that would start a connection; Retry datagrams pass ``retry_gate`` (the cap).
+        self.admission: HandshakeAdmission | None = None
+        self.retry_gate: Callable[[int, float], bool] | None = None
+        self._handshaking: dict[QuicConn, str] = {}  # accepted, not authenticated: host
+        self._retries: list[tuple[bytes, Address]] = []
 
     def reconfigure(self, configuration: QuicConfiguration) -> None:
         """Use ``configuration`` (e.g. another role) for connections made from now on."""
@@ -101,12 +109,24 @@ class QuicEndpoint:
         self._by_cid[conn.quic.host_cid] = conn
 
     def forget(self, conn: QuicConn) -> None:
-        """The connection is over: drop its routes and remember its path's RTT."""
-        self.path_memory.remember(self.path_key(conn.peer), conn.path_stats())
+        """The connection is over: drop its routes and remember its path's RTT (only a
+        peer's that authenticated: a stranger must not seed our next handshake)."""
+        if conn.authenticated.is_set():
+            self.path_memory.remember(self.path_key(conn.peer), conn.path_stats())
         for cid in [cid for cid, c in self._by_cid.items() if c is conn]:
             del self._by_cid[cid]
         if self._client is conn:
             self._client = None
+        self._handshaking.pop(conn, None)
+
+    def handshakes_in_progress(self, host: str | None = None) -> int:
+        """Accepted connections not yet authenticated (from ``host``, if given)."""
+        for conn in [c for c in self._handshaking
+                     if c.authenticated.is_set() or c.closed is not None]:
+            del self._handshaking[conn]
+        if host is None:
+            return len(self._handshaking)
+        return sum(1 for h in self._handshaking.values() if h == host)
 
     async def run(self, nursery: trio.Nursery) -> None:
         """Receive loop; accepted server connections run as tasks in ``nursery``."""
@@ -125,6 +145,31 @@ class QuicEndpoint:
             for conn in touched.values():
                 conn.process_events()
                 conn.kick()
+            if self._retries:
+                retries, self._retries = self._retries, []
+                await self.sock.send_batch(retries)
+
+    def _admit(self, header: Any, addr: Address) -> tuple[bytes, bytes | None] | None:
+        """Ask the admission about a connection-starting Initial: (original dcid,
+        retry scid) to accept it, ``None`` when it is dropped or answered by a Retry."""
+        assert self.admission is not None
+        now = trio.current_time()
+        decision = self.admission.initial(
+            addr=addr, version=header.version, dcid=header.destination_cid,
+            scid=header.source_cid, token=header.token, now=now,
+            in_progress=self.handshakes_in_progress(),
+            in_progress_host=self.handshakes_in_progress(host_of(addr)))
+        if decision.verdict is Verdict.RETRY:
+            assert decision.retry_packet is not None
+            if self.retry_gate is None or self.retry_gate(len(decision.retry_packet), now):
+                self._retries.append((decision.retry_packet, addr))
+            else:
+                self.admission.refused("cap", addr, now)  # the cap holds for Retries too
+            return None
+        if decision.verdict is Verdict.DROP:
+            return None
+        assert decision.original_dcid is not None
+        return decision.original_dcid, decision.retry_scid
 
     def _route(self, data: bytes, addr: Address, nursery: trio.Nursery) -> QuicConn | None:
         if self._client is not None:
@@ -150,10 +195,18 @@ class QuicEndpoint:
             or header.version not in self._configuration.supported_versions
         ):
             return None
-        quic = self._new_quic(addr, original_destination_connection_id=header.destination_cid)
+        original_dcid, retry_scid = header.destination_cid, None
+        if self.admission is not None:
+            decision = self._admit(header, addr)
+            if decision is None:
+                return None
+            original_dcid, retry_scid = decision
+        quic = self._new_quic(addr, original_destination_connection_id=original_dcid,
+                              retry_source_connection_id=retry_scid)
         conn = self._make_connection(quic, self.sock, addr)
         self._register(conn)
         self._by_cid[header.destination_cid] = conn
+        self._handshaking[conn] = host_of(addr)
         try:
             self._accepted.send_nowait(conn)
         except trio.WouldBlock:
