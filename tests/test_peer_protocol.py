@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from quelay.core import messages as m
 from quelay.core import peer as pp
 from quelay.core.codes import Failure
-from quelay.core.transfer import State
+from quelay.core.transfer import PeerNotice, State
 
 from .peer_harness import Link, Side
 
@@ -162,7 +162,7 @@ def test_cancel_while_down_is_told_at_the_next_session() -> None:
     lk.b.apply(lk.b.proto.fail(record, Failure.CANCELED, "no link"))
     lk.b.outbox.clear()  # the link is down: the cancel is lost
     assert record.peer_notice is None  # it was handed to that session
-    record.peer_notice = pp.PeerNotice(Failure.CANCELED, "no link")  # as the book keeps it
+    record.peer_notice = PeerNotice(Failure.CANCELED, "no link")  # as the book keeps it
     lk.start_sessions()
     lk.deliver_all()
     assert t.state is State.CANCELED

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 import trio
 
 from ..core.codes import Failure, failure_from_peer
-from ..core.transfer import PeerNotice, State, Transfer, TransferTable
+from ..core.transfer import State, Transfer, TransferTable
 from .events import EventHub
 from .filehash import hash_file
 from .inbox import Inbox
@@ -125,7 +124,7 @@ class TransferBook:
 
     def submit(self, t: Transfer, pipe: OutboundPipe | None = None) -> None:
         """Accept a new outbound transfer; it starts now or when the link is up."""
-        if t.kind == "file" and t.group is None:  # directory transfers are not journaled
+        if t.journaled:
             self.journal.record(id=t.id, direction="out", name=t.name, path=t.path,
                                 size=t.size or 0, priority=t.priority, attrs=t.attrs)
         self.table.add(t)
@@ -197,7 +196,7 @@ class TransferBook:
         """The peer opened ``t`` (the protocol already added the record)."""
         if t.kind == "dir":
             self.inbox.create_staging(t.id, t.dirs)
-        elif t.kind == "file" and t.group is None:
+        elif t.journaled:
             assert t.size is not None
             self.journal.record(id=t.id, direction="in", name=t.name, path=None, size=t.size,
                                 priority=t.priority, attrs=t.attrs, state="active")
@@ -287,22 +286,20 @@ class TransferBook:
                 if not member.terminal:
                     self.fail(member, code, f"its directory ended: {t.error_message}")
 
-    def fail(self, t: Transfer, code: Failure, message: str, *, tell_peer: bool = True) -> None:
-        """End ``t`` by a local decision; the peer hears it now or when the link returns."""
-        if not t.fail(code, message, canceled=code is Failure.CANCELED):
-            return
-        if tell_peer and t.peer_may_know:
-            t.peer_notice = PeerNotice(code, message)
+    def fail(self, t: Transfer, code: Failure, message: str, *, tell_peer: bool = True) -> bool:
+        """End ``t`` by a local decision; the peer hears it now or when the link returns.
+
+        ``False`` if nothing changed (see :meth:`Transfer.conclude`)."""
+        if not t.conclude(code, message, tell_peer=tell_peer):
+            return False
         self.ended(t)
         if self.link is not None:
             self.link.transfer_ended(t)
+        return True
 
     def cancel(self, t: Transfer, reason: str = "canceled by local client") -> bool:
         """Cancel at both ends; ``False`` if it is too late (see ``Transfer.cancelable``)."""
-        if not t.cancelable:
-            return False
-        self.fail(t, Failure.CANCELED, reason)
-        return True
+        return self.fail(t, Failure.CANCELED, reason)
 
     def _release(self, t: Transfer) -> None:
         """Give back what a finished transfer held: scheduler entry, spool memory."""
@@ -315,7 +312,7 @@ class TransferBook:
         rt.hasher = None
 
     def _journal_end(self, t: Transfer) -> None:
-        if (t.kind == "file" and t.group is None) or (t.kind == "dir" and t.expires):
+        if t.journaled or (t.kind == "dir" and t.expires):
             self.journal.update(t.id, state=t.state.value, offset=t.delivered, sha256=t.sha256,
                                 path=t.path, expires=t.expires)
 
@@ -326,22 +323,14 @@ class TransferBook:
         partial one, never anything the operator moved elsewhere.
         """
         removed = 0
-        inbox = os.path.realpath(self.inbox.directory)
         for tid, path in self.journal.due_to_expire(self._wall()):
-            real = os.path.realpath(path)
-            if os.path.commonpath([inbox, real]) == inbox and real != inbox \
-                    and os.path.dirname(real) != os.path.realpath(self.inbox.partial_dir) \
-                    and (os.path.isfile(real) or os.path.isdir(real)):
-                try:
-                    if os.path.isdir(real):
-                        shutil.rmtree(real)  # a directory transfer's tree
-                    else:
-                        os.unlink(real)
-                except OSError as exc:
-                    log.warning("transfer %s: cannot delete expired %s: %s", tid, real, exc)
-                    continue
-                removed += 1
-                log.info("transfer %s expired: deleted %s", tid, real)
+            try:
+                if self.inbox.remove_published(path):
+                    removed += 1
+                    log.info("transfer %s expired: deleted %s", tid, path)
+            except OSError as exc:
+                log.warning("transfer %s: cannot delete expired %s: %s", tid, path, exc)
+                continue
             self.journal.update(tid, expired=1)
             t = self.table.get(tid)
             if t is not None:
@@ -416,7 +405,7 @@ class TransferBook:
             self.table.remove(t.id)
         if drop:
             # A received file still waiting for its expiry keeps its journal row.
-            self.journal.delete([t.id for t in drop if t.kind == "file"
+            self.journal.delete([t.id for t in drop if (t.journaled or t.kind == "dir")
                                  and (t.expires is None or t.expired)])
         return len(drop)
 

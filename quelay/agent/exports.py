@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import QuelayError
+from .inbox import resolve_inside
 
 MAX_LISTED = 10_000  # files a listing walks per export (deep trees are cut, not crashed on)
 
@@ -71,9 +72,8 @@ class Exports:
         if not name or "\x00" in name or rel.is_absolute() or any(
                 part in ("..", "") for part in name.split("/")):
             raise ExportError("refused", f"{name!r} is not a relative path inside the export")
-        real_root = os.path.realpath(root)
-        target = os.path.realpath(os.path.join(real_root, *rel.parts))
-        if os.path.commonpath([real_root, target]) != real_root:
+        target = resolve_inside(root, os.path.join(*rel.parts))
+        if target is None:
             raise ExportError("refused", f"{name!r} leads outside the export")
         try:
             st = os.stat(target)
@@ -97,8 +97,8 @@ class Exports:
                 dirnames.sort()
                 for fname in sorted(filenames):
                     full = os.path.join(dirpath, fname)
-                    real = os.path.realpath(full)
-                    if os.path.commonpath([real_root, real]) != real_root:
+                    real = resolve_inside(real_root, full)
+                    if real is None:
                         continue
                     try:
                         st = os.stat(real)

@@ -29,6 +29,19 @@ _NO_HARDLINK = frozenset(
 )
 
 
+def resolve_inside(root: str | Path, path: str | Path) -> str | None:
+    """``path`` with every symlink resolved, if that lies strictly inside ``root``; else None.
+
+    The one containment check for paths chosen by others (export names, journal
+    rows, a peer's relative paths).
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, path))
+    if real == real_root or os.path.commonpath([real_root, real]) != real_root:
+        return None
+    return real
+
+
 class InboxError(QuelayError):
     """The local inbox directory cannot be used: the operator's (or the disk's) fault."""
 
@@ -112,7 +125,7 @@ class Inbox:
         partial = self._own_partial(partial)
         staging = self.staging_dir(group_id)
         target = staging / rel
-        if os.path.commonpath([staging, target.absolute()]) != str(staging):
+        if resolve_inside(staging, rel) is None:
             raise ValueError(f"{rel!r} leaves the staging directory")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
@@ -138,6 +151,20 @@ class Inbox:
             return target
         raise InboxError(f"inbox {self.directory}: {safe!r} and {MAX_DUPLICATES} numbered "
                          "variants all exist")
+
+    def remove_published(self, path: str) -> bool:
+        """Delete a file or tree this inbox published (expiry); never anything else."""
+        real = resolve_inside(self.directory, path)
+        if real is None or os.path.dirname(real) == os.path.realpath(self.partial_dir) \
+                or real == os.path.realpath(self.partial_dir):
+            return False
+        if os.path.isdir(real):
+            shutil.rmtree(real)  # a directory transfer's tree
+        elif os.path.isfile(real):
+            os.unlink(real)
+        else:
+            return False
+        return True
 
     def discard_staging(self, group_id: str) -> None:
         staging = self.staging_dir(group_id)

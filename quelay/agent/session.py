@@ -133,8 +133,7 @@ class Session:
             elif isinstance(action, pp.Created):
                 book.add_incoming(action.transfer)
             elif isinstance(action, pp.Persist):
-                if action.transfer.kind == "file":
-                    book.journal.update(action.transfer.id, **dict(action.fields))
+                self._persist([action])
             elif isinstance(action, pp.Acked):
                 self._on_acked(action.transfer)
             elif isinstance(action, pp.Finalize):
@@ -320,7 +319,7 @@ class Session:
         rt = self.book.runtime(t)
         if rt.out is not None:
             rt.out.acked(t.delivered)
-        elif t.kind == "file" and t.delivered - rt.journaled >= JOURNAL_SENT_EVERY:
+        elif t.journaled and t.delivered - rt.journaled >= JOURNAL_SENT_EVERY:
             # The sender's journal only saves replay after its own restart (the
             # receiver's offset is the truth then): no need to write every ack.
             rt.journaled = t.delivered
@@ -606,7 +605,7 @@ class Session:
     def _persist(self, actions: list[pp.Action]) -> None:
         """Perform the ``Persist`` actions among ``actions`` (runs in a worker thread)."""
         for action in actions:
-            if isinstance(action, pp.Persist) and action.transfer.kind == "file":
+            if isinstance(action, pp.Persist) and action.transfer.journaled:
                 self.book.journal.update(action.transfer.id, **dict(action.fields))
 
     def _stall_reason(self, size: int) -> StallReason | None:

@@ -31,7 +31,7 @@ from ..errors import RemoteProtocolError
 from . import messages as m
 from .codes import Failure, failure_from_peer
 from .names import UnsafeNameError, safe_name_untrusted, safe_relative_path_untrusted
-from .transfer import PeerNotice, State, Transfer, TransferTable
+from .transfer import State, Transfer, TransferTable
 
 # -- actions ----------------------------------------------------------------------
 
@@ -202,17 +202,18 @@ class PeerProtocol:
         return [Send(m.Fetch(t.id, t.fetch[0], t.fetch[1], t.priority))]
 
     def flush_notices(self) -> list[Action]:
-        actions: list[Action] = []
-        for t in self.table:
-            notice = t.peer_notice
-            if notice is None:
-                continue
-            t.peer_notice = None
-            if notice.code is Failure.CANCELED:
-                actions.append(Send(m.Cancel(t.id, notice.message)))
-            else:
-                actions.append(Send(m.Error(t.id, notice.code.value, notice.message)))
-        return actions
+        """Every verdict the peer has not heard yet."""
+        return [action for t in self.table for action in self._notice(t)]
+
+    @staticmethod
+    def _notice(t: Transfer) -> list[Action]:
+        """``t``'s verdict for the peer, if it has one it did not hear yet (handed over once)."""
+        notice, t.peer_notice = t.peer_notice, None
+        if notice is None:
+            return []
+        if notice.code is Failure.CANCELED:
+            return [Send(m.Cancel(t.id, notice.message))]
+        return [Send(m.Error(t.id, notice.code.value, notice.message))]
 
     def announce(self, t: Transfer) -> list[Action]:
         """Open (or re-open) an active outbound transfer and start its bytes."""
@@ -239,19 +240,11 @@ class PeerProtocol:
     def fail(self, t: Transfer, code: Failure, message: str, *, tell_peer: bool = True
              ) -> list[Action]:
         """End ``t`` here; the peer hears it (now) when it may know the transfer."""
-        canceled = code is Failure.CANCELED
-        if canceled and tell_peer and not t.cancelable:
-            return []  # a local cancel after our finish would cross the final ack
-        if not t.fail(code, message, canceled=canceled):
+        if not t.conclude(code, message, tell_peer=tell_peer):
             return []
-        actions: list[Action] = []
-        if t.direction == "out":
-            actions.append(StopSending(t))
+        actions: list[Action] = [StopSending(t)] if t.direction == "out" else []
         actions.append(Ended(t))
-        if tell_peer and t.peer_may_know:
-            t.peer_notice = PeerNotice(code, message)
-            actions += self.flush_notices()
-        return actions
+        return actions + self._notice(t)
 
     def sent_all(self, t: Transfer, total: int, digest: bytes) -> list[Action]:
         """The pump handed the last byte to QUIC: tell the receiver what to verify."""

@@ -127,6 +127,28 @@ class Transfer:
         return self.move_to(State.CANCELED if canceled else State.FAILED)
 
     @property
+    def journaled(self) -> bool:
+        """Whether the journal keeps it: single files (streams live in memory; the files of
+        a directory transfer do not survive a restart)."""
+        return self.kind == "file" and self.group is None
+
+    def conclude(self, code: Failure, message: str, *, tell_peer: bool = True) -> bool:
+        """End it by a decision of this agent (``tell_peer``) or of the peer's.
+
+        ``False`` if nothing changed: already ended, or a local cancel that comes too
+        late (see :attr:`cancelable`). A verdict the peer may not have heard is kept in
+        ``peer_notice`` until a session delivers it.
+        """
+        canceled = code is Failure.CANCELED
+        if canceled and tell_peer and not self.cancelable:
+            return False
+        if not self.fail(code, message, canceled=canceled):
+            return False
+        if tell_peer and self.peer_may_know:
+            self.peer_notice = PeerNotice(code, message)
+        return True
+
+    @property
     def cancelable(self) -> bool:
         """Whether a local cancel can still end it the same way at both ends.
 
