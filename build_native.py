@@ -41,6 +41,7 @@ CDEF = """
 #define QN_EOVERFLOW ...
 #define QN_ERELEASED ...
 #define QN_SPOOL_MAX_CAPACITY ...
+#define QN_SPOOL_MIN_RING ...
 #define QN_DRR_PRIORITY_MIN ...
 #define QN_DRR_PRIORITY_MAX ...
 #define QN_DRR_MAX_BASE_QUANTUM ...
@@ -49,15 +50,21 @@ CDEF = """
 
 typedef struct qn_spool {
     uint8_t *buf;
+    uint64_t size;
     uint64_t capacity;
     uint64_t acked;
     uint64_t queued;
     uint64_t tail;
+    uint64_t moves;
     int closed;
+    int released;
+    int lent;
 } qn_spool;
 
 int qn_spool_init(qn_spool *s, uint64_t capacity);
 void qn_spool_fini(qn_spool *s);
+uint8_t *qn_spool_lend(qn_spool *s);
+void qn_spool_free_ring(uint8_t *ring);
 int64_t qn_spool_write(qn_spool *s, const char *data, size_t len);
 int64_t qn_spool_read(qn_spool *s, char *dst, size_t len);
 int64_t qn_spool_peek(const qn_spool *s, uint64_t max, uint64_t *ring_offset);

@@ -23,7 +23,11 @@ Spool (one per outbound stream)
     the transport; ``ack`` moves A (stale acks are ignored, acks beyond T raise
     SpoolRangeError); ``rewind`` sets Q = A after a link loss; ``close`` marks
     EOF at T.  ``eof``: closed and Q == T; ``done``: closed and A == T.
-    ``release()`` (or ``with``) frees the buffer; otherwise ffi.gc does.
+    Memory follows the bytes held, not the capacity: ``allocated`` starts at
+    0, the ring grows on demand (4 KiB, doubling, up to the capacity) and
+    shrinks as acks drain it (freed when A == T).  If it cannot grow, a
+    write takes what fits.  ``release()`` (or ``with``) frees the buffer;
+    otherwise ffi.gc does.
 
 DrrTable
     Control streams first (strict priority), then bulk streams by deficit
@@ -44,6 +48,7 @@ from .errors import (
     PRIORITY_MAX,
     PRIORITY_MIN,
     SPOOL_MAX_CAPACITY,
+    SPOOL_MIN_RING,
     DrrError,
     DrrReleasedError,
     DuplicateStreamError,
@@ -62,7 +67,7 @@ __all__ = [
     "SpoolReleasedError", "DrrError", "UnknownStreamError", "DuplicateStreamError",
     "DrrReleasedError",
     "PRIORITY_MIN", "PRIORITY_MAX", "PRIORITY_DEFAULT", "DEFAULT_BASE_QUANTUM",
-    "SPOOL_MAX_CAPACITY", "MAX_BYTES", "pure_python_requested",
+    "SPOOL_MAX_CAPACITY", "SPOOL_MIN_RING", "MAX_BYTES", "pure_python_requested",
 ]
 
 _TRUE = {"1", "true", "yes", "on"}

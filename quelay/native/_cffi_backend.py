@@ -6,18 +6,21 @@ C; C status codes become the typed exceptions of :mod:`quelay.native.errors`.
 
 Hot-path notes: one C call per operation, no per-call allocation except the
 ``ffi.from_buffer`` view of a non-``bytes`` argument; ``peek`` returns a
-slice of one read-only memoryview of the ring made at construction; the
-spool's offsets are read straight from the C struct.
+slice of one read-only memoryview of the current ring (made the first time
+a ring is peeked at); ``read`` copies straight out of the ring; the spool's
+offsets are read straight from the C struct.
 
-Memory: the ring is freed by ``release()`` (also on ``with`` exit) or by
-``ffi.gc`` when the Spool is collected -- but never while a memoryview from
-``peek()`` still refers to it: such views keep the ring alive, so they can
-show stale bytes, never freed memory.
+Memory: the C side grows the ring on demand and shrinks or frees it as acks
+drain it (see native/quelay_native.h).  A ring the wrapper made a view of is
+*lent* to Python (``qn_spool_lend``): C stops owning it, and ``ffi.gc`` frees
+it once no memoryview refers to it -- so a view from ``peek()`` can show
+stale bytes after the ring moved or the spool was released, never freed
+memory.  Rings never viewed are freed by C itself (``release()``, ``with``
+exit, or ``ffi.gc`` of the struct when the Spool is collected).
 """
 
 from __future__ import annotations
 
-from functools import partial
 from types import TracebackType
 from typing import Any, NoReturn
 
@@ -66,6 +69,7 @@ def _check_build() -> None:
     """Refuse a stale build whose limits disagree with the Python side."""
     expected = {
         "QN_SPOOL_MAX_CAPACITY": _e.SPOOL_MAX_CAPACITY,
+        "QN_SPOOL_MIN_RING": _e.SPOOL_MIN_RING,
         "QN_DRR_PRIORITY_MIN": _e.PRIORITY_MIN,
         "QN_DRR_PRIORITY_MAX": _e.PRIORITY_MAX,
         "QN_DRR_MAX_BASE_QUANTUM": _e.MAX_BASE_QUANTUM,
@@ -115,35 +119,48 @@ def _spool_fail(rc: int, what: str) -> NoReturn:
     raise NativeError(f"spool: unexpected C status {rc} ({what})")
 
 
-def _fini(p: Any, _ring: Any) -> None:
-    lib.qn_spool_fini(p)
-
-
 class Spool:
     """Ring buffer spool for one outbound stream (C implementation)."""
 
-    __slots__ = ("_p", "_ro", "_offp", "__weakref__")
+    __slots__ = ("_p", "_ro", "_ro_moves", "_offp", "__weakref__")
 
     def __init__(self, capacity: int) -> None:
         cap = check_capacity(capacity)
-        p = ffi.new("qn_spool *")
+        # qn_spool_fini frees the ring C still owns when the struct is collected.
+        p = ffi.gc(ffi.new("qn_spool *"), lib.qn_spool_fini)
         rc = lib.qn_spool_init(p, cap)
         if rc != lib.QN_OK:
-            if rc == lib.QN_ENOMEM:
-                raise NativeMemoryError(f"cannot allocate a {cap}-byte spool")
             _spool_fail(rc, "init")
-        # The ring pointer owns the memory: views made from it keep it alive,
-        # and the destructor (holding `p`) frees it once nothing refers to it.
-        ring = ffi.gc(p.buf, partial(_fini, p), size=cap)
         self._p = p
-        self._ro: memoryview = memoryview(ffi.buffer(ring, cap)).toreadonly()
+        self._ro: memoryview = _EMPTY  # view of the ring as of move number _ro_moves
+        self._ro_moves = 0
         self._offp = ffi.new("uint64_t *")
+
+    def _view(self) -> memoryview:
+        """Read-only view of the current ring; the first view of a ring borrows it from C."""
+        p = self._p
+        if self._ro_moves != p.moves:
+            ring = lib.qn_spool_lend(p)
+            if ring == _NULL:
+                self._ro = _EMPTY
+            else:
+                size: int = p.size
+                owned = ffi.gc(ring, lib.qn_spool_free_ring, size=size)
+                self._ro = memoryview(_buffer(owned, size)).toreadonly()
+            self._ro_moves = p.moves
+        return self._ro
 
     # ---- offsets and derived state (read from the C struct) ----
 
     @property
     def capacity(self) -> int:
         v: int = self._p.capacity
+        return v
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of ring memory the spool holds now (it follows T - A, not the capacity)."""
+        v: int = self._p.size
         return v
 
     @property
@@ -201,7 +218,7 @@ class Spool:
 
     @property
     def released(self) -> bool:
-        return bool(self._p.buf == _NULL)
+        return bool(self._p.released)
 
     # ---- operations ----
 
@@ -234,7 +251,7 @@ class Spool:
         if n < 0:
             _spool_fail(n, "peek")
         off: int = self._offp[0]
-        return self._ro[off:off + n]
+        return self._view()[off:off + n]
 
     def read(self, max_bytes: int) -> bytes:
         """Copy of up to ``max_bytes`` pending bytes from Q (across the wrap); advances Q."""
@@ -245,13 +262,15 @@ class Spool:
         n: int = _spool_peek(p, m, offp)
         if n < 0:
             _spool_fail(n, "read")
-        off: int = offp[0]
-        data = self._ro[off:off + n].tobytes()
+        if n == 0:
+            return b""
+        # Copied straight out of the ring (no view: the ring is not lent for this).
+        buf = p.buf
+        data: bytes = _buffer(buf + offp[0], n)[:]
         _spool_advance(p, n)
         if n < m and p.queued != p.tail:  # the pending bytes wrap around the ring's end
             n2: int = _spool_peek(p, m - n, offp)
-            off = offp[0]
-            data += self._ro[off:off + n2]
+            data += _buffer(buf + offp[0], n2)[:]
             _spool_advance(p, n2)
         return data
 
@@ -278,13 +297,14 @@ class Spool:
         """The receiver holds every byte below ``offset``.
 
         Below A: ignored (stale or duplicate).  Above T: SpoolRangeError.
-        Otherwise A = offset, and Q moves up to A if an ack overtook a rewound Q.
+        Otherwise A = offset, Q moves up to A if an ack overtook a rewound Q, and
+        the ring shrinks (or is freed) once little of it is in use.
         """
         off = offset if type(offset) is int and 0 <= offset <= U64_MAX \
             else check_offset("offset", offset)
         p = self._p
         if off > U64_MAX:  # cannot be passed to C; necessarily beyond T
-            if p.buf == _NULL:
+            if p.released:
                 _spool_fail(lib.QN_ERELEASED, "ack")
             _spool_fail(lib.QN_ERANGE, f"ack of offset {off} beyond the tail {p.tail}")
         rc: int = _spool_ack(p, off)
@@ -307,14 +327,8 @@ class Spool:
         """Free the buffer now (idempotent).  Offsets stay readable; every other
         operation raises SpoolReleasedError.  Views from peek() stay valid (they
         keep the memory until they are gone)."""
-        p = self._p
-        if p.buf == _NULL:
-            return
-        # Swap in a copy of the struct without a buffer, then drop our view of
-        # the ring: with no other view left, ffi.gc frees it right now.
-        dead = ffi.new("qn_spool *", p[0])
-        dead.buf = _NULL
-        self._p = dead
+        # C frees a ring it still owns; a lent one goes once no view refers to it.
+        lib.qn_spool_fini(self._p)
         self._ro = _EMPTY
 
     def __enter__(self) -> Spool:
@@ -326,8 +340,8 @@ class Spool:
 
     def __repr__(self) -> str:
         p = self._p
-        return (f"<Spool capacity={p.capacity} A={p.acked} Q={p.queued} T={p.tail}"
-                f"{' closed' if p.closed else ''}{' released' if p.buf == _NULL else ''}>")
+        return (f"<Spool capacity={p.capacity} allocated={p.size} A={p.acked} Q={p.queued} "
+                f"T={p.tail}{' closed' if p.closed else ''}{' released' if p.released else ''}>")
 
 
 # ---- DRR ----

@@ -6,9 +6,15 @@ tests drive both side by side.  It is written for clarity, not speed, and is
 used by the agent only when ``QUELAY_PURE_PYTHON=1`` is set explicitly.
 
 Spool
-    A ring buffer of ``capacity`` bytes addressed by absolute offsets
-    A (acked) <= Q (queued) <= T (tail), T - A <= capacity.  The byte at
-    offset X lives at ``ring[X % capacity]``.
+    A ring buffer addressed by absolute offsets A (acked) <= Q (queued) <=
+    T (tail), T - A <= capacity.  The ring holds ``allocated`` bytes and the
+    byte at offset X lives at ``ring[X % allocated]``.  The ring follows the
+    bytes held, not the capacity: none at first; a write that needs room
+    moves A..T into ``_ring_size(T - A + n)`` (SPOOL_MIN_RING << k, capped at
+    the capacity); an ack that drains it frees it, one that leaves less than
+    a quarter in use moves A..T into ``_ring_size(2 (T - A))``.  If memory
+    runs out the ring stays: a write takes what fits (NativeMemoryError only
+    if nothing does), a shrink does not happen.
 
 DrrTable
     Deficit round robin.  Control streams are served first, by strict
@@ -32,6 +38,7 @@ from .errors import (
     DEFAULT_BASE_QUANTUM,
     MAX_STREAMS,
     PRIORITY_DEFAULT,
+    SPOOL_MIN_RING,
     U64_MAX,
     BytesLike,
     DrrReleasedError,
@@ -60,6 +67,21 @@ BACKEND = "python"
 _EMPTY = memoryview(b"")
 
 
+def _allocate(size: int) -> bytearray:
+    """A new zeroed ring (the one allocation the model makes; a test may fail it)."""
+    return bytearray(size)
+
+
+def _ring_size(capacity: int, need: int) -> int:
+    """The ring size that holds ``need`` bytes: 0, or SPOOL_MIN_RING << k up to the capacity."""
+    if need == 0:
+        return 0
+    size = SPOOL_MIN_RING
+    while size < need and size < capacity:
+        size <<= 1
+    return min(size, capacity)
+
+
 class Spool:
     """Ring buffer spool for one outbound stream (reference model)."""
 
@@ -67,25 +89,53 @@ class Spool:
                  "_released")
 
     def __init__(self, capacity: int) -> None:
-        cap = check_capacity(capacity)
-        try:
-            ring = bytearray(cap)
-        except MemoryError as exc:
-            raise NativeMemoryError(f"cannot allocate a {cap}-byte spool") from exc
-        self._capacity = cap
-        self._ring: memoryview = memoryview(ring)
-        self._ro: memoryview = self._ring.toreadonly()
+        self._capacity = check_capacity(capacity)
+        self._ring: memoryview = _EMPTY  # writable view of the ring; its len is the size
+        self._ro: memoryview = _EMPTY
         self._acked = 0
         self._queued = 0
         self._tail = 0
         self._closed = False
         self._released = False
 
+    def _move(self, size: int) -> bool:
+        """Replace the ring by one of ``size`` bytes holding A..T; False if out of memory."""
+        if size:
+            try:
+                ring = memoryview(_allocate(size))
+            except MemoryError:
+                return False
+            at = self._acked
+            while at < self._tail:  # each run of the old ring to its offsets in the new one
+                idx = at % len(self._ring)
+                run = min(self._tail - at, len(self._ring) - idx)
+                self._put(ring, at, self._ring[idx:idx + run])
+                at += run
+        else:
+            ring = _EMPTY
+        self._ring = ring
+        self._ro = ring.toreadonly()
+        return True
+
+    @staticmethod
+    def _put(ring: memoryview, at: int, src: memoryview) -> None:
+        n = len(src)
+        idx = at % len(ring)
+        first = min(n, len(ring) - idx)
+        ring[idx:idx + first] = src[:first]
+        if n > first:
+            ring[:n - first] = src[first:n]
+
     # ---- offsets and derived state ----
 
     @property
     def capacity(self) -> int:
         return self._capacity
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of ring memory the spool holds now (it follows T - A, not the capacity)."""
+        return len(self._ring)
 
     @property
     def acked(self) -> int:
@@ -145,16 +195,18 @@ class Spool:
         self._live()
         if self._closed:
             raise SpoolClosedError("write after close")
-        n = min(len(view), self._capacity - (self._tail - self._acked))
+        held = self._tail - self._acked
+        n = min(len(view), self._capacity - held)
         if n == 0:
             return 0
         if self._tail + n > U64_MAX:
             raise SpoolRangeError("64-bit offset space exhausted")
-        idx = self._tail % self._capacity
-        first = min(n, self._capacity - idx)
-        self._ring[idx:idx + first] = view[:first]
-        if n > first:
-            self._ring[:n - first] = view[first:n]
+        size = len(self._ring)
+        if held + n > size and not self._move(_ring_size(self._capacity, held + n)):
+            if size == held:
+                raise NativeMemoryError("cannot grow the spool's ring, and it is full")
+            n = min(n, size - held)  # no memory for a bigger ring: take what fits
+        self._put(self._ring, self._tail, view[:n])
         self._tail += n
         return n
 
@@ -168,8 +220,11 @@ class Spool:
         """
         m = check_count("max_bytes", max_bytes)
         self._live()
-        idx = self._queued % self._capacity
-        n = min(m, self._tail - self._queued, self._capacity - idx)
+        size = len(self._ring)
+        if size == 0:
+            return _EMPTY
+        idx = self._queued % size
+        n = min(m, self._tail - self._queued, size - idx)
         return self._ro[idx:idx + n]
 
     def read(self, max_bytes: int) -> bytes:
@@ -193,8 +248,10 @@ class Spool:
 
     def _gather(self, at: int, dst: memoryview) -> None:
         n = len(dst)
-        idx = at % self._capacity
-        first = min(n, self._capacity - idx)
+        if n == 0:
+            return
+        idx = at % len(self._ring)
+        first = min(n, len(self._ring) - idx)
         dst[:first] = self._ring[idx:idx + first]
         if n > first:
             dst[first:] = self._ring[:n - first]
@@ -212,7 +269,8 @@ class Spool:
         """The receiver holds every byte below ``offset``.
 
         Below A: ignored (stale or duplicate).  Above T: SpoolRangeError.
-        Otherwise A = offset, and Q moves up to A if an ack overtook a rewound Q.
+        Otherwise A = offset, Q moves up to A if an ack overtook a rewound Q, and
+        the ring shrinks (or is freed) once little of it is in use.
         """
         off = check_offset("offset", offset)
         self._live()
@@ -223,6 +281,11 @@ class Spool:
         self._acked = off
         if self._queued < off:
             self._queued = off
+        held = self._tail - off
+        if held < len(self._ring) // 4 or held == 0:
+            size = _ring_size(self._capacity, 2 * held)
+            if size < len(self._ring):
+                self._move(size)  # out of memory: keep the bigger ring
 
     def rewind(self) -> None:
         """Link lost: Q = A, so every unacknowledged byte is handed out again."""
@@ -251,7 +314,8 @@ class Spool:
         self.release()
 
     def __repr__(self) -> str:
-        return (f"<Spool capacity={self._capacity} A={self._acked} Q={self._queued} "
+        return (f"<Spool capacity={self._capacity} allocated={len(self._ring)} "
+                f"A={self._acked} Q={self._queued} "
                 f"T={self._tail}{' closed' if self._closed else ''}"
                 f"{' released' if self._released else ''}>")
 

@@ -15,7 +15,8 @@ State errors are typed:
 - :class:`UnknownStreamError` (a :class:`KeyError`) and
   :class:`DuplicateStreamError` (a :class:`ValueError`) for :class:`DrrTable`;
   :class:`DrrReleasedError` for use after :meth:`DrrTable.release`.
-- :class:`NativeMemoryError` (a :class:`MemoryError`) when C cannot allocate.
+- :class:`NativeMemoryError` (a :class:`MemoryError`) when memory cannot be
+  allocated (a spool write takes what fits instead, while anything does).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ __all__ = [
     "SpoolReleasedError", "DrrError", "UnknownStreamError", "DuplicateStreamError",
     "DrrReleasedError",
     "PRIORITY_MIN", "PRIORITY_MAX", "PRIORITY_DEFAULT", "DEFAULT_BASE_QUANTUM",
-    "MAX_BASE_QUANTUM", "MAX_STREAMS", "SPOOL_MAX_CAPACITY", "U64_MAX", "MAX_BYTES",
+    "MAX_BASE_QUANTUM", "MAX_STREAMS", "SPOOL_MAX_CAPACITY", "SPOOL_MIN_RING", "U64_MAX",
+    "MAX_BYTES",
     "BytesLike",
 ]
 
@@ -41,8 +43,10 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 U64_MAX = (1 << 64) - 1
 #: Largest byte count (backlog, budget) the DRR table accepts: 2**63 - 1.
 MAX_BYTES = (1 << 63) - 1
-#: Largest spool ring: 1 TiB.
+#: Largest spool capacity: 1 TiB.
 SPOOL_MAX_CAPACITY = 1 << 40
+#: Smallest ring a spool allocates; rings are SPOOL_MIN_RING << k, capped at the capacity.
+SPOOL_MIN_RING = 4096
 PRIORITY_MIN = 0
 PRIORITY_MAX = 15
 PRIORITY_DEFAULT = 4
@@ -61,7 +65,10 @@ class NativeError(QuelayError):
 
 
 class NativeMemoryError(NativeError, MemoryError):
-    """The C side could not allocate memory (the object is unchanged)."""
+    """Memory could not be allocated (the object is unchanged).
+
+    A spool write raises it only when its ring could not grow and nothing fits
+    in the ring it has; otherwise the write takes what fits (back-pressure)."""
 
     code = "out_of_memory"
 
