@@ -224,6 +224,40 @@ class TrustStore:
         return f"TrustStore({sorted(self.fingerprints)!r})"
 
 
+# -- identity proof on a resumed connection ------------------------------------------
+
+_PROOF_CONTEXT = b"quelay resumed hello v1\0"
+
+
+def _proof_message(binding: bytes, signer_is_client: bool) -> bytes:
+    # The role is signed too: a listener cannot reflect a dialler's proof back at it.
+    return _PROOF_CONTEXT + (b"client\0" if signer_is_client else b"server\0") + binding
+
+
+def sign_binding(identity: Identity, binding: bytes, *, signer_is_client: bool) -> bytes:
+    """Our identity key's signature over this connection's TLS binding."""
+    return identity.private_key.sign(_proof_message(binding, signer_is_client),
+                                     ec.ECDSA(hashes.SHA256()))
+
+
+def verify_binding(certificate: bytes, proof: bytes, binding: bytes, *,
+                   signer_is_client: bool) -> str | None:
+    """``None`` if ``proof`` is the key of ``certificate`` (DER) signing ``binding``
+    in the given role, else why not (the peer's fault)."""
+    try:
+        cert = x509.load_der_x509_certificate(certificate)
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        return f"identity proof: unreadable certificate ({exc})"
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return "identity proof: the certificate's key is not an elliptic-curve key"
+    try:
+        key.verify(proof, _proof_message(binding, signer_is_client), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return "identity proof: the signature does not match this connection"
+    return None
+
+
 def _spki(cert: x509.Certificate) -> bytes:
     return cert.public_key().public_bytes(serialization.Encoding.DER,
                                           serialization.PublicFormat.SubjectPublicKeyInfo)

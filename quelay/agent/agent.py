@@ -26,14 +26,22 @@ from ..core import messages as wire
 from ..core.codes import Failure, LinkState
 from ..core.transfer import State, Transfer, TransferTable
 from ..errors import ProtocolError, QuelayError
-from ..identity import Identity, TrustStore, fingerprint_of_der, load_or_create_identity
+from ..identity import (
+    Identity,
+    TrustStore,
+    fingerprint_of_der,
+    load_or_create_identity,
+    sign_binding,
+    verify_binding,
+)
 from ..rendezvous.link import run_rendezvous
 from ..scheduler import FeedScheduler
 from ..transport.admission import HandshakeAdmission
-from ..transport.connection import ConnectionClosed, QuicConn
+from ..transport.connection import APP_ERROR_UNTRUSTED, ConnectionClosed, QuicConn
 from ..transport.endpoint import QuicEndpoint
 from ..transport.pacing import WireGate
 from ..transport.path_memory import PathMemory
+from ..transport.resumption import TicketStore
 from ..transport.udp import Address, UdpSocket, header_bytes_for, resolve
 from .book import HistoryPolicy, TransferBook
 from .events import EventHub
@@ -41,7 +49,7 @@ from .exports import Exports, parse_exports
 from .inbox import Inbox
 from .journal import Journal
 from .metrics import serve_metrics
-from .session import IncomingPolicy, Session, SessionEnded
+from .session import IncomingPolicy, Session, SessionEnded, UntrustedPeer
 
 log = logging.getLogger("quelay.agent")
 
@@ -89,6 +97,7 @@ class AgentConfig:
     history_age: float = 7 * 24 * 3600.0  # seconds a finished transfer is kept
     inbox_ttl: float = 0.0  # seconds a received file stays in the inbox (0 = until removed)
     metrics: Address | None = None  # HOST:PORT of the Prometheus endpoint; None = off
+    resumption: bool = True  # TLS session resumption on reconnects (identities still proven)
 
     def __post_init__(self) -> None:
         if self.rendezvous is not None:
@@ -179,6 +188,7 @@ class Agent:
         self.link_state = LinkState.CONNECTING
         self.link_reason = ""
         self.peer_fingerprint: str | None = None
+        self.tickets = TicketStore()  # TLS session tickets (resumption.py), in memory only
         self.peer_epoch: int | None = None
         self._last_rtt = 0.0
         self._last_attempt_heard = True
@@ -233,6 +243,7 @@ class Agent:
                 "stream_window": cfg.stream_window,
                 "connection_window": cfg.connection_window,
                 "max_streams": cfg.max_streams,
+                "tickets": self.tickets if cfg.resumption else None,
             },
             path_memory=PathMemory(cfg.state_dir),
         )
@@ -308,9 +319,31 @@ class Agent:
         assert self.sock is not None
         return self.sock.address
 
-    def hello(self) -> wire.Hello:
+    def hello(self, conn: QuicConn) -> wire.Hello:
+        proof = None
+        if conn.resumed:  # no certificate crossed: prove our identity on this connection
+            proof = sign_binding(self.identity, conn.binding, signer_is_client=conn.quic._is_client)
         return wire.Hello(wire.PROTOCOL_VERSION, self.identity.fingerprint, self.epoch,
-                          self.config.name)
+                          self.config.name, proof)
+
+    def check_proof(self, conn: QuicConn, hello: wire.Hello) -> str | None:
+        """On a resumed connection: ``None`` if the peer's hello proves, on this
+        connection, the identity its ticket stands for; else why it is refused."""
+        certificate = conn.quic.peer_certificate_der()
+        problem = None
+        if certificate is None:
+            problem = "resumed connection without a known identity"
+        elif hello.proof is None:
+            problem = "resumed connection, but the hello carries no identity proof"
+        else:
+            problem = verify_binding(certificate, hello.proof, conn.binding,
+                                     signer_is_client=not conn.quic._is_client)
+        if problem is None:
+            return None
+        if self.endpoint is not None and self.endpoint.admission is not None:
+            self.endpoint.admission.identity_refused(conn.peer, trio.current_time())
+        self.book.stats.peer_refused("untrusted_identity")
+        return f"untrusted peer: {problem}"
 
     def _quic_configuration(self, *, is_client: bool) -> QuicConfiguration:
         import ssl
@@ -343,6 +376,7 @@ class Agent:
         """
         identity = load_or_create_identity(self.config.state_dir)
         old, self.identity = self.identity.fingerprint, identity
+        self.tickets.clear()  # they stand for the old identity on both sides
         for ref in self._quic_confs:
             conf = ref()
             if conf is not None:
@@ -449,6 +483,7 @@ class Agent:
                 if conn.closed is not None:
                     return
                 self.book.stats.handshake.observe(trio.current_time() - started)
+                self.book.stats.handshakes[("resumed" if conn.resumed else "full")] += 1
                 session = Session(self, self.book, self.feed, conn, dialer=dialer,
                                   early=dialer and self.peer_epoch is not None,
                                   policy=self.incoming_policy, exports=self.exports)
@@ -460,6 +495,10 @@ class Agent:
                 leaf = _leaf(exc)
                 if isinstance(leaf, ConnectionClosed):
                     reason = leaf.reason
+                elif isinstance(leaf, UntrustedPeer):
+                    reason = str(leaf)
+                    log.error("%s: refusing peer %s:%d: %s", self.label, *conn.peer, leaf)
+                    conn.close(reason[:200], code=APP_ERROR_UNTRUSTED)
                 elif isinstance(leaf, (ProtocolError, SessionEnded)):
                     reason = f"session error: {leaf}"
                     conn.close(str(leaf)[:200])

@@ -98,6 +98,7 @@ class Stats:
     completed: Counter[str] = field(default_factory=Counter)  # by direction
     failed: Counter[tuple[str, str]] = field(default_factory=Counter)  # (direction, code)
     handshake: Histogram = field(default_factory=Histogram)
+    handshakes: Counter[str] = field(default_factory=Counter)  # "full" / "resumed" TLS
     recovery: Histogram = field(default_factory=Histogram)
     # Per-connection path counters of connections that ended (so totals never go back).
     ended_paths: Counter[str] = field(default_factory=Counter)
@@ -199,6 +200,12 @@ class AgentCollector(Collector):
         yield _histogram("quelay_handshake_duration_seconds",
                          "From the start of a connection attempt to an authenticated peer",
                          stats.handshake)
+        handshakes = CounterMetricFamily(
+            "quelay_handshakes", "Authenticated TLS handshakes, full or resumed (a ticket)",
+            labels=["mode"])
+        for mode in ("full", "resumed"):
+            handshakes.add_metric([mode], stats.handshakes[mode])
+        yield handshakes
         yield _histogram("quelay_recovery_duration_seconds",
                          "From link down to the next session up", stats.recovery)
 

@@ -61,13 +61,18 @@ class SessionEnded(QuelayError):
     """The peer closed the control stream or reported a session-level error."""
 
 
+class UntrustedPeer(RemoteProtocolError):
+    """A resumed connection's peer did not prove the identity its ticket stands for."""
+
+
 class AgentPort(Protocol):
     """What a session needs from its agent (and nothing more)."""
 
     @property
     def label(self) -> str: ...
 
-    def hello(self) -> m.Hello: ...
+    def hello(self, conn: QuicConn) -> m.Hello: ...
+    def check_proof(self, conn: QuicConn, hello: m.Hello) -> str | None: ...
     def session_up(self, session: Session) -> None: ...
     def peer_identified(self, session: Session) -> None: ...
 
@@ -259,6 +264,10 @@ class Session:
             self.send(m.Error(None, Failure.VERSION.value,
                               f"unsupported version {hello.version}"))
             raise RemoteProtocolError(f"peer speaks protocol version {hello.version}")
+        if self.conn.resumed:  # first: a failed proof is an untrusted peer, whatever it claims
+            problem = self.agent.check_proof(self.conn, hello)
+            if problem is not None:
+                raise UntrustedPeer(problem)
         if hello.agent != self.conn.peer_fingerprint:
             raise RemoteProtocolError("hello names an identity other than the TLS certificate")
         return hello
@@ -267,14 +276,14 @@ class Session:
         if self.dialer:
             sid, control = self.conn.open_bidi()
             self.control_sid = sid
-            self.send(self.agent.hello())
+            self.send(self.agent.hello(self.conn))
             return control
         with trio.fail_after(HELLO_TIMEOUT):
             control = await self.conn.accept_stream()
         if control.stream_id & 0x2:
             raise RemoteProtocolError("the first stream must be the bidirectional control stream")
         self.control_sid = control.stream_id
-        self.send(self.agent.hello())
+        self.send(self.agent.hello(self.conn))
         return control
 
     async def _read_message(self, stream: InboundStream, decoder: FrameDecoder) -> m.Message:

@@ -30,6 +30,7 @@ MAX_NAME_BYTES = 1024
 MAX_ATTRS = 64
 MAX_ATTR_BYTES = 4096  # one entry: key + value, UTF-8 bytes
 MAX_ATTRS_TOTAL = 16 * 1024  # all entries together, so an open always fits in a frame
+MAX_PROOF_BYTES = 256  # an ECDSA signature (P-521: 139 bytes DER)
 PRIORITY_RANGE = range(0, 16)
 
 Kind = Literal["file", "stream", "dir"]
@@ -43,6 +44,9 @@ class Hello:
     agent: str
     epoch: int
     name: str = ""
+    # On a resumed TLS session (no certificates exchanged): the agent's signature over
+    # the connection's TLS binding (quelay.identity.sign_binding). Absent otherwise.
+    proof: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -319,7 +323,11 @@ def _decode_body(kind: Any, body: dict[str, Any], tid: Any) -> Message:
         assert version is not None
         epoch = _uint(body, "epoch")
         assert epoch is not None
-        return Hello(version, _str(body, "agent", 128), epoch, _str(body, "name"))
+        proof = body.get("proof")
+        if proof is not None and (not isinstance(proof, bytes) or len(proof) > MAX_PROOF_BYTES):
+            raise RemoteProtocolError(
+                f"field 'proof' must be bytes of at most {MAX_PROOF_BYTES} bytes")
+        return Hello(version, _str(body, "agent", 128), epoch, _str(body, "name"), proof)
     if kind in ("list_exports", "exports"):
         return _decode_listing(kind, body)
     if tid is None and isinstance(kind, str) and kind in _TYPES and kind != "error":

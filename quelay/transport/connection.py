@@ -139,6 +139,10 @@ class QuicConn:
         self.terminated = trio.Event()
         self.closed: str | None = None
         self.peer_fingerprint: str | None = None
+        # A resumed TLS session: the peer's identity is the ticket's until its hello
+        # proves it on this connection (``binding`` is what it signs).
+        self.resumed = False
+        self.binding = b""
         self._wake = trio.Event()
         self._send_lot = trio.lowlevel.ParkingLot()
         self._inbound: dict[int, InboundStream] = {}
@@ -282,6 +286,8 @@ class QuicConn:
 
         assert der is not None
         self.peer_fingerprint = fingerprint_of_der(der)
+        self.resumed = self.quic.session_resumed
+        self.binding = self.quic.tls_binding()
         self.authenticated.set()
 
     def _terminate(self, event: events.ConnectionTerminated) -> None:

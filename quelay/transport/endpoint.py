@@ -43,7 +43,7 @@ class QuicEndpoint:
         *,
         make_connection: Callable[..., QuicConn],
         configuration: QuicConfiguration,
-        quic_kwargs: dict[str, int],
+        quic_kwargs: dict[str, object],
         path_memory: PathMemory | None = None,
     ) -> None:
         self.sock = sock

@@ -34,12 +34,14 @@ These hooks are private aioquic API, which is why the dependency is pinned to
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import K_GRANULARITY
 from aioquic.quic.connection import (
@@ -61,6 +63,7 @@ from aioquic.quic.recovery import (
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 from . import allotted  # noqa: F401  (registers the "allotted" congestion control)
+from .resumption import ProvenIdentity, TicketStore
 
 PACER_BURST_DATAGRAMS = 64
 
@@ -660,15 +663,34 @@ class QuelayQuicConnection(QuicConnection):
         configuration: QuicConfiguration,
         remembered_rtt: float | None = None,
         remembered_rtt_var: float | None = None,
+        tickets: TicketStore | None = None,
+        ticket_key: str = "peer",
         **kwargs: Any,
     ) -> None:
         """``remembered_rtt`` / ``remembered_rtt_var``: this path's last smoothed RTT and
         its variation (seconds, e.g. from :class:`~quelay.transport.path_memory.PathMemory`);
-        they set the handshake's probe timeout instead of aioquic's 100 ms guess."""
+        they set the handshake's probe timeout instead of aioquic's 100 ms guess.
+        ``tickets``: TLS session tickets to resume with and to remember (see
+        :mod:`~quelay.transport.resumption`); a dialler looks its ticket up by ``ticket_key``."""
         if remembered_rtt is not None and 0 < remembered_rtt <= MAX_SEED_RTT:
             configuration = replace(configuration, initial_rtt=remembered_rtt)
         else:
             remembered_rtt = None
+        self._tickets = tickets
+        self._ticket_key = ticket_key
+        # The identity a resumed handshake stands for: the one proven when the ticket
+        # was earned (a dialler knows it before it dials, a listener when it redeems).
+        self.resumed_identity: ProvenIdentity | None = None
+        if tickets is not None:
+            if configuration.is_client:
+                held = tickets.held(ticket_key)
+                if held is not None:
+                    configuration = replace(configuration, session_ticket=held.ticket)
+                    self.resumed_identity = held.identity
+                kwargs["session_ticket_handler"] = self._ticket_received
+            else:
+                kwargs["session_ticket_fetcher"] = self._redeem_ticket
+                kwargs["session_ticket_handler"] = self._ticket_issued
         super().__init__(configuration=configuration, **kwargs)
         self._stream_window = stream_window
         self._connection_window = connection_window
@@ -796,18 +818,75 @@ class QuelayQuicConnection(QuicConnection):
             # Ask the client for its certificate; we check it against the pins.
             self.tls._request_client_certificate = True
 
+    @property
+    def session_resumed(self) -> bool:
+        """The handshake resumed a TLS session: no certificates were exchanged."""
+        return bool(getattr(self.tls, "session_resumed", False))
+
     def peer_certificate_chain(self) -> list[Any]:
-        """The certificates the peer sent after its own (parsed, unverified)."""
+        """The certificates the peer sent after its own (parsed, unverified); on a
+        resumed connection, the chain proven when the ticket was earned."""
+        if self.session_resumed and self.resumed_identity is not None:
+            from cryptography import x509
+
+            return [x509.load_der_x509_certificate(der) for der in self.resumed_identity.chain]
         return list(getattr(self.tls, "_peer_certificate_chain", None) or [])
 
     def peer_certificate_der(self) -> bytes | None:
-        """DER of the certificate the peer proved it holds the key of, if any."""
+        """DER of the certificate the peer proved it holds the key of, if any; on a
+        resumed connection, the one proven when the ticket was earned (the peer proves
+        it again in its hello, see :func:`quelay.identity.verify_binding`)."""
+        if self.session_resumed:
+            identity = self.resumed_identity
+            return identity.certificate if identity is not None else None
         cert = getattr(self.tls, "_peer_certificate", None)
         if cert is None:
             return None
         from cryptography.hazmat.primitives.serialization import Encoding
 
         return bytes(cert.public_bytes(Encoding.DER))
+
+    def tls_binding(self) -> bytes:
+        """A value both ends of this connection share and nobody else can know: a hash
+        of the two 1-RTT traffic secrets (read once the handshake completed, before any
+        key update). Signing it proves an identity *on this connection*."""
+        crypto = self._cryptos[tls.Epoch.ONE_RTT]
+        mine, theirs = crypto.send.secret, crypto.recv.secret
+        if mine is None or theirs is None:
+            raise RuntimeError("tls_binding() before the 1-RTT keys exist")
+        client, server = (mine, theirs) if self._is_client else (theirs, mine)
+        return hashlib.sha256(b"quelay tls binding v1\0" + client + server).digest()
+
+    def _proven_identity(self) -> ProvenIdentity | None:
+        der = self.peer_certificate_der()
+        if der is None:
+            return None
+        if self.session_resumed:
+            return self.resumed_identity
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        chain = tuple(bytes(c.public_bytes(Encoding.DER)) for c in self.peer_certificate_chain())
+        return ProvenIdentity(der, chain)
+
+    def _ticket_received(self, ticket: tls.SessionTicket) -> None:
+        identity = self._proven_identity()
+        if self._tickets is not None and identity is not None:
+            self._tickets.hold(self._ticket_key, ticket, identity)
+
+    def _ticket_issued(self, ticket: tls.SessionTicket) -> None:
+        identity = self._proven_identity()
+        if self._tickets is not None and identity is not None:
+            self._tickets.issued(ticket, identity)
+
+    def _redeem_ticket(self, label: bytes) -> tls.SessionTicket | None:
+        entry = self._tickets.redeem(label) if self._tickets is not None else None
+        if entry is None:
+            return None
+        self.resumed_identity = entry.identity
+        # A resumed handshake has no CertificateRequest: the client proves itself in
+        # its hello instead (aioquic would otherwise wait for a certificate forever).
+        self.tls._request_client_certificate = False
+        return entry.ticket
 
     # -- consumption-driven flow control ------------------------------------
 
