@@ -63,6 +63,8 @@ HELP: dict[str, str] = {
     "rendezvous_direct": "Try a direct path through the NATs (true) or always use the "
                          "relay (false).",
     "metrics": "Serve Prometheus metrics on HOST:PORT (TCP, GET /metrics); off by default.",
+    "resumption": "Resume the TLS session on reconnects (true, default) or always run a full "
+                  "handshake (false); identities are proven either way.",
     "trust": "Pinned peer: sha256:<hex> or a certificate file (repeatable).",
     "inbox_ttl": "Seconds a received file stays in the inbox before it is deleted (0 = keep).",
     "export": "A read-only export the peer may list and fetch: NAME=DIR or DIR (repeatable).",
