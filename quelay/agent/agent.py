@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import secrets
 import weakref
@@ -57,6 +58,7 @@ MiB = 1024 * 1024
 RESUME_GRACE = 30.0  # after a peer restart, how long an incoming file waits to be resumed
 PRUNE_EVERY = 60.0  # seconds between history prunes
 SWEEP_EVERY = 10.0  # seconds between looks for received files whose time to live ended
+RATE_SMOOTHING = 2.0  # seconds: the time constant of a transfer's reported rate
 
 
 @dataclass
@@ -575,7 +577,12 @@ class Agent:
         rtt = stats.min_rtt if stats.min_rtt is not None else stats.rtt
         if rtt is not None:
             self._last_rtt = rtt
-        self.session = None
+        session, self.session = self.session, None
+        for tid, (_, retransmitted) in session.stats_of_all().items():  # fold into totals
+            t = self.book.table.get(tid)
+            if t is not None:
+                t.retransmitted_earlier += retransmitted
+                t.retransmitted, t.in_flight = t.retransmitted_earlier, 0
         self.book.link = None
         self._set_link(LinkState.DOWN, reason)
         live = len(self.book.table.active_outbound()) + self.book.table.live_incoming()
@@ -607,8 +614,10 @@ class Agent:
         """Progress events, busy retries and history pruning, at the progress interval."""
         last: dict[str, int] = {}
         next_prune = next_sweep = trio.current_time()
+        sampled: dict[str, tuple[float, int]] = {}
         while True:
             await trio.sleep(self.config.progress_interval)
+            self._sample_stats(sampled)
             for t in self.book.table.live():
                 if t.state is State.ACTIVE and last.get(t.id) != t.delivered:
                     last[t.id] = t.delivered
@@ -623,6 +632,31 @@ class Agent:
             if trio.current_time() >= next_prune:
                 next_prune = trio.current_time() + PRUNE_EVERY
                 self.book.prune()
+
+    def _sample_stats(self, sampled: dict[str, tuple[float, int]]) -> None:
+        """Per-transfer rate (delivered bytes/s, smoothed over ~2 s), bytes in flight and
+        bytes retransmitted (``quelay get``, progress events)."""
+        now = trio.current_time()
+        session = self.session
+        seen = set()
+        for t in self.book.table.live():
+            if t.state is not State.ACTIVE:
+                t.rate = 0.0
+                continue
+            seen.add(t.id)
+            then, delivered = sampled.get(t.id, (now, t.delivered))
+            if now > then:
+                sample = max(0, t.delivered - delivered) / (now - then)
+                weight = 1.0 - math.exp(-(now - then) / RATE_SMOOTHING)
+                t.rate += weight * (sample - t.rate)
+            sampled[t.id] = (now, t.delivered)
+            if t.direction == "out" and session is not None:
+                t.in_flight, retransmitted = session.transfer_stats(t.id)
+                t.retransmitted = t.retransmitted_earlier + retransmitted
+        for tid in [tid for tid in sampled if tid not in seen]:
+            del sampled[tid]
+            if session is not None:
+                session.forget_stats(tid)
 
     def status(self) -> dict[str, Any]:
         counters = self.sock.counters if self.sock else None

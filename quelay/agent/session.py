@@ -106,6 +106,7 @@ class Session:
         self.protocol = pp.PeerProtocol(book.table, max_incoming=self.policy.max_incoming)
         self.peer_hello: m.Hello | None = None
         self.control_sid: int | None = None
+        self._sent_on: dict[str, list[int]] = {}  # outbound transfer -> its data streams
         self._free_bytes = free_bytes or _free_bytes
         self._nursery: trio.Nursery | None = None
         self._shields: set[trio.CancelScope] = set()
@@ -345,6 +346,7 @@ class Session:
             with trio.CancelScope() as scope:  # cancelled by StopSending
                 sid = self.conn.open_stream()
                 self._pumps[t.id] = (scope, sid)
+                self._sent_on.setdefault(t.id, []).append(sid)
                 try:
                     digest = await self._pump_bytes(t, rt, sid, start)
                 except (ConnectionClosed, trio.ClosedResourceError, PipeAborted):
@@ -426,6 +428,22 @@ class Session:
             else:
                 self.feed.idle(rt.feed_key)
                 await pipe.wait_readable()
+
+    def transfer_stats(self, transfer_id: str) -> tuple[int, int]:
+        """(bytes in flight, bytes retransmitted) of an outbound transfer on this connection."""
+        sids = self._sent_on.get(transfer_id)
+        if not sids:
+            return 0, 0
+        quic = self.conn.quic
+        retransmitted = sum(quic.retransmitted_by_stream.get(sid, 0) for sid in sids)
+        return quic.stream_in_flight(sids[-1]), retransmitted
+
+    def forget_stats(self, transfer_id: str) -> None:
+        self._sent_on.pop(transfer_id, None)
+
+    def stats_of_all(self) -> dict[str, tuple[int, int]]:
+        """:meth:`transfer_stats` of every transfer this connection carried."""
+        return {tid: self.transfer_stats(tid) for tid in self._sent_on}
 
     def data_stream_of(self, transfer_id: str) -> int | None:
         """The QUIC stream carrying an outbound transfer's bytes this session, if any."""

@@ -99,6 +99,13 @@ class Transfer:
     members_done: int = 0  # a directory: how many of them are done
     dirs: list[str] = field(default_factory=list)  # a directory: its empty subdirectories
     seq: int = field(default_factory=lambda: next(_SEQ))  # FIFO order within a priority
+    # Live statistics, sampled at the progress interval (never journaled): delivered
+    # bytes per second (smoothed); out: bytes in QUIC packets not yet acknowledged, and
+    # bytes sent again (lost, or copied at a tail) over every connection so far.
+    rate: float = 0.0
+    in_flight: int = 0
+    retransmitted: int = 0
+    retransmitted_earlier: int = 0  # the part from connections that ended
 
     @property
     def terminal(self) -> bool:
@@ -197,6 +204,9 @@ class Transfer:
             "files_done": self.members_done if self.kind == "dir" else None,
             "expires": self.expires,
             "expired": self.expired,
+            "rate": round(self.rate),
+            "in_flight": self.in_flight if self.direction == "out" else None,
+            "retransmitted": self.retransmitted if self.direction == "out" else None,
         }
         if self.error_code is not None:
             out["error"] = {"code": self.error_code, "message": self.error_message}

@@ -153,6 +153,12 @@ class RobustStreamSender(QuicStreamSender):
     """
 
     _copied: RangeSet | None = None  # bytes tail protection already sent an extra time
+    _retransmitted: dict[int, int] | None = None  # the connection's count, by stream id
+
+    def _count_retransmit(self, nbytes: int) -> None:
+        if nbytes and self._retransmitted is not None and self._stream_id is not None:
+            counts = self._retransmitted
+            counts[self._stream_id] = counts.get(self._stream_id, 0) + nbytes
 
     def _unacked(self, start: int, stop: int) -> RangeSet:
         left = RangeSet([range(start, stop)]) if stop > start else RangeSet()
@@ -180,6 +186,7 @@ class RobustStreamSender(QuicStreamSender):
         else:
             for r in parts:
                 super().on_data_delivery(delivery, r.start, r.stop, False)
+            self._count_retransmit(sum(r.stop - r.start for r in parts))
             if fin and self._buffer_fin is not None and not self._acked_fin:
                 super().on_data_delivery(delivery, self._buffer_fin, self._buffer_fin, True)
 
@@ -207,6 +214,7 @@ class RobustStreamSender(QuicStreamSender):
             n += r.stop - r.start
         if n:
             self.buffer_is_empty = False
+            self._count_retransmit(n)
         return n
 
     @property
@@ -693,6 +701,9 @@ class QuelayQuicConnection(QuicConnection):
                 kwargs["session_ticket_handler"] = self._ticket_issued
         super().__init__(configuration=configuration, **kwargs)
         self._stream_window = stream_window
+        # Bytes of each of our streams sent again (declared lost, or copied by tail
+        # protection): per-transfer statistics (quelay get).
+        self.retransmitted_by_stream: dict[int, int] = {}
         self._connection_window = connection_window
         self._consumed: dict[int, int] = {}
         self._consumed_total = 0
@@ -808,6 +819,7 @@ class QuelayQuicConnection(QuicConnection):
         stream = super()._get_or_create_stream_for_send(stream_id)
         if type(stream.sender) is QuicStreamSender:
             stream.sender.__class__ = RobustStreamSender
+            stream.sender._retransmitted = self.retransmitted_by_stream  # type: ignore[attr-defined]
         return stream
 
     # -- peer authentication ----------------------------------------------
@@ -911,6 +923,15 @@ class QuelayQuicConnection(QuicConnection):
             return 0
         sender = stream.sender
         return max(0, int(sender._buffer_stop - sender.highest_offset))
+
+    def stream_in_flight(self, stream_id: int) -> int:
+        """Bytes of one of our streams put in packets and not yet acknowledged."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        acked = sum(r.stop - r.start for r in sender._acked)
+        return max(0, int(sender.highest_offset - sender._buffer_start - acked))
 
     def forget_stream(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
