@@ -101,7 +101,7 @@ class TransferBook:
         self._wall = wall  # Unix time, for expiry (a test passes its own)
         self.inbox_ttl = inbox_ttl  # seconds a received file stays (0: until removed)
         self._runtime: dict[str, Runtime] = {}
-        self._queue_snapshot: tuple[str, ...] = ()
+        self._queue_snapshot: tuple[int, tuple[str, ...]] = (0, ())
         self.stats = Stats()  # event counters for the metrics endpoint
 
     # -- lookups -------------------------------------------------------------------
@@ -135,40 +135,56 @@ class TransferBook:
             self.publish("transfer.queued", t)
 
     def fill(self) -> None:
-        """Start queued transfers while the link is up and ``max_concurrent`` allows."""
-        queue = self.table.queue()
-        if self.link is not None:
+        """Start queued transfers while the link is up and ``max_concurrent`` allows.
+
+        Called on every submit and ending, so it costs what starts (plus the queue's
+        head), not the whole queue: with the slots taken and no directory waiting (a
+        directory takes no slot) the walk stops at once; positions are the queue's
+        own (``Transfer.queue_position``)."""
+        table = self.table
+        if self.link is not None and table.queued():
             now = self._clock()
             limit = self.max_concurrent
             # A directory has no bytes of its own: it never takes a max_concurrent slot.
-            active = sum(1 for t in self.table.active_outbound() if t.kind != "dir")
-            waiting = []
-            for t in queue:
-                group = self.table.get(t.group) if t.group is not None else None
-                if t.kind == "dir" and t.not_before <= now:
-                    self._start(t)  # announced first: its files name it
+            active = table.active_outbound_count(bytes_only=True)
+            dirs = table.queued_dirs()  # directories not visited yet
+            start: list[Transfer] = []
+            starting: set[str] = set()  # directories starting now: their files may follow
+            for t in table.waiting():  # (states change only after the walk)
+                if limit and active >= limit and not dirs:
+                    break  # nothing more can start
+                if t.kind == "dir":
+                    dirs -= 1
+                    if t.not_before <= now:
+                        start.append(t)  # announced first: its files name it
+                        starting.add(t.id)
                 elif limit and active >= limit:
-                    waiting.append(t)
-                elif t.not_before > now or (group is not None and group.state is State.PENDING):
-                    waiting.append(t)  # refused as busy (or its directory was): retried later
+                    continue
+                elif t.not_before > now or self._group_waits(t, starting):
+                    continue  # refused as busy (or its directory was): retried later
                 else:
-                    self._start(t)
+                    start.append(t)
                     active += 1
-            queue = waiting
-        for position, t in enumerate(queue, 1):
-            t.queue_position = position
-        snapshot = tuple(t.id for t in queue)
+            for t in start:
+                self._start(t)
+        head = table.queue_head(100)
+        snapshot = (table.queued(), tuple(t.id for t in head))
         if snapshot != self._queue_snapshot:
             self._queue_snapshot = snapshot
             self.events.publish("queue.status", {"pending": [
-                {"id": t.id, "name": t.name, "priority": t.priority,
-                 "position": t.queue_position} for t in queue[:100]],
-                "count": len(queue)})
+                {"id": t.id, "name": t.name, "priority": t.priority, "position": position}
+                for position, t in enumerate(head, 1)], "count": snapshot[0]})
+
+    def _group_waits(self, t: Transfer, starting: set[str]) -> bool:
+        """A file of a directory that is still queued (and not starting now) waits for it."""
+        if t.group is None or t.group in starting:
+            return False
+        group = self.table.get(t.group)
+        return group is not None and group.state is State.PENDING
 
     def _start(self, t: Transfer) -> None:
         assert self.link is not None
         t.move_to(State.ACTIVE)
-        t.queue_position = None
         rt = self.runtime(t)
         if rt.feed_key is None and t.kind != "dir":
             rt.feed_key = self.feed.add(t.priority)

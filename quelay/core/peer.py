@@ -390,7 +390,7 @@ class PeerProtocol:
             path = safe_relative_path_untrusted(msg.name)
         except UnsafeNameError as exc:
             return self.fail(group, Failure.UNSAFE_NAME, str(exc))
-        if any(t.name == path for t in self.table.members(group.id)):
+        if self.table.has_member(group.id, path):
             return self.fail(group, Failure.DUPLICATE, f"{path!r} appears twice in the directory")
         t = Transfer(msg.id, "in", "file", path, msg.size, msg.priority, {}, group=group.id,
                      mode=msg.mode)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from bisect import bisect_left, insort
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -82,7 +84,6 @@ class Transfer:
     opened: bool = False  # out: the peer may have heard of it (a later Open is a resume)
     resumes: int = 0  # how many times this transfer continued after a reconnect
     resumed_from: int | None = None  # the offset of the latest resume
-    queue_position: int | None = None  # out, pending: 1 = starts next
     not_before: float = 0.0  # out, pending: refused as busy; retry after this (monotonic)
     busy_refusals: int = 0
     stall: StallReason | None = None  # in files: why bytes are not being written
@@ -106,10 +107,19 @@ class Transfer:
     in_flight: int = 0
     retransmitted: int = 0
     retransmitted_earlier: int = 0  # the part from connections that ended
+    #: The table holding it, told of every state change (so it keeps its indexes).
+    _table: TransferTable | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+    @property
+    def queue_position(self) -> int | None:
+        """Out, pending: 1 = starts next (priority order, FIFO within a priority)."""
+        if self._table is None or self.direction != "out" or self.state is not State.PENDING:
+            return None
+        return self._table.position(self)
 
     def move_to(self, new: State) -> bool:
         """Apply a transition; ``False`` if already terminal (late events are ignored)."""
@@ -121,10 +131,12 @@ class Transfer:
             raise LocalProtocolError(f"transfer {self.id}: {self.state.value} -> {new.value}")
         if new is State.PENDING and self.direction != "out":
             raise LocalProtocolError(f"transfer {self.id}: only outbound transfers re-queue")
-        self.state = new
+        old, self.state = self.state, new
         if new in TERMINAL:
             self.finished_at = time.time()
             self.stall = None
+        if self._table is not None:
+            self._table.moved(self, old)
         return True
 
     def fail(self, code: str, message: str, *, canceled: bool = False) -> bool:
@@ -213,11 +225,64 @@ class Transfer:
         return out
 
 
+class _Queue:
+    """Pending outbound transfers in start order: higher priority first, FIFO (seq) within.
+
+    Kept sorted as transfers come and go, so the head and a transfer's position cost
+    O(priorities + log n), not a sort of the whole queue.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[int, list[tuple[int, str]]] = {}  # priority -> sorted (seq, id)
+        self._items: dict[str, Transfer] = {}
+        self.dirs = 0  # directories among them
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, t: Transfer) -> None:
+        insort(self._keys.setdefault(t.priority, []), (t.seq, t.id))
+        self._items[t.id] = t
+        self.dirs += t.kind == "dir"
+
+    def remove(self, t: Transfer) -> None:
+        if self._items.pop(t.id, None) is None:
+            return
+        self.dirs -= t.kind == "dir"
+        keys = self._keys[t.priority]
+        del keys[bisect_left(keys, (t.seq, t.id))]
+        if not keys:
+            del self._keys[t.priority]
+
+    def __iter__(self) -> Iterator[Transfer]:
+        for priority in sorted(self._keys, reverse=True):
+            for _, tid in self._keys[priority]:
+                yield self._items[tid]
+
+    def position(self, t: Transfer) -> int:
+        ahead = sum(len(keys) for p, keys in self._keys.items() if p > t.priority)
+        return ahead + bisect_left(self._keys[t.priority], (t.seq, t.id)) + 1
+
+
 class TransferTable:
-    """Every transfer this agent knows, by id (no I/O: the book adds that)."""
+    """Every transfer this agent knows, by id (no I/O: the book adds that).
+
+    Besides the registry it keeps indexes that follow every state change (a
+    transfer tells its table from :meth:`Transfer.move_to`): the live transfers
+    by direction, the active outbound ones, the queue of pending outbound ones
+    and the files of each directory. So what the scheduler and the protocol ask
+    per event costs what is live or active, not what the table ever held.
+    """
 
     def __init__(self) -> None:
         self._by_id: dict[str, Transfer] = {}
+        self._order: dict[str, int] = {}  # id -> when it was added (the registry's order)
+        self._added = itertools.count()
+        self._live: dict[Direction, dict[str, Transfer]] = {"out": {}, "in": {}}
+        self._active_out: dict[str, Transfer] = {}
+        self._queue = _Queue()
+        self._members: dict[str, dict[str, Transfer]] = {}  # directory id -> its files
+        self._member_names: dict[str, Counter[str]] = {}  # directory id -> their names
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -241,34 +306,110 @@ class TransferTable:
         if t.id in self._by_id:
             raise LocalProtocolError(f"transfer {t.id} exists")
         self._by_id[t.id] = t
+        self._order[t.id] = next(self._added)
+        t._table = self
+        if not t.terminal:
+            self._live[t.direction][t.id] = t
+        if t.direction == "out":
+            if t.state is State.ACTIVE:
+                self._active_out[t.id] = t
+            elif t.state is State.PENDING:
+                self._queue.add(t)
+        if t.group is not None:
+            self._members.setdefault(t.group, {})[t.id] = t
+            self._member_names.setdefault(t.group, Counter())[t.name] += 1
 
     def remove(self, transfer_id: str) -> None:
-        self._by_id.pop(transfer_id, None)
+        t = self._by_id.pop(transfer_id, None)
+        if t is None:
+            return
+        del self._order[transfer_id]
+        t._table = None
+        self._live[t.direction].pop(transfer_id, None)
+        self._active_out.pop(transfer_id, None)
+        self._queue.remove(t)
+        if t.group is not None:
+            members = self._members[t.group]
+            del members[transfer_id]
+            names = self._member_names[t.group]
+            names[t.name] -= 1
+            if not names[t.name]:
+                del names[t.name]
+            if not members:
+                del self._members[t.group], self._member_names[t.group]
+
+    def moved(self, t: Transfer, old: State) -> None:
+        """``t`` went from ``old`` to its state now: follow it in the indexes."""
+        if t.terminal:
+            self._live[t.direction].pop(t.id, None)
+        if t.direction != "out":
+            return
+        if old is State.ACTIVE:
+            self._active_out.pop(t.id, None)
+        elif old is State.PENDING:
+            self._queue.remove(t)
+        if t.state is State.ACTIVE:
+            self._active_out[t.id] = t
+        elif t.state is State.PENDING:
+            self._queue.add(t)
 
     def live(self, direction: Direction | None = None) -> list[Transfer]:
-        return [t for t in self._by_id.values()
-                if not t.terminal and (direction is None or t.direction == direction)]
+        """Transfers not yet ended (in the order they were added)."""
+        if direction is not None:
+            return list(self._live[direction].values())
+        both = [*self._live["out"].values(), *self._live["in"].values()]
+        both.sort(key=lambda t: self._order[t.id])
+        return both
 
     def pending_fetches(self) -> list[Transfer]:
-        return [t for t in self._by_id.values()
-                if t.direction == "in" and t.state is State.PENDING and t.fetch is not None]
+        return [t for t in self._live["in"].values()
+                if t.state is State.PENDING and t.fetch is not None]
 
     def live_incoming(self) -> int:
-        return sum(1 for t in self._by_id.values() if t.direction == "in" and not t.terminal)
+        return len(self._live["in"])
 
     def active_outbound(self) -> list[Transfer]:
-        return [t for t in self._by_id.values()
-                if t.direction == "out" and t.state is State.ACTIVE]
+        """Active outbound transfers (in the order they were added)."""
+        return sorted(self._active_out.values(), key=lambda t: self._order[t.id])
+
+    def active_outbound_count(self, *, bytes_only: bool = False) -> int:
+        """How many outbound transfers are active; ``bytes_only``: not counting directories
+        (which have no bytes of their own)."""
+        if not bytes_only:
+            return len(self._active_out)
+        return sum(1 for t in self._active_out.values() if t.kind != "dir")
 
     def members(self, group_id: str) -> list[Transfer]:
-        return [t for t in self._by_id.values() if t.group == group_id]
+        return list(self._members.get(group_id, {}).values())
+
+    def has_member(self, group_id: str, name: str) -> bool:
+        """Whether directory ``group_id`` already holds a file named ``name``."""
+        names = self._member_names.get(group_id)
+        return names is not None and name in names
 
     def queue(self) -> list[Transfer]:
         """Outbound transfers waiting to start: priority order, FIFO within a priority."""
-        pending = [t for t in self._by_id.values()
-                   if t.direction == "out" and t.state is State.PENDING]
-        pending.sort(key=lambda t: (-t.priority, t.seq))
-        return pending
+        return list(self._queue)
+
+    def waiting(self) -> Iterator[Transfer]:
+        """:meth:`queue` lazily (no state may change while it is walked)."""
+        return iter(self._queue)
+
+    def queued_dirs(self) -> int:
+        """How many of the queued transfers are directories."""
+        return self._queue.dirs
+
+    def queue_head(self, count: int) -> list[Transfer]:
+        """The first ``count`` of :meth:`queue`, without listing the rest."""
+        return list(itertools.islice(self._queue, count))
+
+    def queued(self) -> int:
+        """How many outbound transfers wait to start."""
+        return len(self._queue)
+
+    def position(self, t: Transfer) -> int:
+        """``t``'s place in the queue (1 = starts next); ``t`` must be in it."""
+        return self._queue.position(t)
 
     def newest_first(self, before: int | None = None) -> list[Transfer]:
         """Newest first (by ``seq``: the order this agent learned of them); with
