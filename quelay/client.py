@@ -27,6 +27,10 @@ Trio::
         await client.set_rate("2Mbps")                # wire cap; 0 = uncapped
         await client.cancel(info["id"])
 
+        await client.datagram_send("position", b"...", max_age=0.5)  # best effort, never waits
+        for msg in await client.datagram_recv("position", count=1):  # at the other agent
+            print(msg["data"], msg["received_at"] - msg["sent_at"])
+
 Blocking (one Trio loop per call, or one background loop inside ``with``)::
 
     from quelay.client import BlockingClient
@@ -70,6 +74,7 @@ T = TypeVar("T")
 log = logging.getLogger("quelay.client")
 
 TERMINAL_STATES = frozenset({"done", "failed", "canceled"})
+MAX_DATAGRAM_REQUEST = MAX_CONTROL_FRAME - 1024  # payload bytes a datagram_send may carry
 
 
 class ClientError(QuelayError):
@@ -427,6 +432,49 @@ class Client:
     async def cancel(self, transfer_id: str) -> dict[str, Any]:
         return await self.request("cancel", id=transfer_id)  # type: ignore[no-any-return]
 
+    # -- best-effort datagrams (docs/control-protocol.md) -----------------------------
+
+    async def datagram_send(self, name: str, data: bytes | str, *,
+                            max_age: float | str | None = None,
+                            check: bool = True) -> dict[str, Any]:
+        """Queue one best-effort datagram for the peer (a str is sent as UTF-8); never
+        waits for the link. It goes ahead of bulk data, is dropped if it cannot leave
+        within ``max_age`` (seconds or ``"250ms"``; default the agent's
+        ``datagram_max_age``) and is never retransmitted.
+
+        Returns ``{"accepted", "reason", "message", "sent_at", "max_payload"}``; with
+        ``check`` a refusal raises :class:`ClientError` whose code is the reason
+        (``too_big``, ``link_down``, ``queue_full``).
+        """
+        payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        result: dict[str, Any]
+        if len(payload) > MAX_DATAGRAM_REQUEST:  # no path carries it; nor does a request
+            result = {"accepted": False, "reason": "too_big", "sent_at": None,
+                      "max_payload": None, "message": f"a {len(payload)}-byte message is too "
+                      "big: no path carries a datagram that large"}
+        else:
+            result = await self.request("datagram_send", name=name, data=payload,
+                                        max_age=max_age)
+        if check and not result["accepted"]:
+            raise ClientError(result["reason"], result["message"])
+        return result
+
+    async def datagram_recv(self, name: str, *, count: int = 1,
+                            timeout: float | str | None = None) -> list[dict[str, Any]]:
+        """Up to ``count`` (1..256) datagrams named ``name``, oldest first, as soon as one
+        is here; ``[]`` if none came within ``timeout`` (seconds or ``"2s"``; None: wait
+        for ever). Each is ``{"name", "data": bytes, "sent_at", "received_at"}``: Unix
+        times of the sending agent accepting it (its clock) and of this agent receiving
+        it (ours), so ``received_at - sent_at`` is the one-way delay plus clock offset."""
+        result = await self.request("datagram_recv", name=name, count=count, timeout=timeout)
+        return result["messages"]  # type: ignore[no-any-return]
+
+    async def datagrams(self, name: str) -> AsyncIterator[dict[str, Any]]:
+        """Every datagram named ``name`` as it arrives, forever."""
+        while True:
+            for msg in await self.datagram_recv(name, count=256):
+                yield msg
+
     async def subscribe(self) -> None:
         if not self._subscribed:
             self._subscribed = True
@@ -699,6 +747,16 @@ class BlockingClient:
 
     def wait(self, transfer_id: str) -> dict[str, Any]:
         return self._call(lambda c: c.wait(transfer_id))
+
+    def datagram_send(self, name: str, data: bytes | str, *, max_age: float | str | None = None,
+                      check: bool = True) -> dict[str, Any]:
+        """See :meth:`Client.datagram_send`."""
+        return self._call(lambda c: c.datagram_send(name, data, max_age=max_age, check=check))
+
+    def datagram_recv(self, name: str, *, count: int = 1,
+                      timeout: float | str | None = None) -> list[dict[str, Any]]:
+        """See :meth:`Client.datagram_recv`."""
+        return self._call(lambda c: c.datagram_recv(name, count=count, timeout=timeout))
 
     def open_stream(self, *, name: str | None = None, priority: int | None = None,
                     attrs: dict[str, str] | None = None, spool: int | None = None

@@ -52,6 +52,7 @@ def test_every_client_command_takes_json() -> None:
     group = typer.main.get_command(app)
     commands: dict[str, Any] = dict(group.commands)  # type: ignore[attr-defined]
     commands.update({f"config {k}": v for k, v in commands.pop("config").commands.items()})
+    commands.update({f"datagram {k}": v for k, v in commands.pop("datagram").commands.items()})
     for name, command in commands.items():
         if name in ("run", "demo", "linksim"):
             continue

@@ -116,6 +116,7 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "rate": ("5Mbps", 5_000_000),
     "count": (7, 7),
     "seconds": ("1.5s", 1.5),
+    "fraction": ("0.5", 0.5),
     "bool": (True, True),
 }
 

@@ -45,6 +45,7 @@ from ..transport.path_memory import PathMemory
 from ..transport.resumption import TicketStore
 from ..transport.udp import Address, UdpSocket, header_bytes_for, resolve
 from .book import HistoryPolicy, TransferBook
+from .datagrams import DATAGRAM_FRAME_LIMIT, DatagramService
 from .events import EventHub
 from .exports import Exports, parse_exports
 from .inbox import Inbox
@@ -99,6 +100,8 @@ class AgentConfig:
     history_age: float = 7 * 24 * 3600.0  # seconds a finished transfer is kept
     inbox_ttl: float = 0.0  # seconds a received file stays in the inbox (0 = until removed)
     metrics: Address | None = None  # HOST:PORT of the Prometheus endpoint; None = off
+    datagram_share: float = 0.25  # of the cap that best-effort datagrams may use
+    datagram_max_age: float = 1.0  # seconds a datagram may wait before it is dropped
     resumption: bool = True  # TLS session resumption on reconnects (identities still proven)
 
     def __post_init__(self) -> None:
@@ -134,6 +137,10 @@ class AgentConfig:
             raise ValueError("inbox_ttl must be >= 0 seconds (0 = keep received files)")
         if self.stall_timeout <= 0 or self.history_age <= 0:
             raise ValueError("stall_timeout and history_age must be > 0 seconds")
+        if not 0 < self.datagram_share <= 1:
+            raise ValueError("datagram_share must be a fraction of the cap in (0, 1]")
+        if not 0 < self.datagram_max_age <= 3600:
+            raise ValueError("datagram_max_age must be in (0, 3600] seconds")
 
 
 class StateDirLocked(QuelayError):
@@ -184,6 +191,10 @@ class Agent:
             history=HistoryPolicy(config.history_max, config.history_age),
             inbox_ttl=config.inbox_ttl)
         self.exports = Exports(parse_exports(config.export))
+        self.datagrams = DatagramService(
+            share=config.datagram_share, max_age=config.datagram_max_age,
+            cap=lambda: self.rate, label=self.label,
+            header_bytes=lambda: self.gate.per_datagram if self.gate is not None else 28)
         self.incoming_policy = IncomingPolicy(config.min_free, config.stall_timeout,
                                               config.max_incoming)
         self.session: Session | None = None
@@ -258,7 +269,7 @@ class Agent:
                  extra={"event": "agent.starting", "agent": self.label,
                         "fingerprint": self.identity.fingerprint,
                         "udp": f"{self.sock.address[0]}:{self.sock.address[1]}"})
-        control = ControlServer(self, self.book, cfg.control)
+        control = ControlServer(self, self.book, cfg.control, datagrams=self.datagrams)
         try:
             listener = control.bind()
         except BaseException:
@@ -359,6 +370,7 @@ class Agent:
             congestion_control_algorithm=cfg.congestion,
             verify_mode=ssl.CERT_NONE,  # we pin fingerprints ourselves (identity.TrustStore)
             server_name="quelay-peer",
+            max_datagram_frame_size=DATAGRAM_FRAME_LIMIT,  # best-effort datagrams (RFC 9221)
         )
         self._present_identity(conf)
         self._quic_confs = [r for r in self._quic_confs if r() is not None] + [weakref.ref(conf)]
@@ -395,7 +407,7 @@ class Agent:
         assert self.gate is not None
         self.gate.set_link(header_bytes=header_bytes_for(sock.family, peer[0]))
         quic.set_cap(self.gate.payload_bytes_per_second)
-        return QuicConn(
+        conn = QuicConn(
             quic,
             sock,
             peer,
@@ -406,6 +418,8 @@ class Agent:
             gate=self.gate,
             dead_after=self.config.dead_after,
         )
+        conn.on_datagram = self.datagrams.received  # best-effort datagrams from the peer
+        return conn
 
     def _verify_peer(self, der: bytes | None, chain: Any = (),
                      peer: Address | None = None) -> str | None:
@@ -488,7 +502,8 @@ class Agent:
                 self.book.stats.handshakes[("resumed" if conn.resumed else "full")] += 1
                 session = Session(self, self.book, self.feed, conn, dialer=dialer,
                                   early=dialer and self.peer_epoch is not None,
-                                  policy=self.incoming_policy, exports=self.exports)
+                                  policy=self.incoming_policy, exports=self.exports,
+                                  datagrams=self.datagrams)
                 await session.run()
             except trio.TooSlowError:
                 reason = "handshake timed out"
@@ -675,6 +690,7 @@ class Agent:
             "wire": None,
         }
         out["rate"] = self.rate
+        out["datagrams"] = self.datagrams.status()
         if self.rendezvous is not None:
             out.update(self.rendezvous.status(self.session.conn.peer if self.session else None))
         if counters is not None:

@@ -38,6 +38,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ..core.codes import LinkState
+from ..core.datagrams import DROP_REASONS as DATAGRAM_DROP_REASONS
 from ..core.transfer import State
 from ..transport.admission import REASONS as ADMISSION_REASONS
 
@@ -320,6 +321,8 @@ class AgentCollector(Collector):
             peer.add_metric([reason], stats.peer_rejected[reason])
         yield peer
 
+        yield from _datagram_metrics(getattr(agent, "datagrams", None))
+
         # Flood protection of a listener (transport/admission.py).
         endpoint = agent.endpoint
         admission = getattr(endpoint, "admission", None)
@@ -343,6 +346,29 @@ class AgentCollector(Collector):
         else:
             free.add_metric([], fs.f_bavail * fs.f_frsize)
         yield free
+
+
+def _datagram_metrics(service: Any) -> Iterator[Any]:
+    """Best-effort datagrams (RFC 9221 messages, not UDP datagrams): sent, delivered,
+    dropped by reason, malformed (quelay.agent.datagrams)."""
+    sent = CounterMetricFamily("quelay_datagrams_sent",
+                               "Best-effort datagram messages written into QUIC packets")
+    delivered = CounterMetricFamily("quelay_datagrams_delivered",
+                                    "Best-effort datagram messages received from the peer")
+    dropped = CounterMetricFamily("quelay_datagrams_dropped",
+                                  "Best-effort datagram messages dropped, by reason (late, "
+                                  "too_big, link_down, queue_full, unread)", labels=["reason"])
+    malformed = CounterMetricFamily("quelay_datagrams_malformed",
+                                    "DATAGRAM frames from the peer that were not quelay "
+                                    "datagrams (dropped)")
+    if service is not None:
+        total = service.counters.total
+        sent.add_metric([], total["sent"])
+        delivered.add_metric([], total["delivered"])
+        for reason in DATAGRAM_DROP_REASONS:
+            dropped.add_metric([reason], total[f"dropped_{reason}"])
+        malformed.add_metric([], service.counters.malformed)
+    yield from (sent, delivered, dropped, malformed)
 
 
 def _histogram(name: str, help_text: str, hist: Histogram) -> HistogramMetricFamily:

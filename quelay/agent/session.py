@@ -35,6 +35,7 @@ from ..errors import QuelayError, RemoteProtocolError
 from ..framing import FrameDecoder, encode_frame
 from ..transport.connection import ConnectionClosed, InboundStream, QuicConn, StreamReset
 from .book import Runtime, TransferBook, source_stat
+from .datagrams import DatagramService
 from .exports import ExportError, Exports
 from .filehash import hash_file
 from .inbox import InboxError, UnsafeNameError
@@ -95,7 +96,8 @@ class Session:
     def __init__(self, agent: AgentPort, book: TransferBook, feed: FeedPort, conn: QuicConn, *,
                  dialer: bool, early: bool, policy: IncomingPolicy | None = None,
                  free_bytes: Callable[[Path], int] | None = None,
-                 exports: Exports | None = None) -> None:
+                 exports: Exports | None = None,
+                 datagrams: DatagramService | None = None) -> None:
         self.agent = agent
         self.book = book
         self.feed = feed
@@ -112,6 +114,7 @@ class Session:
         self._shields: set[trio.CancelScope] = set()
         self._pumps: dict[str, tuple[trio.CancelScope, int]] = {}  # id -> (scope, stream)
         self.exports = exports
+        self.datagrams = datagrams  # best-effort datagrams: sent while this session is up
         self._listings: dict[int, tuple[trio.Event, list[m.Exports]]] = {}
         self._rids = itertools.count(1)
 
@@ -252,6 +255,8 @@ class Session:
 
     def _go(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self._accept_data_streams)
+        if self.datagrams is not None:
+            nursery.start_soon(self.datagrams.serve, self.conn)
         self.agent.session_up(self)  # the book's link is now this session
         self.perform(self.protocol.start())
         self.book.fill()

@@ -183,7 +183,7 @@ def _run_command(**options: Any) -> None:
 
 METAVARS = {"path": "PATH", "address": "HOST:PORT", "trust": "PIN", "list": "VALUE",
             "str": "TEXT", "choice": "NAME", "size": "SIZE", "rate": "RATE", "count": "N",
-            "seconds": "SECONDS", "bool": "BOOL"}
+            "seconds": "SECONDS", "bool": "BOOL", "fraction": "FRACTION"}
 
 
 def _build_run_command() -> Callable[..., None]:
@@ -574,6 +574,133 @@ def recv(
     _exit_for(info)
 
 
+# -- datagram ---------------------------------------------------------------------------
+
+datagram_app = typer.Typer(
+    no_args_is_help=True,
+    help="Best-effort datagrams: small named messages that go ahead of bulk data, are "
+         "dropped rather than sent late (max age) and are never retransmitted.")
+app.add_typer(datagram_app, name="datagram")
+DatagramNameOpt = Annotated[str, typer.Option(
+    "--name", help="The datagram name (1..64 UTF-8 bytes); readers ask for it.")]
+DATAGRAM_LINE_MAX = 65536  # a longer line is refused as too big (no path carries it)
+
+
+@datagram_app.command("send")
+def datagram_send(
+    name: DatagramNameOpt,
+    message: Annotated[Optional[str], typer.Argument(  # noqa: UP045
+        help="The message (sent as UTF-8); without it, standard input.")] = None,
+    lines: Annotated[bool, typer.Option(
+        "--lines", help="Standard input carries one message per line (sent as each "
+                        "line arrives; the newline is not sent).")] = False,
+    max_age: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--max-age", help="Drop a message that cannot leave within this long (e.g. 500ms; "
+                          "default: the agent's datagram_max_age).")] = None,
+    control: ControlOpt = DEFAULT_CONTROL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send MESSAGE (or standard input, whole or --lines) as best-effort datagrams.
+
+    Never waits for the link: a message the path cannot carry, or sent while the
+    link is down, is refused at once (on standard error, or in the --json line);
+    exits 1 if any was refused.
+    """
+    if message is not None and lines:
+        raise fail("give MESSAGE or --lines, not both", 2)
+
+    async def go(client: Client) -> int:
+        refused = 0
+
+        async def one(data: bytes) -> None:
+            nonlocal refused
+            result = await client.datagram_send(name, data, max_age=max_age, check=False)
+            if as_json:
+                _json_out(result)
+            if not result["accepted"]:
+                refused += 1
+                if not as_json:
+                    typer.echo(f"quelay: datagram refused ({result['reason']}): "
+                               f"{result['message']}", err=True)
+
+        if message is not None:
+            await one(message.encode("utf-8"))
+        elif not lines:
+            await one(b"".join([chunk async for chunk in _stdin_chunks()]))
+        else:
+            pending = b""
+            async for chunk in _stdin_chunks():
+                *complete, pending = (pending + chunk).split(b"\n")
+                for line in complete:
+                    await one(line.removesuffix(b"\r"))
+                if len(pending) > DATAGRAM_LINE_MAX:  # refused as too big, not buffered on
+                    await one(pending)
+                    pending = b""
+            if pending:
+                await one(pending.removesuffix(b"\r"))
+        return refused
+
+    if run_client(control, go, as_json=as_json):
+        raise typer.Exit(1)
+
+
+def _datagram_doc(msg: dict[str, Any]) -> dict[str, Any]:
+    """One received datagram as JSON: the payload as text if it is UTF-8, else base64."""
+    import base64
+
+    data: bytes = msg["data"]
+    try:
+        payload, encoding = data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        payload, encoding = base64.b64encode(data).decode("ascii"), "base64"
+    return {"name": msg["name"], "payload": payload, "encoding": encoding,
+            "sent_at": msg["sent_at"], "received_at": msg["received_at"],
+            "age": msg["received_at"] - msg["sent_at"]}
+
+
+@datagram_app.command("recv")
+def datagram_recv(
+    name: DatagramNameOpt,
+    count: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--count", min=1, help="Exit after N messages (default: run until interrupted).")
+    ] = None,
+    timeout: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--timeout", help="Stop after this long (e.g. 10s); exits 1 if fewer than --count "
+                          "messages came.")] = None,
+    control: ControlOpt = DEFAULT_CONTROL,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per message and line: name, payload, encoding "
+                       "(utf-8 or base64), sent_at, received_at, age.")] = False,
+) -> None:
+    """Print datagrams named NAME as they arrive: each payload and a newline."""
+    try:
+        seconds = None if timeout is None else cfgmod.parse_seconds(timeout)
+    except ValueError as exc:
+        raise fail(f"--timeout: {exc}", 2) from exc
+
+    async def go(client: Client) -> int:
+        got = 0
+        end = None if seconds is None else trio.current_time() + seconds
+        out = sys.stdout.buffer
+        while count is None or got < count:
+            left = None if end is None else end - trio.current_time()
+            if left is not None and left <= 0:
+                break
+            want = 256 if count is None else min(256, count - got)
+            for msg in await client.datagram_recv(name, count=want, timeout=left):
+                if as_json:
+                    out.write(json.dumps(_datagram_doc(msg)).encode() + b"\n")
+                else:
+                    out.write(msg["data"] + b"\n")
+                got += 1
+            out.flush()
+        return got
+
+    got = run_client(control, go)
+    if count is not None and got < count:
+        raise fail(f"{got} of {count} datagrams arrived within {timeout}", 1)
+
+
 @app.command()
 def status(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> None:
     """Show the agent's link, cap and counters."""
@@ -606,6 +733,12 @@ def status(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> N
     typer.echo(
         "transfers " + (", ".join(f"{k} {v}" for k, v in info["transfers"].items()) or "none")
     )
+    if info.get("datagrams"):
+        dg = info["datagrams"]
+        dropped = {r: dg[f"dropped_{r}"] for r in ("late", "too_big", "link_down", "queue_full",
+                                                    "unread") if dg.get(f"dropped_{r}")}
+        typer.echo(f"datagrams sent {dg['sent']}, delivered {dg['delivered']}, dropped "
+                   + (", ".join(f"{n} {r}" for r, n in dropped.items()) or "0"))
 
 
 @app.command()

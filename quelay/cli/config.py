@@ -5,7 +5,8 @@ Every field of :class:`quelay.agent.AgentConfig` is a setting, plus
 so a field added there is settable everywhere without touching this module
 (its kind comes from its type and name: ``int`` fields named ``*_size``,
 ``*_window``, ``*_water`` or ``*_bytes`` are sizes, ``rate`` / ``*_rate`` a
-rate, other ints counts; ``float`` fields are durations in seconds).
+rate, other ints counts; ``float`` fields are durations in seconds, except
+``*_share`` ones: a fraction such as ``0.25`` or ``25%``, e.g. ``datagram_share``).
 
 Precedence, lowest first::
 
@@ -89,6 +90,10 @@ HELP: dict[str, str] = {
     "congestion": "Congestion control: allotted (default), cubic or reno.",
     "progress_interval": "Seconds between progress events.",
     "rate": "Wire rate cap in bits/s, e.g. 2Mbps (0 = uncapped).",
+    "datagram_share": "Share of the rate cap best-effort datagrams may use, e.g. 0.25 or 25% "
+                      "(bulk keeps the rest).",
+    "datagram_max_age": "Seconds a best-effort datagram may wait to be sent before it is "
+                        "dropped (per message: quelay datagram send --max-age).",
     "log_level": "debug, info, warning, error or critical.",
     "log_format": "human or json (one JSON object per line).",
 }
@@ -104,6 +109,8 @@ LIMITS: dict[str, tuple[float, float | None]] = {
     "connection_window": (1024, None),
     "send_high_water": (1024, None),
     "max_streams": (1, 1 << 16),
+    "datagram_share": (0, 1),  # a fraction of the cap; 0 is refused (must be > 0)
+    "datagram_max_age": (0, 3600),
 }
 # Extra option names kept for compatibility (key -> aliases).
 ALIASES: dict[str, tuple[str, ...]] = {"spool_size": ("spool",)}
@@ -171,7 +178,7 @@ def _kind_of(name: str, tp: Any) -> str:
             return "size"
         return "count"
     if tp is float:
-        return "seconds"
+        return "fraction" if name.endswith("_share") else "seconds"
     if tp is str:
         return "str"
     args = typing.get_args(tp)
@@ -282,6 +289,21 @@ def _parse_count(value: Any) -> int:
     return value
 
 
+def _parse_fraction(value: Any) -> float:
+    """``0.25``, ``"0.25"`` or ``"25%"`` (a share such as ``datagram_share``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a fraction such as 0.25 or 25%, got {value!r}")
+    text = str(value).strip()
+    scale = 100.0 if text.endswith("%") else 1.0
+    try:
+        share = float(text.removesuffix("%")) / scale
+    except ValueError:
+        raise ValueError(f"expected a fraction such as 0.25 or 25%, got {value!r}") from None
+    if share != share or share in (float("inf"), float("-inf")):
+        raise ValueError(f"{value!r} is not a finite fraction")
+    return share
+
+
 def _split_list(value: Any) -> list[str]:
     if isinstance(value, str):
         return [part for part in re.split(r"[\s,]+", value) if part]
@@ -359,6 +381,10 @@ def parse_value(s: Setting, value: Any, base: Path | None = None) -> Any:
         seconds = parse_seconds(value)
         _check_range(s, seconds)
         return seconds
+    if kind == "fraction":
+        share = _parse_fraction(value)
+        _check_range(s, share)
+        return share
     if kind == "bool":
         return _parse_bool(value)
     return value  # "raw": an AgentConfig field of a type this module does not know

@@ -23,8 +23,11 @@ from typing import Any, Protocol
 import trio
 
 from ..agent.book import TransferBook, source_stat
+from ..agent.datagrams import DatagramService
 from ..agent.exports import ExportError, TreeError, walk_tree
 from ..agent.pipes import OutboundPipe, PipeAborted
+from ..core.datagrams import MAX_AGE_LIMIT as DATAGRAM_MAX_AGE_LIMIT
+from ..core.datagrams import name_problem as datagram_name_problem
 from ..core.messages import (
     PRIORITY_RANGE,
     attrs_problem,
@@ -47,6 +50,8 @@ LISTEN_BACKLOG = 512  # simultaneous clients connecting at once
 MAX_UNSENT = 1024 * 1024  # a client's unread replies and events; past this it is dropped
 LS_DEFAULT_LIMIT = 100
 LS_MAX_LIMIT = 500  # 500 transfer infos stay far below the reply frame limit
+DATAGRAM_RECV_MAX = 256  # datagrams in one datagram_recv reply...
+DATAGRAM_RECV_BYTES = 512 * 1024  # ...and their payload bytes (the reply limit is 1 MiB)
 
 
 class AgentPort(Protocol):
@@ -305,11 +310,29 @@ def _ttl_arg(args: dict[str, Any]) -> int | None:
         raise ControlError(p.INVALID_ARGUMENT, f"argument 'ttl': {exc}") from exc
 
 
+def _seconds_arg(args: dict[str, Any], key: str, lo: float, hi: float) -> float | None:
+    """An optional duration (datagram options): seconds or ``"250ms"``, in lo..hi."""
+    value = args.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ControlError(p.INVALID_ARGUMENT, f"argument {key!r} must be seconds or '250ms'")
+    try:
+        seconds = parse_duration(value)
+    except UnitError as exc:
+        raise ControlError(p.INVALID_ARGUMENT, f"argument {key!r}: {exc}") from exc
+    if not lo <= seconds <= hi:
+        raise ControlError(p.INVALID_ARGUMENT, f"argument {key!r} must be {lo:g}..{hi:g} seconds")
+    return seconds
+
+
 class ControlServer:
-    def __init__(self, agent: AgentPort, book: TransferBook, path: Path) -> None:
+    def __init__(self, agent: AgentPort, book: TransferBook, path: Path, *,
+                 datagrams: DatagramService | None = None) -> None:
         self.agent = agent
         self.book = book
         self.path = path
+        self.datagrams = datagrams
         self.handlers: dict[str, Handler] = {
             "ping": self.op_ping,
             "status": self.op_status,
@@ -327,6 +350,8 @@ class ControlServer:
             "get_rate": self.op_get_rate,
             "set_rate": self.op_set_rate,
             "reload_identity": self.op_reload_identity,
+            "datagram_send": self.op_datagram_send,
+            "datagram_recv": self.op_datagram_recv,
         }
 
     async def serve(self, listener: trio.SocketListener | None = None, *,
@@ -569,6 +594,41 @@ class ControlServer:
         except ValueError as exc:
             raise ControlError(p.INVALID_ARGUMENT, str(exc)) from exc
         return {"rate": self.agent.rate}
+
+    # -- best-effort datagrams ------------------------------------------------------------
+
+    def _datagram_service(self, args: dict[str, Any]) -> tuple[DatagramService, str]:
+        if self.datagrams is None:
+            raise ControlError(p.UNKNOWN_OP, "this agent has no datagram service")
+        name = args.get("name")
+        problem = datagram_name_problem(name)
+        if problem is not None:
+            raise ControlError(p.INVALID_ARGUMENT, f"argument 'name' {problem}")
+        assert isinstance(name, str)
+        return self.datagrams, name
+
+    async def op_datagram_send(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        """Queue one best-effort datagram; the reply says whether it was accepted."""
+        service, name = self._datagram_service(args)
+        data = args.get("data")
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if not isinstance(data, bytes):
+            raise ControlError(p.INVALID_ARGUMENT, "argument 'data' must be bytes (bin) "
+                               "or a string")
+        max_age = _seconds_arg(args, "max_age", 0.0, DATAGRAM_MAX_AGE_LIMIT)
+        if max_age == 0:
+            raise ControlError(p.INVALID_ARGUMENT, "argument 'max_age' must be > 0 seconds")
+        return service.send(name, data, max_age)
+
+    async def op_datagram_recv(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
+        """Up to ``count`` datagrams named ``name``, once one is here (or ``timeout``)."""
+        service, name = self._datagram_service(args)
+        count = p.arg_int(args, "count", 1, 1, DATAGRAM_RECV_MAX)
+        timeout = _seconds_arg(args, "timeout", 0.0, 365 * 86400.0)
+        got = await service.recv(name, count, timeout, DATAGRAM_RECV_BYTES)
+        return {"messages": [{"name": m.name, "data": m.payload, "sent_at": m.sent_at,
+                              "received_at": m.received_at} for m in got]}
 
     async def op_subscribe(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         sub = self.book.events.subscribe()

@@ -151,6 +151,11 @@ class QuicConn:
         self._new_lot = trio.lowlevel.ParkingLot()
         self._ping_seq = 0
         self.cid_listeners: list[Callable[[events.QuicEvent], None]] = []
+        # Best-effort datagrams (quelay.agent.datagrams): a DATAGRAM frame from the
+        # authenticated peer; queued ones join the packets built in transmit().
+        self.on_datagram: Callable[[bytes], None] | None = None
+        self.before_build: Callable[[float], None] | None = None
+        self.after_build: Callable[[], None] | None = None
         # Tail protection spends only spare cap: none while datagrams wait for the gate.
         quic.set_spare_cap(lambda: not self._outbox)
 
@@ -206,7 +211,11 @@ class QuicConn:
         now = trio.current_time()
         outbox = self._outbox
         if not outbox:
+            if self.before_build is not None:  # best-effort datagrams join these packets
+                self.before_build(now)
             outbox.extend(self.quic.datagrams_to_send(now))
+            if self.after_build is not None:
+                self.after_build()
             if not outbox:
                 self._gate_at = None
                 return
@@ -273,6 +282,11 @@ class QuicConn:
         elif isinstance(event, (events.ConnectionIdIssued, events.ConnectionIdRetired)):
             for listener in self.cid_listeners:
                 listener(event)
+        elif isinstance(event, events.DatagramFrameReceived) and self.on_datagram is not None \
+                and self.authenticated.is_set():
+            # Only an authenticated peer's datagrams count (the check runs at the
+            # handshake's completion, an event before any 1-RTT datagram).
+            self.on_datagram(event.data)
 
     def _check_peer(self) -> None:
         der = self.quic.peer_certificate_der()

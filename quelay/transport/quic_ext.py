@@ -80,6 +80,17 @@ OUTAGE_PROBES = 2  # losses found after this many unanswered probes are an outag
 DECLARED_MEMORY = 512  # packets declared lost that we remember, to spot spurious losses
 MAX_SEED_RTT = 5.0  # a remembered RTT beyond this is not believed
 
+# -- DATAGRAM frames ------------------------------------------------------------------
+DATAGRAM_FRAME_LIMIT = 65535  # the largest DATAGRAM frame we accept (transport parameter)
+# A 1-RTT packet around a datagram: flags, the peer's connection ID (at most 20 bytes),
+# aioquic's 2-byte packet number, and the 16-byte AEAD tag.
+DATAGRAM_PACKET_OVERHEAD = 1 + 20 + 2 + 16
+
+
+def _varint_size(n: int) -> int:
+    """Bytes of a QUIC variable-length integer (RFC 9000 §16) holding ``n`` (datagram frames)."""
+    return 1 if n < 64 else 2 if n < 16384 else 4 if n < 2**30 else 8
+
 
 def max_time_threshold(rtt: float) -> float:
     """The widest time threshold (× RTT): 2 RTTs, or RTT + 100 ms if that is more (a
@@ -787,6 +798,40 @@ class QuelayQuicConnection(QuicConnection):
     def set_spare_cap(self, spare: Callable[[], bool]) -> None:
         """Tell tail protection whether the wire has room now (the driver's gate knows)."""
         self._recovery.spare_cap = spare
+
+    # -- DATAGRAM frames (RFC 9221) -------------------------------------------------
+    # aioquic queues datagrams without a size check, and one that never fits a packet
+    # blocks its queue for good; a DATAGRAM frame has no delivery handler, so a lost
+    # one is never sent again (nor copied by tail protection, which copies streams).
+
+    def datagram_capacity(self) -> int:
+        """The most bytes one DATAGRAM frame can carry on this connection: what the
+        peer accepts (its max_datagram_frame_size; 0 if it takes none) and what fits
+        an otherwise empty 1-RTT packet (with the longest connection ID a peer may
+        switch to)."""
+        remote = self._remote_max_datagram_frame_size
+        if not remote:
+            return 0
+        room = min(remote, self._max_datagram_size - DATAGRAM_PACKET_OVERHEAD)
+        size = room - 1 - _varint_size(room)  # frame type, then the length, then the data
+        while size > 0 and 1 + _varint_size(size) + size > room:
+            size -= 1
+        return max(0, size)
+
+    def datagram_overhead(self) -> int:
+        """Bytes a datagram alone in a packet costs beyond its data (frame and packet
+        headers, AEAD tag; not IP/UDP): what a share of the cap is charged per datagram."""
+        return DATAGRAM_PACKET_OVERHEAD + 3
+
+    def datagrams_pending(self) -> int:
+        """Datagrams handed to aioquic and not yet written into a packet."""
+        return len(self._datagrams_pending)
+
+    def withdraw_datagrams(self) -> int:
+        """Take back every datagram aioquic has not written into a packet; how many."""
+        n = len(self._datagrams_pending)
+        self._datagrams_pending.clear()
+        return n
 
     def get_timer_held(self) -> float | None:
         """``get_timer()`` for a driver that holds datagrams for its wire gate.
