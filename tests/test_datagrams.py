@@ -19,7 +19,7 @@ import trio.testing
 
 from quelay.agent import Agent, AgentConfig
 from quelay.agent.metrics import registry_for
-from quelay.client import ClientError, open_client
+from quelay.client import BlockingClient, ClientError, open_client
 from quelay.core import datagrams as dg
 from quelay.core import messages as wire
 from quelay.core.transfer import State, Transfer
@@ -199,6 +199,78 @@ def test_config_bounds() -> None:
     with pytest.raises(ValueError, match="datagram_max_age"):
         AgentConfig(state_dir=root, inbox=root, control=root, listen=("h", 1),
                     datagram_max_age=0)
+
+
+# -- the service against a QUIC that builds no packet (explicit time) -----------------------
+
+
+class _HeldQuic:
+    """What the service uses of a QUIC connection whose packets are all held back (a full
+    congestion window): datagrams handed over stay in its queue until withdrawn."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.withdrawals = 0
+
+    def datagram_capacity(self) -> int:
+        return 1308
+
+    def datagram_overhead(self) -> int:
+        return 42
+
+    def datagrams_pending(self) -> int:
+        return len(self.pending)
+
+    def send_datagram_frame(self, data: bytes) -> None:
+        self.pending.append(data)
+
+    def withdraw_datagrams(self) -> int:
+        self.withdrawals += 1
+        n, self.pending = len(self.pending), []
+        return n
+
+
+class _HeldConn:
+    def __init__(self) -> None:
+        self.quic = _HeldQuic()
+        self.closed: str | None = None
+        self.kicks = 0
+        self.before_build: Any = None
+        self.after_build: Any = None
+
+    def kick(self) -> None:
+        self.kicks += 1
+
+
+async def test_datagrams_held_in_quic_past_their_age_are_taken_back(
+        autojump_clock: trio.testing.MockClock) -> None:
+    from quelay.agent.datagrams import DatagramService
+
+    conn = _HeldConn()
+    service = DatagramService(share=0.25, max_age=1.0, cap=lambda: 0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.serve, conn)
+        await trio.sleep(0)
+        t0 = trio.current_time()
+        assert service.send("a", b"1", max_age=0.5)["accepted"]
+        assert service.send("b", b"2", max_age=2.0)["accepted"]
+        await trio.sleep(0.01)
+        assert conn.kicks >= 1  # the pump asked for a transmit
+        conn.before_build(t0 + 0.1)  # transmit: both go to QUIC, which builds nothing
+        assert len(conn.quic.pending) == 2 and service.status()["queued"] == 2
+        conn.after_build()
+        conn.before_build(t0 + 0.5)  # "a" is due: taken back; "b" queues there again
+        assert conn.quic.withdrawals == 1 and len(conn.quic.pending) == 1
+        assert service.counters.names["a"]["dropped_late"] == 1
+        conn.quic.pending.clear()  # now QUIC writes "b" into a packet
+        conn.after_build()
+        assert service.counters.names["b"]["sent"] == 1
+        assert service.counters.total["sent"] == 1 and service.counters.total["dropped_late"] == 1
+        assert service.send("c", b"3")["accepted"]
+        nursery.cancel_scope.cancel()
+    # The session ended with "c" still queued: dropped, link down; the hooks are gone.
+    assert service.counters.names["c"]["dropped_link_down"] == 1
+    assert conn.before_build is None and service.capacity() is None
 
 
 # -- two agents on the in-memory network (mock clock) ---------------------------------------
@@ -394,12 +466,31 @@ async def test_client_send_recv_and_errors(pair: Pair) -> None:
             await inp.datagram_recv("cmd", count=1000)
         assert err.value.code == "invalid_argument"
         assert await inp.datagram_recv("cmd", timeout=0) == []
+        for text in ("x", "y"):
+            await out.datagram_send("iter", text)
+        got = []
+        async for msg in inp.datagrams("iter"):
+            got.append(msg["data"])
+            if len(got) == 2:
+                break
+        assert got == [b"x", b"y"]
         status = await out.status()
         # (the 70 kB one was refused by the client: it never reached the agent)
-        assert status["datagrams"]["sent"] == 1 and status["datagrams"]["dropped_too_big"] == 1
+        assert status["datagrams"]["sent"] == 3 and status["datagrams"]["dropped_too_big"] == 1
         assert status["datagrams"]["names"]["cmd"]["sent_bytes"] == 5
         assert status["datagrams"]["max_message"] == room + len("cmd")
-        assert (await inp.status())["datagrams"]["delivered"] == 1
+        assert (await inp.status())["datagrams"]["delivered"] == 3
+
+
+async def test_blocking_client_datagrams(pair: Pair) -> None:
+    def script() -> list[dict[str, Any]]:
+        sender, reader = BlockingClient(pair.b.control), BlockingClient(pair.a.control)
+        assert sender.datagram_send("beat", b"alive")["accepted"]
+        assert not sender.datagram_send("beat", b"x" * 5000, check=False)["accepted"]
+        return reader.datagram_recv("beat", count=5, timeout=10)
+
+    msgs = await trio.to_thread.run_sync(script)
+    assert [m["data"] for m in msgs] == [b"alive"]
 
 
 # -- the command line -----------------------------------------------------------------------
