@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import struct
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import RemoteProtocolError
@@ -161,14 +160,14 @@ class Refusal:
 class SendQueue:
     """Messages waiting for the link, FIFO, dropped rather than delayed past their age.
 
-    :meth:`take` hands out the next message if the share bucket allows it:
-    a token bucket in wire bytes at ``share`` × the cap, holding
-    :data:`SHARE_BURST_SECONDS` of it but at least two full datagrams (packets are
-    built in bursts: a datagram ready between two waits for the next, and the
-    bucket must keep what it earned meanwhile). A cap
-    of 0 (uncapped) leaves datagrams unlimited. Each message is charged its
-    frame plus ``overhead`` bytes (QUIC packet and IP/UDP headers), as if it
-    went in a packet of its own: the bucket never under-counts.
+    :meth:`take` hands out the next message if the share bucket allows it: a
+    token bucket in wire bytes at ``share`` × the cap, holding
+    :data:`SHARE_BURST_SECONDS` of it but at least two full datagrams (packets
+    are built in bursts: a datagram that became ready between two waits for the
+    next, and the bucket must keep what it earned meanwhile). A cap of 0
+    (uncapped) leaves datagrams unlimited. Each message is charged its frame
+    plus ``overhead`` bytes (QUIC packet and IP/UDP headers), as if it went in a
+    packet of its own: the bucket never under-counts.
     """
 
     def __init__(self, counters: Counters, *, share: float,
@@ -300,20 +299,14 @@ class SendQueue:
         refill = now if missing <= 0 else now + missing / self._rate + 1e-6
         return min(refill, first_deadline)
 
-    def drain(self) -> Iterator[Outgoing]:
-        """Remove and yield every queued message (the caller counts why)."""
-        while self._queue:
-            msg = self._queue.popleft()
-            self._bytes -= len(msg.frame)
-            yield msg
-        self._next_expiry = math.inf
-
     def drop_all(self, reason: str) -> int:
         """Drop every queued message, counted as ``reason`` (e.g. the link went down)."""
-        n = 0
-        for msg in self.drain():
+        for msg in self._queue:
             self.counters.dropped(msg.name, reason)
-            n += 1
+        n = len(self._queue)
+        self._queue.clear()
+        self._bytes = 0
+        self._next_expiry = math.inf
         return n
 
     def sent(self, msg: Outgoing) -> None:
