@@ -696,7 +696,7 @@ def datagram_recv(
             out.flush()
         return got
 
-    got = run_client(control, go)
+    got = run_client(control, go, as_json=as_json)
     if count is not None and got < count:
         raise fail(f"{got} of {count} datagrams arrived within {timeout}", 1)
 
