@@ -173,3 +173,20 @@ def test_ticket_store_is_bounded_and_keeps_tickets_for_retries() -> None:
     assert store.held("peer") is None and store.held(f"k{MAX_HELD}") is not None
     store.clear()
     assert len(store) == 0
+
+
+async def test_a_close_ends_both_sessions_without_waiting_for_the_drain(
+        nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """aioquic reports a closed connection only after 3 PTOs of draining (seconds at
+    750 ms RTT); the session ends when the CONNECTION_CLOSE leaves, and at the peer
+    when it arrives (one-way delay), not at the liveness deadline."""
+    net = MemoryNetwork(delay=0.375)
+    a, b = await start_memory_pair(nursery, tmp_path, net, resumption=False)
+    assert b.session is not None
+    started = trio.current_time()
+    b.session.conn.close("test: closing")
+    await _until(lambda: b.link_state != "up", step=0.01)
+    assert trio.current_time() - started < 0.1  # our close left at once
+    await _until(lambda: a.link_state != "up", step=0.01)
+    assert a.link_reason == "test: closing"  # the peer's close, not "link dead"
+    assert trio.current_time() - started < 0.375 + 0.1  # one way, not 3 PTOs

@@ -143,6 +143,7 @@ class QuicConn:
         # proves it on this connection (``binding`` is what it signs).
         self.resumed = False
         self.binding = b""
+        self._closing: events.ConnectionTerminated | None = None  # close() called, not yet sent
         self._wake = trio.Event()
         self._send_lot = trio.lowlevel.ParkingLot()
         self._inbound: dict[int, InboundStream] = {}
@@ -173,6 +174,11 @@ class QuicConn:
         if not self.first_rx.is_set():
             self.first_rx.set()
         self.quic.receive_datagram(data, addr, now)
+        closed_by_peer = self.quic.closed_by_peer
+        if closed_by_peer is not None:
+            # aioquic reports it only after draining (3 PTOs: seconds on a long link);
+            # nothing more can be sent or received on it, so the session ends now.
+            self._terminate(closed_by_peer)
 
     async def run(self) -> None:
         """Timer + transmit loop; returns when the connection has terminated."""
@@ -218,6 +224,7 @@ class QuicConn:
                 self.after_build()
             if not outbox:
                 self._gate_at = None
+                self._closed_locally()
                 return
         gate = self.gate
         if gate.capped:
@@ -231,6 +238,14 @@ class QuicConn:
         self._gate_at = gate.ready_at(len(outbox[0][0]), now) if outbox else None
         if batch:
             await self.sock.send_batch(batch)
+        if not outbox:
+            self._closed_locally()
+
+    def _closed_locally(self) -> None:
+        """Our CONNECTION_CLOSE left: end the session now rather than after the drain."""
+        if self._closing is not None:
+            closing, self._closing = self._closing, None
+            self._terminate(closing)
 
     async def _keepalive_loop(self) -> None:
         """PING every interval; declare the link dead when nothing comes back in time."""
@@ -317,8 +332,10 @@ class QuicConn:
         self.kick()
 
     def close(self, reason: str, code: int = APP_ERROR_SHUTDOWN) -> None:
-        if self.closed is None:
+        if self.closed is None and self._closing is None:
             self.quic.close(error_code=code, reason_phrase=reason)
+            self._closing = events.ConnectionTerminated(
+                error_code=code, frame_type=None, reason_phrase=reason)
             self.kick()
 
     # -- streams -------------------------------------------------------------

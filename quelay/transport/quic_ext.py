@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from aioquic import tls
+from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import K_GRANULARITY
 from aioquic.quic.connection import (
@@ -49,6 +50,7 @@ from aioquic.quic.connection import (
     MAX_STREAM_DATA_FRAME_CAPACITY,
     Limit,
     QuicConnection,
+    QuicConnectionState,
 )
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicSentPacket
@@ -874,6 +876,14 @@ class QuelayQuicConnection(QuicConnection):
         if not self._is_client:
             # Ask the client for its certificate; we check it against the pins.
             self.tls._request_client_certificate = True
+
+    @property
+    def closed_by_peer(self) -> events.ConnectionTerminated | None:
+        """The peer's CONNECTION_CLOSE, as soon as it arrived (aioquic emits the event
+        only at the end of the draining period)."""
+        if self._state is QuicConnectionState.DRAINING and self._close_event is not None:
+            return self._close_event
+        return None
 
     @property
     def session_resumed(self) -> bool:
