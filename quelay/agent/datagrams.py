@@ -132,7 +132,8 @@ class DatagramService:
     # -- the pump ---------------------------------------------------------------------
 
     async def serve(self, conn: QuicConn) -> None:
-        """Send queued datagrams on ``conn`` while its session lasts (a session task).
+        """Send queued datagrams on ``conn`` while its session lasts (a session task,
+        started after :meth:`attach`).
 
         Datagrams are handed to aioquic in ``conn.transmit`` just before it builds
         packets (:meth:`_before_build`), so one handed over is written at once,
@@ -142,12 +143,8 @@ class DatagramService:
         (``link_down``): a datagram is for now, and the next session is at least a
         reconnect away.
         """
-        old = self._conn
-        if old is not None:  # a newer connection replaces it: the queue goes on the new one
-            self._detach(old)
-        self._conn = conn
-        conn.before_build = self._before_build
-        conn.after_build = self._after_build
+        if self._conn is not conn:
+            return  # never attached, or a newer connection replaced it already
         try:
             await self._pump(conn)
         except Exception:  # a bug here costs the datagrams, not the session
@@ -158,6 +155,18 @@ class DatagramService:
                 n = self.queue.drop_all("link_down")
                 if n:
                     log.info("%s: %d datagrams dropped: the session ended", self.label, n)
+
+    def attach(self, conn: QuicConn) -> None:
+        """Send on ``conn`` from now on (the session calls it as it comes up, so a
+        client may send at once; :meth:`serve` then runs the pump)."""
+        old = self._conn
+        if old is conn:
+            return
+        if old is not None:  # a newer connection replaces it: the queue goes on the new one
+            self._detach(old)
+        self._conn = conn
+        conn.before_build = self._before_build
+        conn.after_build = self._after_build
 
     def _detach(self, conn: QuicConn) -> None:
         """Stop using ``conn``; what aioquic still holds for it is dropped (``link_down``)."""

@@ -255,7 +255,8 @@ class Session:
 
     def _go(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self._accept_data_streams)
-        if self.datagrams is not None:
+        if self.datagrams is not None:  # attached at once: a client may send right away
+            self.datagrams.attach(self.conn)
             nursery.start_soon(self.datagrams.serve, self.conn)
         self.agent.session_up(self)  # the book's link is now this session
         self.perform(self.protocol.start())
