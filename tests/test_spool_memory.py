@@ -274,3 +274,43 @@ def test_c_spool_with_a_failing_counting_allocator(tmp_path: Path) -> None:
                          timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip() == "ok"
+
+
+async def test_a_writer_waits_for_acks_when_the_spool_cannot_grow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory with bytes in flight: the writer is held back (their ack frees room),
+    not failed; with nothing in flight there is nothing to wait for: a clear error."""
+    import trio
+    import trio.testing
+
+    from quelay.agent.pipes import OutboundPipe
+
+    pipe = OutboundPipe(1 * MiB)
+    pipe.spool = pynative.Spool(1 * MiB)  # (the model's one allocation can be made to fail)
+    assert await pipe.write(memoryview(b"a" * 4096)) == 4096  # one full smallest ring
+    failing = True
+    allocate = pynative._allocate
+
+    def maybe(size: int) -> bytearray:
+        if failing:
+            raise MemoryError
+        return allocate(size)
+
+    monkeypatch.setattr(pynative, "_allocate", maybe)
+    taken: list[int] = []
+    async with trio.open_nursery() as nursery:
+        async def writer() -> None:
+            taken.append(await pipe.write(memoryview(b"b" * 100)))
+
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert taken == [] and pipe.spool.tail == 4096  # held back, nothing lost
+        assert pipe.read(4096) == b"a" * 4096
+        failing = False
+        pipe.acked(4096)  # the peer has them: the ring is freed, the writer retries
+    assert taken == [100] and pipe.spool.allocated == 4 * KiB
+    assert pipe.read(100) == b"b" * 100
+    pipe.acked(4196)
+    failing = True
+    with pytest.raises(NativeMemoryError):
+        await pipe.write(memoryview(b"c"))  # nothing in flight whose ack could help

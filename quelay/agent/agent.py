@@ -79,7 +79,7 @@ class AgentConfig:
     stream_window: int = 2 * MiB
     connection_window: int = 8 * MiB
     send_high_water: int = 2 * MiB
-    max_streams: int = 1024
+    max_streams: int = 16384  # per direction; a closed stream is granted again
     spool_size: int = 1 * MiB
     max_datagram_size: int = 1350
     link_overhead: int = 0  # bytes the link adds per datagram beyond IP+UDP (VPN, GSE)
@@ -95,7 +95,7 @@ class AgentConfig:
     max_concurrent: int = 0  # outbound transfers active at once; 0 = no limit
     min_free: int = 64 * MiB  # free bytes kept under the inbox; below, incoming files stall
     stall_timeout: float = 3600.0  # a stalled incoming file fails after this long
-    max_incoming: int = 4096  # live incoming transfers from the peer; more are "busy"
+    max_incoming: int = 16384  # live incoming transfers from the peer; more are "busy"
     history_max: int = 1000  # finished transfers kept (memory and journal)
     history_age: float = 7 * 24 * 3600.0  # seconds a finished transfer is kept
     inbox_ttl: float = 0.0  # seconds a received file stays in the inbox (0 = until removed)

@@ -275,7 +275,7 @@ class AgentCollector(Collector):
 
         # Transfers.
         by_state: Counter[tuple[str, str, str]] = Counter()
-        spool_used = 0
+        spool_used = spool_allocated = 0
         for t in agent.book.table:
             by_state[(t.state.value, t.direction, t.kind)] += 1
         for t in agent.book.table.live():
@@ -283,6 +283,7 @@ class AgentCollector(Collector):
                 out = agent.book.runtime(t).out
                 if out is not None and not out.aborted:
                     spool_used += out.spool.tail - out.spool.acked
+                    spool_allocated += out.spool.allocated
         transfers = GaugeMetricFamily("quelay_transfers",
                                       "Transfers known to the agent (live and history)",
                                       labels=["state", "direction", "kind"])
@@ -304,6 +305,11 @@ class AgentCollector(Collector):
                                   "Bytes held in outbound stream spools (written, not acked)")
         spool.add_metric([], spool_used)
         yield spool
+        allocated = GaugeMetricFamily("quelay_spool_allocated_bytes",
+                                      "Memory the outbound stream spools hold (rings grow "
+                                      "with the bytes held, not with the configured size)")
+        allocated.add_metric([], spool_allocated)
+        yield allocated
 
         clients = GaugeMetricFamily("quelay_control_clients", "Connected control clients")
         clients.add_metric([], stats.control_clients)

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from ..errors import QuelayError
-from ..native import Spool
+from ..native import NativeMemoryError, Spool
 
 log = logging.getLogger("quelay.pipes")
 
@@ -33,7 +33,7 @@ class OutboundPipe:
     """Writer → spool → pump, with back-pressure on the writer when the spool is full."""
 
     def __init__(self, capacity: int) -> None:
-        self.spool = Spool(capacity)
+        self.spool = Spool(capacity)  # holds no memory until the writer writes
         self.hasher = hashlib.sha256()
         self.accepted = 0  # bytes taken from the writer
         self.aborted = False
@@ -42,11 +42,20 @@ class OutboundPipe:
     # -- writer side (control server) ----------------------------------------------
 
     async def write(self, data: memoryview) -> int:
-        """Take as much of ``data`` as fits, waiting for space if none does."""
+        """Take as much of ``data`` as fits, waiting for space if none does.
+
+        The spool's memory grows with what it holds; if none can be had, bytes
+        in flight will free some when acknowledged, so that is waited for too.
+        """
         while True:
             if self.aborted:
                 raise PipeAborted
-            taken = self.spool.write(data)
+            try:
+                taken = self.spool.write(data)
+            except NativeMemoryError:
+                if not self.spool.unacked:
+                    raise  # nothing in flight whose ack could make room
+                taken = 0
             if taken:
                 self.hasher.update(data[:taken])
                 self.accepted += taken

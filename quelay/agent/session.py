@@ -47,8 +47,15 @@ CHUNK = 64 * 1024
 HELLO_TIMEOUT = 10.0
 OPEN_WAIT = 30.0
 FSYNC_EVERY = 4 * 1024 * 1024
+#: Bytes all incoming files of a session may hold waiting for the disk: past it, each
+#: sink takes one chunk at a time (so a thousand files never hold 4 MiB batches each).
+SINK_BUDGET = 32 * 1024 * 1024
 READER_GRACE = 30.0  # seconds a reader may take to finish a write once the session ended
 ACK_EVERY = 64 * 1024
+#: A data stream's header is read this much at a time: the bytes behind it stay in QUIC,
+#: unconsumed and uncredited, until the transfer's sink takes them (a stream that waits
+#: for its open or its reader holds no more than this).
+HEADER_READ = 512
 JOURNAL_SENT_EVERY = 8 * 1024 * 1024
 STALL_CHECK = 1.0  # how often a stalled incoming file looks for space again
 
@@ -89,7 +96,7 @@ class IncomingPolicy:
 
     min_free: int = 64 * 1024 * 1024  # bytes that must stay free under the inbox
     stall_timeout: float = 3600.0  # a stall longer than this fails the transfer
-    max_incoming: int = 4096  # live incoming transfers; more are answered "busy"
+    max_incoming: int = 16384  # live incoming transfers; more are answered "busy"
 
 
 class Session:
@@ -113,6 +120,7 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._shields: set[trio.CancelScope] = set()
         self._pumps: dict[str, tuple[trio.CancelScope, int]] = {}  # id -> (scope, stream)
+        self.sink_held = _Held()  # bytes incoming files hold in memory (SINK_BUDGET)
         self.exports = exports
         self.datagrams = datagrams  # best-effort datagrams: sent while this session is up
         self._listings: dict[int, tuple[trio.Event, list[m.Exports]]] = {}
@@ -293,12 +301,13 @@ class Session:
         self.send(self.agent.hello(self.conn))
         return control
 
-    async def _read_message(self, stream: InboundStream, decoder: FrameDecoder) -> m.Message:
+    async def _read_message(self, stream: InboundStream, decoder: FrameDecoder,
+                            chunk: int = CHUNK) -> m.Message:
         while True:
             body = decoder.next_frame_untrusted()
             if body is not None:
                 return m.decode_message_untrusted(body)
-            data = await stream.receive_some(CHUNK)
+            data = await stream.receive_some(chunk)
             if not data:
                 raise SessionEnded("peer closed the control stream")
             decoder.feed(data)
@@ -476,7 +485,7 @@ class Session:
         named: str | None = None  # the transfer this stream carries, once known
         try:
             try:
-                header = await self._read_message(stream, decoder)
+                header = await self._read_message(stream, decoder, HEADER_READ)
             except RemoteProtocolError as exc:
                 tid = getattr(exc, "transfer_id", None)
                 if tid is not None:
@@ -552,29 +561,34 @@ class Session:
         """
         if t.delivered == 0 and not await self._write_durably(t, rt, [], 0):
             return  # (creates the partial file, so even an empty file has one)
-        batches = _Batches(t.delivered)
+        batches = _Batches(t.delivered, self.sink_held)
         raised: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._commit_batches, t, rt, batches, nursery.cancel_scope)
-            try:
-                while not t.terminal:
-                    while batches.size >= FSYNC_EVERY:
-                        await batches.changed.park()
-                    chunk = await self._take(stream, pending)
-                    if not chunk:
-                        batches.end()
-                        break
-                    # (t.delivered moves as batches commit; batches.received does not wait)
-                    refused = self.protocol.check_incoming(
-                        t, batches.received + len(chunk) - t.delivered)
-                    if refused:
-                        self.perform(refused)
-                        break
-                    batches.add(chunk)
-            except (StreamReset, ConnectionClosed, SessionEnded) as exc:
-                raised = exc  # re-raised outside the nursery (not as an exception group)
-            if not batches.ended:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._commit_batches, t, rt, batches, nursery.cancel_scope)
+                try:
+                    while not t.terminal:
+                        # Past the session's budget only a sink with nothing waiting reads.
+                        while batches.size >= FSYNC_EVERY or (
+                                batches.size and self.sink_held.bytes >= SINK_BUDGET):
+                            await batches.changed.park()
+                        chunk = await self._take(stream, pending)
+                        if not chunk:
+                            batches.end()
+                            break
+                        # (t.delivered moves as batches commit; batches.received does not wait)
+                        refused = self.protocol.check_incoming(
+                            t, batches.received + len(chunk) - t.delivered)
+                        if refused:
+                            self.perform(refused)
+                            break
+                        batches.add(chunk)
+                except (StreamReset, ConnectionClosed, SessionEnded) as exc:
+                    raised = exc  # re-raised outside the nursery (not as an exception group)
+                if not batches.ended:
+                    nursery.cancel_scope.cancel()
+        finally:
+            batches.drop()  # what a cancelled commit left is no longer held
         if raised is not None:
             raise raised
         if batches.ended and batches.committed and not t.terminal:
@@ -801,10 +815,20 @@ def _write_at(path: Path, offset: int, chunks: list[bytes], hasher: Any = None) 
             hasher.update(chunk)
 
 
+class _Held:
+    """Bytes the incoming files of one session hold in memory, waiting for the disk."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
 class _Batches:
     """Bytes received for one incoming file and not yet committed (see ``_sink_file``)."""
 
-    def __init__(self, offset: int) -> None:
+    def __init__(self, offset: int, held: _Held) -> None:
+        self.held = held  # shared by the session's sinks
         self.chunks: list[bytes] = []
         self.size = 0  # accumulated, waiting for the committer
         self.received = offset  # the file offset after the last byte received
@@ -815,6 +839,7 @@ class _Batches:
     def add(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
         self.size += len(chunk)
+        self.held.bytes += len(chunk)
         self.received += len(chunk)
         self.changed.unpark_all()
 
@@ -825,8 +850,14 @@ class _Batches:
     def take(self) -> tuple[list[bytes], int]:
         chunks, size = self.chunks, self.size
         self.chunks, self.size = [], 0
+        self.held.bytes -= size
         self.changed.unpark_all()
         return chunks, size
+
+    def drop(self) -> None:
+        """The sink is gone: what it still had waiting is no longer held."""
+        self.held.bytes -= self.size
+        self.chunks, self.size = [], 0
 
 
 def _free_bytes(directory: Path) -> int:

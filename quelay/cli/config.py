@@ -73,7 +73,8 @@ HELP: dict[str, str] = {
     "stream_window": "Per-stream receive window, e.g. 2MiB.",
     "connection_window": "Connection receive window, e.g. 8MiB.",
     "send_high_water": "Bytes buffered in QUIC per stream before the pump waits.",
-    "max_streams": "Concurrent QUIC streams the peer may open.",
+    "max_streams": "Concurrent QUIC streams the peer may open, per direction (one per "
+                   "active transfer; a closed one is granted again).",
     "spool_size": "Per-stream spool size, e.g. 1MiB.",
     "min_free": "Free space kept under the inbox; below it incoming files stall (e.g. 64MiB).",
     "stall_timeout": "Seconds an incoming file may stall (full or missing inbox) before failing.",
