@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +12,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from quelay.agent import Agent, AgentConfig
 from quelay.agent.filehash import hash_file
 from quelay.identity import load_or_create_identity
+from quelay.transport.memory import MemoryNetwork
 
 
 @dataclass
@@ -68,11 +72,71 @@ async def start_pair(
     return pair
 
 
+async def start_memory_pair(nursery: trio.Nursery, tmp_path: Path, net: MemoryNetwork,
+                            **overrides: Any) -> tuple[Agent, Agent]:
+    """Agent A listening on 10.0.0.1:4433 and B dialling it, both on ``net`` (no UDP).
+
+    Run it on Trio's mock clock (the ``mock_clock`` fixture): outages and timeouts cost
+    no wall time. The control sockets are real Unix sockets, served by the same run.
+    """
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    fp_a = load_or_create_identity(root_a / "state").fingerprint
+    fp_b = load_or_create_identity(root_b / "state").fingerprint
+    a = Agent(site_config(root_a, listen=("10.0.0.1", 4433), trust=[fp_b], **overrides),
+              socket_factory=net.socket)
+    b = Agent(site_config(root_b, peer=("10.0.0.1", 4433), trust=[fp_a], **overrides),
+              socket_factory=net.socket)
+    nursery.start_soon(net.run)
+    await nursery.start(a.run)
+    await nursery.start(b.run)
+    await wait_for(lambda: a.link_state == "up" and b.link_state == "up")
+    return a, b
+
+
 async def wait_for(condition: Any, timeout: float = 30.0, poll: float = 0.01) -> None:
-    """Wait for a condition on live state (not for time to pass); fail loudly on timeout."""
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(poll)
+    """Wait for a condition on live state (not for time to pass); fail loudly on timeout.
+
+    On a mock clock the bound is wall time: ``autojump_clock`` jumps ahead while a
+    worker thread runs, by as much as the timers allow (``mock_clock`` does not).
+    """
+    if not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+        with trio.fail_after(timeout):
+            while not condition():
+                await trio.sleep(poll)
+        return
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise trio.TooSlowError(f"condition not met within {timeout} s of wall time")
+        await trio.sleep(poll)
+
+
+@pytest.fixture
+def mock_clock(monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
+    """Trio's mock clock for agents on the in-memory network: it jumps to the next deadline
+    when every task waits, but never while a worker thread (an fsync, a hash) runs.
+
+    ``autojump_clock`` also jumps while a thread works, by as many deadlines as the
+    thread's real duration allows, so how far a peer gets meanwhile would depend on the
+    host's speed. Here time stands still until the thread is done.
+    """
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    genuine = trio.to_thread.run_sync
+    running = 0
+
+    async def run_sync(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal running
+        running += 1
+        clock.autojump_threshold = math.inf
+        try:
+            return await genuine(fn, *args, **kwargs)
+        finally:
+            running -= 1
+            if not running:
+                clock.autojump_threshold = 0
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+    return clock
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from quelay.client import ClientError, open_client
+from quelay.transport.memory import MemoryNetwork
 
-from .conftest import start_pair, wait_for
-from .test_outages import run_sim, start_via_sim
+from .conftest import start_memory_pair, start_pair, wait_for
 
 
 def make_tree(root: Path, files: int, seed: int = 1) -> dict[str, tuple[int, int, str]]:
@@ -44,10 +44,12 @@ def read_tree(root: Path) -> dict[str, tuple[int, int, str]]:
     return out
 
 
-async def test_tree_of_200_files_across_an_outage(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_tree_of_200_files_across_an_outage(nursery: trio.Nursery, tmp_path: Path,
+                                                  mock_clock: trio.testing.MockClock) -> None:
     src = tmp_path / "tree"
     expected = make_tree(src, 200)
-    a, b, sim = await start_via_sim(nursery, tmp_path, run_sim, rate=2_000_000)
+    net = MemoryNetwork(delay=0.005)  # mock time: the outage costs no wall time
+    a, b = await start_memory_pair(nursery, tmp_path, net, rate=8_000_000)
     async with open_client(b.config.control) as client:
         info = await client.send_file(src)
         assert info["kind"] == "dir" and info["files"] == 200
@@ -55,10 +57,10 @@ async def test_tree_of_200_files_across_an_outage(nursery: trio.Nursery, tmp_pat
         await wait_for(lambda: (g := a.transfers.get(group_id)) is not None
                        and g.members_done >= 40)
         assert not (a.config.inbox / "tree").exists()  # invisible until complete
-        sim.set_outage(True)
+        net.down = True
         await wait_for(lambda: b.link_state == "down")
         assert not (a.config.inbox / "tree").exists()
-        sim.set_outage(False)
+        net.down = False
         final = await client.wait(group_id)
     assert final["state"] == "done", final
     landed = a.config.inbox / "tree"

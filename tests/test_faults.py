@@ -23,9 +23,9 @@ from quelay.control import server as control_server
 from quelay.core import messages as wire
 from quelay.core.transfer import State, Transfer
 from quelay.framing import FrameDecoder, encode_frame
+from quelay.transport.memory import MemoryNetwork
 
-from .conftest import make_file, sha256_file, site_config, start_pair, wait_for
-from .test_outages import run_sim, start_via_sim
+from .conftest import make_file, sha256_file, site_config, start_memory_pair, start_pair, wait_for
 
 MiB = 1024 * 1024
 
@@ -39,13 +39,14 @@ async def _read_all(client: Any, name: str, into: dict[str, Any]) -> None:
 # -- 1. nothing is lost when an outage starts ------------------------------------------
 
 
-async def test_transfers_opened_as_an_outage_begins_go_through(nursery: trio.Nursery,
-                                                               tmp_path: Path) -> None:
-    a, b, sim = await start_via_sim(nursery, tmp_path, run_sim)
+async def test_transfers_opened_as_an_outage_begins_go_through(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork(delay=0.005)  # mock time: the 3 s dead-link wait costs nothing
+    a, b = await start_memory_pair(nursery, tmp_path, net)
     src = make_file(tmp_path / "early.bin", 300_000, seed=5)
     payload = random.Random(6).randbytes(200_000)
     got: dict[str, Any] = {}
-    sim.set_outage(True)  # the link dies; neither agent knows yet (dead-link bound: 3 s)
+    net.down = True  # the link dies; neither agent knows yet (dead-link bound: 3 s)
     async with open_client(b.config.control) as client, open_client(a.config.control) as rc:
         info = await client.send_file(src)
         async with trio.open_nursery() as inner:
@@ -53,7 +54,7 @@ async def test_transfers_opened_as_an_outage_begins_go_through(nursery: trio.Nur
             out = await client.open_stream(name="early-stream")
             await out.send_all(payload)
             await wait_for(lambda: b.link_state == "down" and a.link_state == "down")
-            sim.set_outage(False)
+            net.down = False
             final = await out.finish()
         file_final = await client.wait(info["id"])
     assert file_final["state"] == "done", file_final
@@ -112,18 +113,20 @@ async def test_hostile_peer_messages_cost_only_their_transfer(pair: Any,
     assert a.link_ups == 1 and b.link_ups == 1
 
 
-async def test_busy_receiver_holds_the_sender_back_without_losing(nursery: trio.Nursery,
-                                                                  tmp_path: Path) -> None:
-    pair = await start_pair(nursery, tmp_path, max_incoming=2)
+async def test_busy_receiver_holds_the_sender_back_without_losing(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    # Mock time: the sender's busy back-off (1 s, 2 s, ...) costs no wall time.
+    a, b = await start_memory_pair(nursery, tmp_path, MemoryNetwork(delay=0.005),
+                                   max_incoming=2)
     files = [make_file(tmp_path / f"f{i}.bin", 50_000, seed=i) for i in range(6)]
-    async with open_client(pair.b.control) as client:
+    async with open_client(b.config.control) as client:
         infos = [await client.send_file(f) for f in files]
         finals = [await client.wait(i["id"]) for i in infos]
     assert all(f["state"] == "done" for f in finals), finals
     for f in files:
-        assert sha256_file(pair.a.inbox / f.name) == sha256_file(f)
-    assert any(t.busy_refusals for t in pair.b.agent.transfers)  # the bound was hit
-    assert pair.a.agent.link_ups == 1
+        assert sha256_file(a.config.inbox / f.name) == sha256_file(f)
+    assert any(t.busy_refusals for t in b.transfers)  # the bound was hit
+    assert a.link_ups == 1
 
 
 # -- 3. a full disk is back-pressure -------------------------------------------------------
@@ -324,21 +327,24 @@ async def test_second_agent_on_a_state_dir_is_refused(pair: Any) -> None:
             assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
 
 
-async def test_source_changed_while_sending_is_a_local_failure(nursery: trio.Nursery,
-                                                               tmp_path: Path) -> None:
-    pair = await start_pair(nursery, tmp_path, rate=1_000_000)
+async def test_source_changed_while_sending_is_a_local_failure(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    # The cap keeps the file in flight for 2.4 s of mock time.
+    a, b = await start_memory_pair(nursery, tmp_path, MemoryNetwork(delay=0.005),
+                                   rate=1_000_000)
     src = make_file(tmp_path / "moving.bin", 300_000, seed=8)
-    async with open_client(pair.b.control) as client:
+    async with open_client(b.config.control) as client:
         info = await client.send_file(src)
-        await wait_for(lambda: pair.b.agent.transfers[info["id"]].sent > 0)
+        await wait_for(lambda: b.transfers[info["id"]].sent > 0)
+        assert b.transfers[info["id"]].sent < 300_000  # changed while in flight
         with open(src, "r+b") as f:
             f.write(b"changed")
         final = await client.wait(info["id"])
     assert final["state"] == "failed" and final["error"]["code"] == "source_changed"
-    await wait_for(lambda: pair.a.agent.transfers[info["id"]].terminal)
-    assert pair.a.agent.transfers[info["id"]].error_code == "source_changed"
-    assert not any(p.name.startswith("moving") for p in pair.a.inbox.iterdir())
-    assert pair.a.agent.transfers[info["id"]].state is State.FAILED
+    await wait_for(lambda: a.transfers[info["id"]].terminal)
+    assert a.transfers[info["id"]].error_code == "source_changed"
+    assert not any(p.name.startswith("moving") for p in a.config.inbox.iterdir())
+    assert a.transfers[info["id"]].state is State.FAILED
 
 
 def test_control_limits_are_bounded() -> None:

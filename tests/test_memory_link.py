@@ -13,42 +13,19 @@ from pathlib import Path
 import pytest
 import trio
 
-from quelay.agent import Agent
 from quelay.agent.pipes import OutboundPipe
 from quelay.core import messages as wire
 from quelay.core.transfer import State, Transfer
-from quelay.identity import load_or_create_identity
 from quelay.transport.memory import MemoryNetwork
 
-from .conftest import make_file, sha256_file, site_config
+from .conftest import make_file, sha256_file, start_memory_pair
 
-DATA = bytes(range(256)) * 4096  # 1 MiB
-
-
-async def _up(*agents: Agent) -> None:
-    while not all(a.link_state == "up" for a in agents):
-        await trio.sleep(0.05)
-
-
-async def start_memory_pair(nursery: trio.Nursery, tmp_path: Path, net: MemoryNetwork,
-                            **overrides: object) -> tuple[Agent, Agent]:
-    root_a, root_b = tmp_path / "a", tmp_path / "b"
-    fp_a = load_or_create_identity(root_a / "state").fingerprint
-    fp_b = load_or_create_identity(root_b / "state").fingerprint
-    a = Agent(site_config(root_a, listen=("10.0.0.1", 4433), trust=[fp_b], **overrides),
-              socket_factory=net.socket)
-    b = Agent(site_config(root_b, peer=("10.0.0.1", 4433), trust=[fp_a], **overrides),
-              socket_factory=net.socket)
-    nursery.start_soon(net.run)
-    await nursery.start(a.run)
-    await nursery.start(b.run)
-    await _up(a, b)
-    return a, b
+DATA = bytes(range(256)) * 2048  # 512 KiB: twice the stream's spool
 
 
 @pytest.mark.parametrize("kind", ["file", "stream"])
 async def test_transfer_across_a_long_outage_on_mock_time(
-        nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock,
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock,
         kind: str) -> None:
     net = MemoryNetwork(delay=0.3)  # 600 ms RTT
     a, b = await start_memory_pair(nursery, tmp_path, net)
@@ -112,7 +89,7 @@ async def test_transfer_across_a_long_outage_on_mock_time(
 
 
 async def test_file_and_stream_survive_five_outages(
-        nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
     """Outages of 1–6 s at random points of the stream's progress (mock time): shorter
     ones are bridged by QUIC, longer ones by the supervisor and resume; every byte
     arrives exactly once."""
@@ -120,8 +97,8 @@ async def test_file_and_stream_survive_five_outages(
 
     net = MemoryNetwork(delay=0.02)
     a, b = await start_memory_pair(nursery, tmp_path, net)
-    src = make_file(tmp_path / "big.bin", 8 * 1024 * 1024, seed=11)
-    payload = random.Random(12).randbytes(6 * 1024 * 1024)
+    src = make_file(tmp_path / "big.bin", 2 * 1024 * 1024, seed=11)
+    payload = random.Random(12).randbytes(2 * 1024 * 1024)  # twice the 1 MiB spool
     rng = random.Random(13)
     f = Transfer(wire.new_transfer_id(), "out", "file", "big.bin", src.stat().st_size, 4)
     f.path = str(src)

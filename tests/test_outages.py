@@ -9,19 +9,16 @@ from typing import Any
 
 import trio
 
-from quelay.agent import Agent
 from quelay.client import ClientError, open_client
 from quelay.core import messages as wire
 from quelay.core.transfer import State, Transfer
 from quelay.framing import encode_frame
-from quelay.identity import load_or_create_identity
-from quelay.linksim import CLEAN, open_linksim
 from quelay.transport.connection import Liveness
+from quelay.transport.memory import MemoryNetwork
 
-from .conftest import make_file, site_config, start_pair, wait_for
+from .conftest import make_file, start_memory_pair, start_pair, wait_for
 
 MiB = 1024 * 1024
-LINK = CLEAN.with_overrides(name="outage-test", rtt_s=0.01)
 
 
 def test_liveness_detector_on_explicit_time() -> None:
@@ -36,30 +33,13 @@ def test_liveness_detector_on_explicit_time() -> None:
     assert not live.is_dead(14.0, rtt=0.9)
 
 
-async def start_via_sim(nursery: trio.Nursery, tmp_path: Path, sim_factory: Any,
-                        **overrides: Any) -> tuple[Agent, Agent, Any]:
-    root_a, root_b = tmp_path / "a", tmp_path / "b"
-    fp_a = load_or_create_identity(root_a / "state").fingerprint
-    fp_b = load_or_create_identity(root_b / "state").fingerprint
-    a = Agent(site_config(root_a, listen=("127.0.0.1", 0), trust=[fp_b], **overrides))
-    await nursery.start(a.run)
-    sim = await nursery.start(sim_factory, a.udp_address)
-    b = Agent(site_config(root_b, peer=sim.address, trust=[fp_a], **overrides))
-    await nursery.start(b.run)
-    await wait_for(lambda: a.link_state == "up" and b.link_state == "up")
-    return a, b, sim
-
-
-async def run_sim(upstream: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    async with open_linksim(upstream=upstream, profile=LINK, seed=3) as sim:
-        task_status.started(sim)
-        await trio.sleep_forever()
-
-
-async def test_outage_longer_than_the_spool(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_outage_longer_than_the_spool(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    """On the in-memory network (mock time): the dead-link wait costs no wall time."""
     spool = 256 * 1024
-    a, b, sim = await start_via_sim(nursery, tmp_path, run_sim, spool_size=spool)
-    payload = random.Random(5).randbytes(6 * MiB)
+    net = MemoryNetwork(delay=0.005)
+    a, b = await start_memory_pair(nursery, tmp_path, net, spool_size=spool)
+    payload = random.Random(5).randbytes(2 * MiB)  # eight spools
     got = hashlib.sha256()
     count = {"n": 0}
 
@@ -77,7 +57,7 @@ async def test_outage_longer_than_the_spool(nursery: trio.Nursery, tmp_path: Pat
             t_out = b.transfers[out.id]
             await out.send_all(payload[: 1 * MiB])
             await wait_for(lambda: count["n"] >= 512 * 1024)
-            sim.set_outage(True)
+            net.down = True
             writer_done = trio.Event()
 
             async def write_rest() -> None:
@@ -91,7 +71,7 @@ async def test_outage_longer_than_the_spool(nursery: trio.Nursery, tmp_path: Pat
             # The writer is held back: the agent holds at most one spool of unacked bytes.
             assert b.book.runtime(t_out).out.accepted - t_out.delivered <= spool
             assert not writer_done.is_set()
-            sim.set_outage(False)
+            net.down = False
             await writer_done.wait()
             final = await out.finish()
     assert final["state"] == "done"

@@ -1,4 +1,8 @@
-"""The pending queue (--max-concurrent), transfers requested while down, cancel in every state."""
+"""The pending queue (--max-concurrent), transfers requested while down, cancel in every state.
+
+Both agents run on the in-memory datagram network on Trio's mock clock: waiting
+for the dead-link bound (3 s) costs no wall time.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +12,17 @@ from typing import Any
 import trio
 
 from quelay.client import open_client
-from quelay.linksim import CLEAN, open_linksim
+from quelay.transport.memory import MemoryNetwork
 
-from .conftest import make_file, wait_for
-from .test_outages import start_via_sim
-
-LINK = CLEAN.with_overrides(name="queue-test", rtt_s=0.01)
+from .conftest import make_file, start_memory_pair, wait_for
 
 
-async def sim_down_at_start(upstream: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    async with open_linksim(upstream=upstream, profile=LINK, seed=1) as sim:
-        task_status.started(sim)
-        await trio.sleep_forever()
-
-
-async def test_queue_orders_by_priority_then_fifo(nursery: trio.Nursery, tmp_path: Path) -> None:
-    a, b, sim = await start_via_sim(nursery, tmp_path, sim_down_at_start, max_concurrent=1)
+async def test_queue_orders_by_priority_then_fifo(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork(delay=0.005)
+    a, b = await start_memory_pair(nursery, tmp_path, net, max_concurrent=1)
     # Take the link down and wait until the dialler knows it.
-    sim.set_outage(True)
+    net.down = True
     await wait_for(lambda: b.link_state == "down")
     plan = [("low", 2), ("high-1", 7), ("mid", 4), ("high-2", 7), ("doomed", 4)]
     ids: dict[str, str] = {}
@@ -54,7 +51,7 @@ async def test_queue_orders_by_priority_then_fifo(nursery: trio.Nursery, tmp_pat
         assert (await client.cancel(ids["doomed"]))["state"] == "canceled"
         listing = {t["name"]: t for t in await client.ls() if t["direction"] == "out"}
         assert listing["low"]["queue_position"] == 4
-        sim.set_outage(False)
+        net.down = False
         finals = [await client.wait(ids[name]) for name in ("high-1", "high-2", "mid", "low")]
     assert all(f["state"] == "done" for f in finals)
     # One at a time, in queue order.
@@ -63,17 +60,18 @@ async def test_queue_orders_by_priority_then_fifo(nursery: trio.Nursery, tmp_pat
     assert "doomed" not in {p.name for p in (a.config.inbox).iterdir()}
 
 
-async def test_cancel_during_outage_reaches_the_peer(nursery: trio.Nursery,
-                                                     tmp_path: Path) -> None:
-    a, b, sim = await start_via_sim(nursery, tmp_path, sim_down_at_start)
+async def test_cancel_during_outage_reaches_the_peer(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork(delay=0.005)
+    a, b = await start_memory_pair(nursery, tmp_path, net)
     async with open_client(b.config.control) as client:
         out = await client.open_stream(name="cut")
         await out.send_all(b"z" * 10_000)
         await wait_for(lambda: out.id in a.transfers)
-        sim.set_outage(True)
+        net.down = True
         await wait_for(lambda: b.link_state == "down")
         assert (await client.cancel(out.id))["state"] == "canceled"
         assert a.transfers[out.id].state.value == "active"  # the peer cannot know yet
-        sim.set_outage(False)
+        net.down = False
         await wait_for(lambda: a.transfers[out.id].state.value == "canceled")
     assert a.transfers[out.id].error_code == "canceled"

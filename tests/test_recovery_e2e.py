@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,12 @@ import trio
 from quelay.agent import Agent
 from quelay.client import open_client
 from quelay.identity import load_or_create_identity
-from quelay.linksim import CLEAN, CLEAN_REORDER, open_linksim
+from quelay.linksim import CLEAN_REORDER, open_linksim
 from quelay.linksim.profiles import Profile
+from quelay.transport.memory import MemoryNetwork, MemorySocket
+from quelay.transport.udp import Address
 
-from .conftest import make_file, sha256_file, site_config, wait_for
+from .conftest import make_file, sha256_file, site_config, start_memory_pair, wait_for
 
 CAP = 8_000_000
 
@@ -62,35 +65,59 @@ async def test_reordering_link_costs_few_spurious_retransmissions(
     assert sim.peak_rate_bps("up_in", 1.0) <= CAP * 1.02
 
 
+class TracedNetwork(MemoryNetwork):
+    """The in-memory network, with every datagram's send time, sender and fate."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sent: list[tuple[float, Address, bool]] = []  # (time, sender, dropped)
+
+    def socket(self, bind: Address = ("10.0.0.1", 0), **kw: object) -> MemorySocket:
+        sock = super().socket(bind, **kw)
+        genuine = sock.send_batch
+
+        async def send_batch(datagrams: Iterable[tuple[bytes, Address]]) -> None:
+            datagrams = list(datagrams)
+            now = trio.current_time()
+            self.sent.extend((now, sock.address, self.down) for _ in datagrams)
+            await genuine(datagrams)
+
+        sock.send_batch = send_batch  # type: ignore[method-assign]
+        return sock
+
+
 async def test_recovery_after_a_four_second_outage_is_the_first_probe(
-        nursery: trio.Nursery, tmp_path: Path) -> None:
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
     """A 4 s outage (longer than the 3 s dead-link bound: the dialler reconnects)
-    during a file transfer. Counted in the simulator's trace: the dialler kept probing
-    through the last second of the outage (no backed-off silence), the first of its
-    datagrams after the return is answered (at most 3 of them before the listener's
-    first answer reaches it), and the file completes byte-exact."""
-    profile = CLEAN.with_overrides(name="outage-e2e", rtt_s=0.1)
-    a, b, sim = await _pair_via_sim(nursery, tmp_path, profile, seed=8, trace=True,
-                                    rate=CAP)
-    src = make_file(tmp_path / "outage.bin", 3_000_000, seed=22)
+    during a file transfer, on the in-memory network (100 ms RTT, mock time: exact
+    and free). Counted from every datagram sent: the dialler kept probing through the
+    last second of the outage (no backed-off silence), the first of its datagrams
+    after the return is answered (at most 3 of them before the listener's first
+    answer reaches it), and the file completes byte-exact."""
+    delay = 0.05
+    net = TracedNetwork(delay=delay)
+    a, b = await start_memory_pair(nursery, tmp_path, net, rate=CAP)
+    assert a.sock is not None and b.sock is not None
+    listener, dialler = a.sock.address, b.sock.address
+    src = make_file(tmp_path / "outage.bin", 1_500_000, seed=22)
     async with open_client(b.config.control) as client:
         info = await client.send_file(src)
-        await wait_for(lambda: sim.stats.up.bytes_forwarded > 600_000)  # mid-transfer
-        start = trio.current_time()
-        sim.set_outage(True)
+        await wait_for(lambda: net.counters.bytes_delivered > 600_000)  # mid-transfer
+        t_start = trio.current_time()
+        net.down = True
         await trio.sleep(4.0)
-        sim.set_outage(False)
-        back = trio.current_time()
+        net.down = False
+        t_back = trio.current_time()
         final = await client.wait(info["id"])
     assert final["state"] == "done"
+    assert final["resumes"] >= 1  # the session ended and the file resumed
     assert sha256_file(a.config.inbox / "outage.bin") == sha256_file(src)
-    events = sim.model.events
-    t_start, t_back = start - sim.model.start, back - sim.model.start
-    probes_late = [t for t, d, e, _ in events
-                   if d == "up" and e == "in" and t_back - 1.25 <= t < t_back]
+    assert b.link_ups == 2
+    probes_late = [t for t, who, _ in net.sent if who == dialler and t_back - 1.25 <= t < t_back]
     assert probes_late, "the dialler went silent in the last second of the outage"
-    answer = min(t for t, d, e, _ in events if d == "down" and e == "out" and t >= t_back)
-    before_answer = [t for t, d, e, _ in events
-                     if d == "up" and e == "in" and t_back <= t <= answer]
+    answer = min(t for t, who, dropped in net.sent
+                 if who == listener and t >= t_back and not dropped) + delay  # reaches B
+    # What the dialler sent before that answer reached it (its replies leave at that instant).
+    before_answer = [t for t, who, _ in net.sent if who == dialler and t_back <= t < answer]
     assert len(before_answer) <= 3
-    assert any(t_start <= t < t_back for t, d, e, _ in events if e == "drop")
+    assert any(dropped for t, _, dropped in net.sent if t_start <= t < t_back)
