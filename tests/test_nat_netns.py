@@ -36,6 +36,8 @@ from .test_transfers_e2e import send_and_wait
 
 RELAY_IP = "198.51.100.1"
 RELAY_PORT = 7300
+FILES = (("a", "b", 1024 * 1024 + 3), ("b", "a", 500_001))  # sender, receiver, size
+MOVED = sum(size for _, _, size in FILES)
 
 
 def _skip_reason() -> str | None:
@@ -189,7 +191,7 @@ async def run_sites(tmp_path: Path, symmetric_b: bool) -> tuple[dict[str, Any], 
             while not await settled():
                 await trio.sleep(0.1)
         # Files both ways, byte-exact, over whichever path the NATs allowed.
-        for sender, receiver, size in (("a", "b", 3 * 1024 * 1024 + 3), ("b", "a", 1_000_001)):
+        for sender, receiver, size in FILES:
             src = make_file(tmp_path / f"from-{sender}.bin", size, seed=size)
             final = await send_and_wait(controls[sender], src)
             assert final["state"] == "done", final
@@ -211,8 +213,8 @@ async def test_endpoint_independent_nats_go_direct(tmp_path: Path) -> None:
         rv = info["rendezvous"]
         assert rv["punch_successes"] >= 1
         assert rv["observed"][0].startswith("100.64.")  # the NAT's address, not 10.x
-    # 4 MB moved, almost none of it through the relay.
-    assert relay["relayed_bytes"] < 1024 * 1024
+    # 1.5 MB moved, almost none of it through the relay (registrations: a few kB).
+    assert relay["relayed_bytes"] < 64 * 1024
     assert relay["paired"] == 1
 
 
@@ -222,4 +224,4 @@ async def test_symmetric_nat_on_one_side_stays_relayed(tmp_path: Path) -> None:
     for info in (a, b):
         assert info["rendezvous"]["punch_successes"] == 0
         assert info["rendezvous"]["punch_failures"] >= 1
-    assert relay["relayed_bytes"] > 4 * 1024 * 1024  # the files went through the relay
+    assert relay["relayed_bytes"] > MOVED  # the files went through the relay

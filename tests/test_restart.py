@@ -73,8 +73,12 @@ def agents(tmp_path: Path) -> Any:
     root_a, root_b = tmp_path / "a", tmp_path / "b"
     fp_a = load_or_create_identity(root_a / "state").fingerprint
     fp_b = load_or_create_identity(root_b / "state").fingerprint
-    a = AgentProcess(root_a, ["--listen", f"127.0.0.1:{port}", "--trust", fp_b, "--name", "a"])
-    b = AgentProcess(root_b, ["--peer", f"127.0.0.1:{port}", "--trust", fp_a, "--name", "b"])
+    # A 1.5 s dead-link bound (not 3 s): the survivor notices the killed peer sooner.
+    quick = ["--keepalive", "0.5", "--dead-after", "1.5", "--reconnect-interval", "0.2"]
+    a = AgentProcess(root_a, ["--listen", f"127.0.0.1:{port}", "--trust", fp_b, "--name", "a",
+                              *quick])
+    b = AgentProcess(root_b, ["--peer", f"127.0.0.1:{port}", "--trust", fp_a, "--name", "b",
+                              *quick])
     yield a, b
     a.stop()
     b.stop()
@@ -112,7 +116,7 @@ async def test_kill9_mid_file(agents: Any, tmp_path: Path, victim: str) -> None:
     await a.start()
     await b.start()
     await wait_link(b)
-    src = make_file(tmp_path / "fifty.bin", 50 * MiB, seed=50)
+    src = make_file(tmp_path / "sixteen.bin", 16 * MiB, seed=50)
     outcome: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
         await open_reader(a, "doomed", outcome, nursery)
@@ -134,7 +138,7 @@ async def test_kill9_mid_file(agents: Any, tmp_path: Path, victim: str) -> None:
         nursery.cancel_scope.cancel()
 
     assert final["state"] == "done", final
-    assert sha256_file(a.root / "inbox" / "fifty.bin") == sha256_file(src)
+    assert sha256_file(a.root / "inbox" / "sixteen.bin") == sha256_file(src)
     # The receiver's journal shows the resume started past byte 0.
     db = sqlite3.connect(a.root / "state" / "journal.sqlite3")
     (resumed_from, state) = db.execute(
@@ -151,4 +155,4 @@ async def test_kill9_mid_file(agents: Any, tmp_path: Path, victim: str) -> None:
         # The restarted sender lost the stream; the receiver failed it with a reason.
         assert ls[stream.id]["state"] == "failed"
         assert ls[stream.id]["error"]["code"] == "peer_restarted"
-    assert os.path.exists(a.root / "inbox" / "fifty.bin")
+    assert os.path.exists(a.root / "inbox" / "sixteen.bin")
