@@ -430,12 +430,18 @@ def test_human_logs_and_bad_settings() -> None:
         setup_logging("info", "xml")
 
 
+def _default_sigint() -> None:
+    """In the child: a suite started in the background (``pytest &`` in a script) passes
+    SIGINT on as ignored, and Python then never raises KeyboardInterrupt for it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_interrupted_stream_is_canceled_not_truncated(pair: Pair) -> None:
     """Ctrl-C on `quelay stream` cancels at both ends; the far side never sees 'done'."""
     read_end, write_end = os.pipe()
     proc = await trio.lowlevel.open_process(
         [*QUELAY, "stream", *ctl(pair.b), "--name", "interrupted", "-q"],
-        stdin=read_end, stderr=subprocess.PIPE)
+        stdin=read_end, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     os.close(read_end)
     try:
         os.write(write_end, b"first part of an endless stream\n")
