@@ -827,8 +827,8 @@ class _Held:
 class _Batches:
     """Bytes received for one incoming file and not yet committed (see ``_sink_file``)."""
 
-    def __init__(self, offset: int, held: _Held) -> None:
-        self.held = held  # shared by the session's sinks
+    def __init__(self, offset: int, held: _Held | None = None) -> None:
+        self.held = _Held() if held is None else held  # shared by the session's sinks
         self.chunks: list[bytes] = []
         self.size = 0  # accumulated, waiting for the committer
         self.received = offset  # the file offset after the last byte received
