@@ -97,16 +97,18 @@ async def test_hostile_peer_messages_cost_only_their_transfer(pair: Any,
         info = await client.send_file(src)
         await wait_for(lambda: a.transfers.get(info["id"]) is not None
                        and a.transfers[info["id"]].delivered > 0)
-        # A forged ack beyond what was sent: that transfer fails at both ends ...
-        other = await client.send_file(make_file(tmp_path / "other.bin", 100_000, seed=3))
-        await wait_for(lambda: other["id"] in a.transfers)
-        session_a.send(wire.Ack(other["id"], 10 * MiB))
-        forged = await client.wait(other["id"])
+        # A forged ack beyond what was sent: that transfer fails at both ends ... (a
+        # stream left open: a small file could be done before the forged ack lands)
+        other = await client.open_stream(name="other")
+        await other.send_all(b"o" * 1000)
+        await wait_for(lambda: other.id in a.transfers)
+        session_a.send(wire.Ack(other.id, 10 * MiB))
+        forged = await client.wait(other.id)
         # ... and a decreasing ack on a finished transfer is harmless.
         done = await client.wait(info["id"])
     assert forged["state"] == "failed" and forged["error"]["code"] == "protocol_error"
-    await wait_for(lambda: a.transfers[other["id"]].terminal)
-    assert a.transfers[other["id"]].error_code == "protocol_error"
+    await wait_for(lambda: a.transfers[other.id].terminal)
+    assert a.transfers[other.id].error_code == "protocol_error"
     assert done["state"] == "done" and sha256_file(a.config.inbox / "victim.bin") == \
         sha256_file(src)
     assert a.session is session_a and b.session is session_b  # the link never dropped
