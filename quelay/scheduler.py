@@ -15,7 +15,7 @@ All decisions (weights, quanta, budgets, who is next) are in the sans-IO
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -30,15 +30,18 @@ LINK_POLL = 1.0  # with demand but no link: look again this often (no faster tha
 class FeedScheduler(Feed):
     def __init__(self, base_quantum: int | None = None) -> None:
         super().__init__(base_quantum)
-        self._lot = trio.lowlevel.ParkingLot()
+        self._waiting: dict[int, trio.Event] = {}  # key -> its parked pump's wake-up
         self._wake = trio.Event()
         self._parked = False
         self.wakeups = 0  # times the ticker woke up (counted, for tests and status)
 
     # -- hooks from the sans-IO feed --------------------------------------------------------
 
-    def granted(self) -> None:
-        self._lot.unpark_all()
+    def granted(self, keys: Iterable[int]) -> None:
+        for key in keys:
+            event = self._waiting.pop(key, None)
+            if event is not None:
+                event.set()
 
     def demand(self) -> None:
         # Capped and ticking, demand waits for the next tick (the tick interval is what
@@ -60,7 +63,10 @@ class FeedScheduler(Feed):
             nbytes = self.take(key, want, backlog)
             if nbytes:
                 return nbytes
-            await self._lot.park()
+            event = self._waiting.get(key)
+            if event is None:
+                event = self._waiting[key] = trio.Event()
+            await event.wait()
 
     def wake(self) -> None:
         """Run the next tick now (the cap changed, a link came up, or demand appeared)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterable
 
 import pytest
 import trio
@@ -241,7 +242,7 @@ def test_sans_io_feed_without_a_driver() -> None:
     calls: list[str] = []
 
     class Probe(Feed):
-        def granted(self) -> None:
+        def granted(self, keys: Iterable[int]) -> None:
             calls.append("granted")
 
         def demand(self) -> None:

@@ -291,6 +291,7 @@ class Session:
         if self.dialer:
             sid, control = self.conn.open_bidi()
             self.control_sid = sid
+            self.conn.quic.urgent_streams.add(sid)
             self.send(self.agent.hello(self.conn))
             return control
         with trio.fail_after(HELLO_TIMEOUT):
@@ -298,6 +299,7 @@ class Session:
         if control.stream_id & 0x2:
             raise RemoteProtocolError("the first stream must be the bidirectional control stream")
         self.control_sid = control.stream_id
+        self.conn.quic.urgent_streams.add(control.stream_id)
         self.send(self.agent.hello(self.conn))
         return control
 
@@ -467,8 +469,7 @@ class Session:
 
     def unsent_bulk(self) -> int:
         """Bytes the pumps handed to QUIC that have not been put in a packet yet."""
-        quic = self.conn.quic
-        return sum(quic.stream_unsent(sid) for _, sid in self._pumps.values())
+        return self.conn.quic.unsent_except(self.conn.quic.urgent_streams)
 
     # -- inbound ---------------------------------------------------------------------
 

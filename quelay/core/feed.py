@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Iterable
 
 from ..native import DrrTable
 from ..transport.pacing import tick_interval
@@ -158,7 +159,7 @@ class Feed:
             self._outstanding -= self._grants.pop(key)
             del self._priority[key]
             self.drr.remove(key)
-            self.granted()
+            self.granted((key,))
 
     def __contains__(self, key: object) -> bool:
         return key in self._grants
@@ -185,7 +186,7 @@ class Feed:
             if not self.drr.backlog(key):
                 self._activity(key, False)  # all it declared is granted: out of the ring
         if grants:
-            self.granted()
+            self.granted([key for key, _ in grants])
         return grants
 
     def tick(self, unsent: int | None) -> list[tuple[int, int]]:
@@ -222,8 +223,9 @@ class Feed:
 
     # -- hooks for the driver --------------------------------------------------------------
 
-    def granted(self) -> None:
-        """Grants changed (new bytes granted, or a transfer left): wake the pumps."""
+    def granted(self, keys: Iterable[int]) -> None:
+        """Grants changed for ``keys`` (new bytes granted, or the transfer left): wake
+        their pumps (only theirs: a tick among a thousand streams wakes a few)."""
 
     def demand(self) -> None:
         """A transfer is waiting for a grant: the ticker must not stay parked."""

@@ -35,11 +35,12 @@ These hooks are private aioquic API, which is why the dependency is pinned to
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from aioquic import tls
 from aioquic.quic import events
@@ -68,6 +69,14 @@ from . import allotted  # noqa: F401  (registers the "allotted" congestion contr
 from .resumption import ProvenIdentity, TicketStore
 
 PACER_BURST_DATAGRAMS = 64
+# -- many streams -----------------------------------------------------------------------
+# aioquic visits every stream for every packet it builds (stream limits, then the send
+# queue). Above this many streams, packets are built over the streams that have
+# something to do (a :class:`StreamActivity` view); a full scan every
+# ``FULL_SCAN_EVERY`` builds catches anything a mark missed.
+VIEW_MIN_STREAMS = 64
+VIEW_WINDOW = 4  # streams offered to one packet build at a time
+FULL_SCAN_EVERY = 256
 
 # -- loss recovery knobs --------------------------------------------------------
 MAX_PACKET_THRESHOLD = 256  # reordering deeper than this many packets is still loss
@@ -167,6 +176,11 @@ class RobustStreamSender(QuicStreamSender):
 
     _copied: RangeSet | None = None  # bytes tail protection already sent an extra time
     _retransmitted: dict[int, int] | None = None  # the connection's count, by stream id
+    _activity: StreamActivity | None = None  # told when this stream has work again
+
+    def _mark(self) -> None:
+        if self._activity is not None and self._stream_id is not None:
+            self._activity.mark_id(self._stream_id)
 
     def _count_retransmit(self, nbytes: int) -> None:
         if nbytes and self._retransmitted is not None and self._stream_id is not None:
@@ -196,10 +210,12 @@ class RobustStreamSender(QuicStreamSender):
             if fin and self._buffer_fin is not None:
                 self._pending_eof = False
                 super().on_data_delivery(delivery, self._buffer_fin, self._buffer_fin, True)
+                self._mark()  # all acknowledged: the stream may be finished (discarded)
         else:
             for r in parts:
                 super().on_data_delivery(delivery, r.start, r.stop, False)
             self._count_retransmit(sum(r.stop - r.start for r in parts))
+            self._mark()
             if fin and self._buffer_fin is not None and not self._acked_fin:
                 super().on_data_delivery(delivery, self._buffer_fin, self._buffer_fin, True)
 
@@ -228,6 +244,7 @@ class RobustStreamSender(QuicStreamSender):
         if n:
             self.buffer_is_empty = False
             self._count_retransmit(n)
+            self._mark()
         return n
 
     @property
@@ -242,6 +259,61 @@ class RobustStreamSender(QuicStreamSender):
         is the end of something, not a pause in the middle of a bulk stream."""
         return self.idle and (self._buffer_fin is not None
                               or self._buffer_stop - self._buffer_start <= TAIL_SMALL_BYTES)
+
+
+def _sid(stream: QuicStream) -> int:
+    return cast(int, stream.stream_id)  # None only for aioquic's crypto streams
+
+
+class StreamActivity:
+    """Which streams a packet build must visit, so that per-packet work follows the
+    streams with something to do, not every open stream.
+
+    ``busy``: streams that may have data, a reset, a STOP_SENDING, a flow-control
+    credit to announce or that may have finished (to be discarded), marked where
+    that can start (a write, a loss, a tail copy, a reset, a consumed byte, a
+    received frame, a lost MAX_STREAM_DATA) and dropped once a build left them with
+    nothing to do. ``unsettled``: our send streams with bytes not all acknowledged
+    (what the tail logic asks about).
+    """
+
+    def __init__(self, streams: dict[int, QuicStream]) -> None:
+        self._streams = streams
+        self.busy: dict[int, QuicStream] = {}
+        self.unsettled: dict[int, QuicStream] = {}
+
+    def mark_id(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self.busy[stream_id] = stream
+
+    def sent(self, stream: QuicStream) -> None:
+        self.busy[_sid(stream)] = stream
+        self.unsettled[_sid(stream)] = stream
+
+    def rescan(self, streams: Iterable[QuicStream],
+               has_work: Callable[[QuicStream], bool]) -> None:
+        """Rebuild ``busy`` from every stream (the fallback, O(streams))."""
+        for stream in streams:
+            if has_work(stream):
+                self.busy[_sid(stream)] = stream
+
+    def not_at_tail(self) -> bool:
+        """Whether any of our send streams is mid-flight (see ``at_tail``); forgets
+        streams that are settled."""
+        settled = []
+        found = False
+        for sid, stream in self.unsettled.items():
+            sender = stream.sender
+            if stream.is_finished or (sender.buffer_is_empty and not sender._pending_eof
+                                      and sender._buffer_start >= sender._buffer_stop):
+                settled.append(sid)
+            elif isinstance(sender, RobustStreamSender) and not sender.at_tail:
+                found = True
+                break
+        for sid in settled:
+            del self.unsettled[sid]
+        return found
 
 
 def _stream_handlers(packet: QuicSentPacket) -> list[tuple[RobustStreamSender, tuple[Any, ...]]]:
@@ -717,6 +789,13 @@ class QuelayQuicConnection(QuicConnection):
         # Bytes of each of our streams sent again (declared lost, or copied by tail
         # protection): per-transfer statistics (quelay get).
         self.retransmitted_by_stream: dict[int, int] = {}
+        self._activity = StreamActivity(self._streams)
+        self._viewing = False  # packets are built over the busy streams only
+        self._builds_since_scan = 0
+        self.view_builds = 0  # packet builds done over a view (many streams)
+        # Streams served before all others in every packet (the control stream: an open,
+        # an ack or a cancel must not wait a round of a thousand data streams).
+        self.urgent_streams: set[int] = set()
         self._connection_window = connection_window
         self._consumed: dict[int, int] = {}
         self._consumed_total = 0
@@ -856,17 +935,136 @@ class QuelayQuicConnection(QuicConnection):
                 space.ack_at = ack_at
 
     def _app_idle(self) -> bool:
+        if self._viewing:
+            return not self._activity.not_at_tail()
         for stream in self._streams.values():
             sender = stream.sender
             if isinstance(sender, RobustStreamSender) and not sender.at_tail:
                 return False
         return True
 
+    # -- many streams: per-packet work over the streams with work ----------------------
+
+    def _stream_has_work(self, stream: QuicStream) -> bool:
+        sender = stream.sender
+        if stream.is_finished or stream.receiver.stop_pending or sender.reset_pending:
+            return True
+        if not sender.buffer_is_empty:
+            return True
+        if stream.max_stream_data_local:
+            if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+                return True
+            target = self._consumed.get(_sid(stream), 0) + self._stream_window
+            return target - stream.max_stream_data_local >= self._stream_window // 4
+        return False
+
+    def _write_application(self, builder: Any, network_path: Any, now: float) -> None:
+        streams = self._streams
+        activity = self._activity
+        if len(streams) <= VIEW_MIN_STREAMS:
+            if self._viewing:  # back to aioquic's own order over every stream
+                self._viewing = False
+                self._streams_queue = list(streams.values())
+            activity.busy.clear()  # marks matter only while viewing
+            self._urgent_first()
+            super()._write_application(builder, network_path, now)
+            return
+        if not self._viewing or self._builds_since_scan >= FULL_SCAN_EVERY:
+            self._viewing = True
+            self._builds_since_scan = 0
+            activity.busy.clear()
+            activity.rescan(streams.values(), self._stream_has_work)
+        self._builds_since_scan += 1
+        self.view_builds += 1
+        busy = activity.busy
+        for stream in self._streams_queue:  # created since the last build
+            if _sid(stream) in streams:
+                busy[_sid(stream)] = stream
+        # A window of streams at a time: a full packet is not offered to a thousand
+        # streams that cannot fit in it. The next window gets its turn when this one
+        # has nothing more to send; visited streams go to the back (round robin).
+        left = len(busy)
+        while True:  # at least once: ACKs, limits, pings and datagrams need no stream
+            window = [busy.pop(sid) for sid in self.urgent_streams if sid in busy]
+            for sid in list(itertools.islice(busy, VIEW_WINDOW - len(window))):
+                window.append(busy.pop(sid))
+            left -= len(window)
+            order: list[QuicStream] = []
+            try:
+                order = self._build_over(window, builder, network_path, now)
+            finally:
+                for stream in window:  # back into the ring if still busy: served last
+                    if _sid(stream) in streams and self._stream_has_work(stream):
+                        busy.pop(_sid(stream), None)
+                for stream in order or window:  # aioquic's new order: the served ones last
+                    if _sid(stream) in streams and self._stream_has_work(stream):
+                        busy[_sid(stream)] = stream
+            if left <= 0 or self._pacing_at is not None:
+                break  # paced: the next build continues with the next window
+
+    def _build_over(self, window: list[QuicStream], builder: Any, network_path: Any,
+                    now: float) -> list[QuicStream]:
+        """aioquic's packet building, with only ``window`` as the connection's streams.
+        Returns them in aioquic's new service order (discarded ones removed)."""
+        streams, activity = self._streams, self._activity
+        view = {_sid(stream): stream for stream in window}
+        self._streams, self._streams_queue = view, list(window)
+        order: list[QuicStream] = []
+        try:
+            super()._write_application(builder, network_path, now)
+            order = self._streams_queue
+        finally:
+            self._streams, self._streams_queue = streams, []
+            for stream in window:
+                sid = _sid(stream)
+                if sid not in view:  # discarded by aioquic: finished
+                    streams.pop(sid, None)
+                    activity.unsettled.pop(sid, None)
+                    activity.busy.pop(sid, None)
+                    self._consumed.pop(sid, None)
+        return [stream for stream in order if _sid(stream) in view]
+
+    def _urgent_first(self) -> None:
+        queue = self._streams_queue
+        if self.urgent_streams and queue and _sid(queue[0]) not in self.urgent_streams:
+            first = [s for s in queue if _sid(s) in self.urgent_streams]
+            if first:
+                self._streams_queue = first + [s for s in queue
+                                               if _sid(s) not in self.urgent_streams]
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        super().send_stream_data(stream_id, data, end_stream)
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._activity.sent(stream)
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        super().reset_stream(stream_id, error_code)
+        self._activity.mark_id(stream_id)
+
+    def stop_stream(self, stream_id: int, error_code: int) -> None:
+        super().stop_stream(stream_id, error_code)
+        self._activity.mark_id(stream_id)
+
+    def next_event(self) -> events.QuicEvent | None:
+        event = super().next_event()
+        if isinstance(event, (events.StreamDataReceived, events.StreamReset)):
+            self._activity.mark_id(event.stream_id)  # it may have finished
+        return event
+
+    def _on_max_stream_data_delivery(self, delivery: QuicDeliveryState,
+                                     stream: QuicStream) -> None:
+        super()._on_max_stream_data_delivery(delivery, stream)
+        if delivery != QuicDeliveryState.ACKED:
+            self._activity.mark_id(_sid(stream))  # to be sent again
+
     def _get_or_create_stream_for_send(self, stream_id: int) -> QuicStream:
         stream = super()._get_or_create_stream_for_send(stream_id)
         if type(stream.sender) is QuicStreamSender:
             stream.sender.__class__ = RobustStreamSender
             stream.sender._retransmitted = self.retransmitted_by_stream  # type: ignore[attr-defined]
+            stream.sender._activity = self._activity  # type: ignore[attr-defined]
+        self._activity.busy[stream_id] = stream
         return stream
 
     # -- peer authentication ----------------------------------------------
@@ -961,6 +1159,7 @@ class QuelayQuicConnection(QuicConnection):
         """Record that the local consumer took ``nbytes`` of ``stream_id``."""
         self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
         self._consumed_total += nbytes
+        self._activity.mark_id(stream_id)  # credit to announce; maybe finished
 
     def set_cap(self, bytes_per_second: float) -> None:
         """Tell pacing (and an allotment-aware congestion control) the operator's cap."""
@@ -970,6 +1169,17 @@ class QuelayQuicConnection(QuicConnection):
         set_allotment = getattr(self._loss._cc, "set_allotment", None)
         if set_allotment is not None:
             set_allotment(bytes_per_second)
+
+    def unsent_except(self, excluded: set[int]) -> int:
+        """Bytes queued on our streams (but ``excluded``) never put in a packet; with
+        many streams, only the busy ones can have any."""
+        streams = self._activity.busy.values() if self._viewing else self._streams.values()
+        total = 0
+        for stream in streams:
+            sender = stream.sender
+            if stream.stream_id not in excluded and sender._buffer_stop > sender.highest_offset:
+                total += sender._buffer_stop - sender.highest_offset
+        return total
 
     def stream_unsent(self, stream_id: int) -> int:
         """Bytes queued on one of our streams that were never put in a packet."""
@@ -990,6 +1200,7 @@ class QuelayQuicConnection(QuicConnection):
 
     def forget_stream(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
+        self._activity.mark_id(stream_id)  # it may be finished: to be discarded
 
     def stream_buffered(self, stream_id: int) -> int:
         """Unsent + unacknowledged bytes aioquic holds for one of our streams."""
