@@ -280,6 +280,7 @@ class TransferTable:
         self._added = itertools.count()
         self._live: dict[Direction, dict[str, Transfer]] = {"out": {}, "in": {}}
         self._active_out: dict[str, Transfer] = {}
+        self._active_dirs = 0  # directories among them (no bytes of their own)
         self._queue = _Queue()
         self._members: dict[str, dict[str, Transfer]] = {}  # directory id -> its files
         self._member_names: dict[str, Counter[str]] = {}  # directory id -> their names
@@ -312,7 +313,7 @@ class TransferTable:
             self._live[t.direction][t.id] = t
         if t.direction == "out":
             if t.state is State.ACTIVE:
-                self._active_out[t.id] = t
+                self._set_active(t)
             elif t.state is State.PENDING:
                 self._queue.add(t)
         if t.group is not None:
@@ -326,7 +327,7 @@ class TransferTable:
         del self._order[transfer_id]
         t._table = None
         self._live[t.direction].pop(transfer_id, None)
-        self._active_out.pop(transfer_id, None)
+        self._unset_active(t)
         self._queue.remove(t)
         if t.group is not None:
             members = self._members[t.group]
@@ -345,11 +346,11 @@ class TransferTable:
         if t.direction != "out":
             return
         if old is State.ACTIVE:
-            self._active_out.pop(t.id, None)
+            self._unset_active(t)
         elif old is State.PENDING:
             self._queue.remove(t)
         if t.state is State.ACTIVE:
-            self._active_out[t.id] = t
+            self._set_active(t)
         elif t.state is State.PENDING:
             self._queue.add(t)
 
@@ -377,7 +378,16 @@ class TransferTable:
         (which have no bytes of their own)."""
         if not bytes_only:
             return len(self._active_out)
-        return sum(1 for t in self._active_out.values() if t.kind != "dir")
+        return len(self._active_out) - self._active_dirs
+
+    def _set_active(self, t: Transfer) -> None:
+        if t.id not in self._active_out:
+            self._active_out[t.id] = t
+            self._active_dirs += t.kind == "dir"
+
+    def _unset_active(self, t: Transfer) -> None:
+        if self._active_out.pop(t.id, None) is not None:
+            self._active_dirs -= t.kind == "dir"
 
     def members(self, group_id: str) -> list[Transfer]:
         return list(self._members.get(group_id, {}).values())
