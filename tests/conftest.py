@@ -117,8 +117,10 @@ def mock_clock(monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
     when every task waits, but never while a worker thread (an fsync, a hash) runs.
 
     ``autojump_clock`` also jumps while a thread works, by as many deadlines as the
-    thread's real duration allows, so how far a peer gets meanwhile would depend on the
-    host's speed. Here time stands still until the thread is done.
+    thread's real duration allows (under load, minutes of mock time in one slow fsync),
+    so how far a peer gets meanwhile, or whether a mock-time deadline passes, depends on
+    the host. Here time stands still until the thread is done; so not for a test that
+    holds a worker thread on purpose (a stuck disk) while mock time passes.
     """
     clock = trio.testing.MockClock(autojump_threshold=0)
     genuine = trio.to_thread.run_sync
