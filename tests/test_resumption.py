@@ -190,3 +190,31 @@ async def test_a_close_ends_both_sessions_without_waiting_for_the_drain(
     await _until(lambda: a.link_state != "up", step=0.01)
     assert a.link_reason == "test: closing"  # the peer's close, not "link dead"
     assert trio.current_time() - started < 0.375 + 0.1  # one way, not 3 PTOs
+
+
+async def test_a_close_under_a_saturated_cap_still_reaches_the_peer(
+        nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """Datagrams the wire gate holds leave first, then the CONNECTION_CLOSE: the peer
+    learns of the close in about one way, not at its dead-link bound."""
+    from quelay.agent.pipes import OutboundPipe
+    from quelay.core.transfer import Transfer
+
+    net = MemoryNetwork(delay=0.1)
+    a, b = await start_memory_pair(nursery, tmp_path, net, resumption=False, rate=200_000)
+    pipe = OutboundPipe(1 << 20)
+    t = Transfer(wire.new_transfer_id(), "out", "stream", "bulk", None, 4)
+    b.book.submit(t, pipe)
+
+    async def write() -> None:
+        view = memoryview(bytes(4 << 20))
+        while view:
+            view = view[await pipe.write(view):]
+
+    nursery.start_soon(write)
+    await _until(lambda: b.session is not None and b.session.conn._outbox, step=0.001)
+    assert b.session is not None
+    started = trio.current_time()
+    b.session.conn.close("test: closing")
+    await _until(lambda: a.link_state != "up", step=0.01)
+    assert a.link_reason == "test: closing"  # the close arrived, not "link dead"
+    assert trio.current_time() - started < 1.0

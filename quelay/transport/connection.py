@@ -242,10 +242,16 @@ class QuicConn:
             self._closed_locally()
 
     def _closed_locally(self) -> None:
-        """Our CONNECTION_CLOSE left: end the session now rather than after the drain."""
-        if self._closing is not None:
-            closing, self._closing = self._closing, None
-            self._terminate(closing)
+        """Our CONNECTION_CLOSE left: end the session now rather than after the drain.
+        (Datagrams the gate held from before close() leave first; the close is built
+        only after them.)"""
+        if self._closing is None:
+            return
+        if self.quic.close_pending:
+            self.kick()  # the gate's backlog left: build the CONNECTION_CLOSE now
+            return
+        closing, self._closing = self._closing, None
+        self._terminate(closing)
 
     async def _keepalive_loop(self) -> None:
         """PING every interval; declare the link dead when nothing comes back in time."""

@@ -1076,6 +1076,11 @@ class QuelayQuicConnection(QuicConnection):
             self.tls._request_client_certificate = True
 
     @property
+    def close_pending(self) -> bool:
+        """close() was called and its CONNECTION_CLOSE is not yet in a packet."""
+        return bool(self._close_pending)
+
+    @property
     def closed_by_peer(self) -> events.ConnectionTerminated | None:
         """The peer's CONNECTION_CLOSE, as soon as it arrived (aioquic emits the event
         only at the end of the draining period)."""
