@@ -72,6 +72,21 @@ async def start_pair(
     return pair
 
 
+async def attach_reader(agent: Agent, transfer_id: str,
+                        poll: float = 0.01) -> tuple[Any, trio.abc.Stream]:
+    """Once incoming stream ``transfer_id`` arrives, claim it as a client's reader would and
+    attach one end of an in-memory stream; returns the transfer and the reader's end."""
+    while transfer_id not in agent.transfers:
+        await trio.sleep(poll)
+    t_in = agent.transfers[transfer_id]
+    t_in.claimed = t_in.attached = True
+    reader, agent_side = trio.testing.memory_stream_pair()
+    inp = agent.book.runtime(t_in).inp
+    assert inp is not None
+    inp.attach(agent_side)
+    return t_in, reader
+
+
 async def start_memory_pair(nursery: trio.Nursery, tmp_path: Path, net: MemoryNetwork,
                             **overrides: Any) -> tuple[Agent, Agent]:
     """Agent A listening on 10.0.0.1:4433 and B dialling it, both on ``net`` (no UDP).

@@ -18,7 +18,7 @@ from quelay.core import messages as wire
 from quelay.core.transfer import State, Transfer
 from quelay.transport.memory import MemoryNetwork
 
-from .conftest import make_file, sha256_file, start_memory_pair
+from .conftest import attach_reader, make_file, sha256_file, start_memory_pair
 
 DATA = bytes(range(256)) * 2048  # 512 KiB: twice the stream's spool
 
@@ -48,14 +48,7 @@ async def test_transfer_across_a_long_outage_on_mock_time(
                 pipe.end()
 
             async def read() -> None:
-                reader_side, agent_side = trio.testing.memory_stream_pair()
-                while t.id not in a.transfers:
-                    await trio.sleep(0.05)
-                t_in = a.transfers[t.id]
-                t_in.claimed = t_in.attached = True
-                runtime = a.book.runtime(t_in)
-                assert runtime.inp is not None
-                runtime.inp.attach(agent_side)
+                t_in, reader_side = await attach_reader(a, t.id, poll=0.05)
                 got = hashlib.sha256()
                 while chunk := await reader_side.receive_some(65536):
                     got.update(chunk)
@@ -116,12 +109,7 @@ async def test_file_and_stream_survive_five_outages(
         pipe.end()
 
     async def read() -> None:
-        reader_side, agent_side = trio.testing.memory_stream_pair()
-        while s.id not in a.transfers:
-            await trio.sleep(0.01)
-        t_in = a.transfers[s.id]
-        t_in.claimed = t_in.attached = True
-        a.book.runtime(t_in).inp.attach(agent_side)  # type: ignore[union-attr]
+        _, reader_side = await attach_reader(a, s.id)
         while count["n"] < len(payload):
             chunk = await reader_side.receive_some(65536)
             got.update(chunk)

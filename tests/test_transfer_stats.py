@@ -21,7 +21,7 @@ from quelay.core import messages as wire
 from quelay.core.transfer import State, Transfer
 from quelay.transport.memory import MemoryNetwork
 
-from .test_memory_link import start_memory_pair
+from .conftest import attach_reader, start_memory_pair
 
 SIZE = 600_000
 RATE = 2_000_000  # bit/s at the wire
@@ -43,14 +43,7 @@ async def _stream(nursery: trio.Nursery, a: Agent, b: Agent, size: int,
         pipe.end()
 
     async def read() -> None:
-        reader_side, agent_side = trio.testing.memory_stream_pair()
-        while t.id not in a.transfers:
-            await trio.sleep(0.05)
-        t_in = a.transfers[t.id]
-        t_in.claimed = t_in.attached = True
-        runtime = a.book.runtime(t_in)
-        assert runtime.inp is not None
-        runtime.inp.attach(agent_side)
+        _, reader_side = await attach_reader(a, t.id, poll=0.05)
         digest = hashlib.sha256()
         n = 0
         while n < size:

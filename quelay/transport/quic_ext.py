@@ -261,6 +261,12 @@ class RobustStreamSender(QuicStreamSender):
                               or self._buffer_stop - self._buffer_start <= TAIL_SMALL_BYTES)
 
 
+def _unsent(stream: QuicStream) -> int:
+    """Bytes queued on the stream that were never put in a packet."""
+    sender = stream.sender
+    return max(0, int(sender._buffer_stop - sender.highest_offset))
+
+
 def _sid(stream: QuicStream) -> int:
     return cast(int, stream.stream_id)  # None only for aioquic's crypto streams
 
@@ -952,10 +958,8 @@ class QuelayQuicConnection(QuicConnection):
         if not sender.buffer_is_empty:
             return True
         if stream.max_stream_data_local:
-            if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-                return True
-            target = self._consumed.get(_sid(stream), 0) + self._stream_window
-            return target - stream.max_stream_data_local >= self._stream_window // 4
+            return (stream.max_stream_data_local_sent != stream.max_stream_data_local
+                    or self._credit_due(stream) is not None)
         return False
 
     def _write_application(self, builder: Any, network_path: Any, now: float) -> None:
@@ -1179,20 +1183,12 @@ class QuelayQuicConnection(QuicConnection):
         """Bytes queued on our streams (but ``excluded``) never put in a packet; with
         many streams, only the busy ones can have any."""
         streams = self._activity.busy.values() if self._viewing else self._streams.values()
-        total = 0
-        for stream in streams:
-            sender = stream.sender
-            if stream.stream_id not in excluded and sender._buffer_stop > sender.highest_offset:
-                total += sender._buffer_stop - sender.highest_offset
-        return total
+        return sum(_unsent(stream) for stream in streams if stream.stream_id not in excluded)
 
     def stream_unsent(self, stream_id: int) -> int:
         """Bytes queued on one of our streams that were never put in a packet."""
         stream = self._streams.get(stream_id)
-        if stream is None:
-            return 0
-        sender = stream.sender
-        return max(0, int(sender._buffer_stop - sender.highest_offset))
+        return 0 if stream is None else _unsent(stream)
 
     def stream_in_flight(self, stream_id: int) -> int:
         """Bytes of one of our streams put in packets and not yet acknowledged."""
@@ -1234,11 +1230,19 @@ class QuelayQuicConnection(QuicConnection):
                 buf.push_uint_var(limit.value)
                 limit.sent = limit.value
 
+    def _credit_due(self, stream: QuicStream) -> int | None:
+        """The stream's new receive limit if the consumer freed a quarter window or more
+        since the last grant (consumption-driven flow control), else None."""
+        target = self._consumed.get(_sid(stream), 0) + self._stream_window
+        if target - stream.max_stream_data_local >= self._stream_window // 4:
+            return target
+        return None
+
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
         if not stream.max_stream_data_local:
             return  # our own unidirectional streams: nothing to grant
-        target = self._consumed.get(stream.stream_id, 0) + self._stream_window
-        if target - stream.max_stream_data_local >= self._stream_window // 4:
+        target = self._credit_due(stream)
+        if target is not None:
             stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
             buf = builder.start_frame(
