@@ -51,6 +51,7 @@ from .exports import Exports, parse_exports
 from .inbox import Inbox
 from .journal import Journal
 from .metrics import serve_metrics
+from .peerspec import PeerSpec
 from .session import IncomingPolicy, Session, SessionEnded, UntrustedPeer
 
 log = logging.getLogger("quelay.agent")
@@ -103,9 +104,13 @@ class AgentConfig:
     datagram_share: float = 0.25  # of the cap that best-effort datagrams may use
     datagram_max_age: float = 1.0  # seconds a datagram may wait before it is dropped
     resumption: bool = True  # TLS session resumption on reconnects (identities still proven)
+    peers: list[PeerSpec] = field(default_factory=list)  # a hub's named peers (peerspec.py)
+    rate_total: int = 0  # bit/s shared by every link's traffic; 0 = no total cap
 
     def __post_init__(self) -> None:
-        if self.rendezvous is not None:
+        if self.peers:
+            self._check_peers()
+        elif self.rendezvous is not None:
             if self.listen is not None or self.peer is not None:
                 raise ValueError("--rendezvous replaces --listen and --peer: give only one")
             if not self.session or not self.rendezvous_secret_file:
@@ -127,6 +132,15 @@ class AgentConfig:
             if self.rate < floor:
                 raise ValueError(f"rate must be 0 (uncapped) or at least {floor} bit/s "
                                  "(one datagram with its headers per second)")
+        if self.rate_total < 0:
+            raise ValueError("rate_total must be >= 0 bit/s (0 = no total cap)")
+        if self.rate_total:
+            floor = 8 * (self.max_datagram_size + 48 + self.link_overhead)
+            for what, value in [("rate_total", self.rate_total)] + [
+                    (f"the rate of peer {p.name}", p.rate) for p in self.peers if p.rate]:
+                if value is not None and value < floor:
+                    raise ValueError(f"{what} must be 0 or at least {floor} bit/s "
+                                     "(one datagram with its headers per second)")
         if self.max_concurrent < 0:
             raise ValueError("max_concurrent must be >= 0 (0 = no limit)")
         if self.min_free < 0 or self.history_max < 0:
@@ -141,6 +155,26 @@ class AgentConfig:
             raise ValueError("datagram_share must be a fraction of the cap in (0, 1]")
         if not 0 < self.datagram_max_age <= 3600:
             raise ValueError("datagram_max_age must be in (0, 3600] seconds")
+
+
+    def _check_peers(self) -> None:
+        """Named peers (a hub): unique names; whoever has no address dials us."""
+        if self.rendezvous is not None:
+            raise ValueError("--rendezvous meets one peer: it cannot be used with named peers")
+        if self.peer is not None or self.trust:
+            raise ValueError("named peers (--trust NAME=PIN, --peer NAME=HOST:PORT) and an "
+                             "unnamed --trust/--peer cannot be mixed: name every peer")
+        names = [p.name for p in self.peers]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"peer {repeated[0]} is configured twice")
+        waiting = [p.name for p in self.peers if p.address is None]
+        if waiting and self.listen is None:
+            raise ValueError(f"peer {waiting[0]} has no address to dial (--peer NAME=HOST:PORT)"
+                             ", so it must dial us: give --listen HOST:PORT")
+        for spec in self.peers:
+            if not spec.trust:
+                raise ValueError(f"peer {spec.name} has no pin: give --trust {spec.name}=PIN")
 
 
 class StateDirLocked(QuelayError):
