@@ -4,8 +4,8 @@ Every field of :class:`quelay.agent.AgentConfig` is a setting, plus
 ``log_level`` and ``log_format``. The key list is derived from the dataclass,
 so a field added there is settable everywhere without touching this module
 (its kind comes from its type and name: ``int`` fields named ``*_size``,
-``*_window``, ``*_water`` or ``*_bytes`` are sizes, ``rate`` / ``*_rate`` a
-rate, other ints counts; ``float`` fields are durations in seconds, except
+``*_window``, ``*_water`` or ``*_bytes`` are sizes, ``rate``, ``rate_*`` and
+``*_rate`` rates, other ints counts; ``float`` fields are durations in seconds, except
 ``*_share`` ones: a fraction such as ``0.25`` or ``25%``, e.g. ``datagram_share``).
 
 Precedence, lowest first::
@@ -91,6 +91,8 @@ HELP: dict[str, str] = {
     "congestion": "Congestion control: allotted (default), cubic or reno.",
     "progress_interval": "Seconds between progress events.",
     "rate": "Wire rate cap in bits/s, e.g. 2Mbps (0 = uncapped).",
+    "rate_total": "Cap in bits/s shared by every link of a hub, e.g. 10Mbps (0 = none); "
+                  "each link with traffic gets an equal share, never more than its own cap.",
     "datagram_share": "Share of the rate cap best-effort datagrams may use, e.g. 0.25 or 25% "
                       "(bulk keeps the rest).",
     "datagram_max_age": "Seconds a best-effort datagram may wait to be sent before it is "
@@ -173,7 +175,7 @@ def _kind_of(name: str, tp: Any) -> str:
     if tp is bool:
         return "bool"
     if tp is int:
-        if name == "rate" or name.endswith("_rate"):
+        if name == "rate" or name.startswith("rate_") or name.endswith("_rate"):
             return "rate"
         if name.endswith(("_size", "_window", "_water", "_bytes", "_free")):
             return "size"
