@@ -122,8 +122,9 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
 
 
 # listen / peer: exactly one may be set, so the precedence tests above cover them.
+# peers: a list of tables, set by [[peers]] and by NAME=VALUE entries (the test below).
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(AgentConfig)
-                                   if f.name not in ("listen", "peer")])
+                                   if f.name not in ("listen", "peer", "peers")])
 def test_every_agent_field_is_settable_from_file_env_and_flag(
     tmp_path: Path, field: str
 ) -> None:
@@ -159,6 +160,29 @@ def test_every_agent_field_is_settable_from_file_env_and_flag(
     assert getattr(s.agent, field) == expected
     s = load(None, {}, **basics, **{field: raw if isinstance(raw, list) else env_raw})
     assert getattr(s.agent, field) == expected
+
+
+def test_peers_are_settable_from_the_file_env_and_named_flags(tmp_path: Path) -> None:
+    f = write(tmp_path / "q.toml", f"""
+listen = "127.0.0.1:1"
+state_dir = "s"
+[[peers]]
+name = "site-a"
+trust = "{FP_A}"
+address = "10.0.0.1:4433"
+rate = "2Mbps"
+""")
+    (spec,) = load(f).agent.peers
+    assert (spec.name, spec.trust, spec.address, spec.rate) == (
+        "site-a", [FP_A], ("10.0.0.1", 4433), 2_000_000)
+    basics = {"listen": "127.0.0.1:1", "state_dir": str(tmp_path / "s")}
+    env = {"QUELAY_TRUST": f"site-a={FP_A}", "QUELAY_PEER": "site-a=10.0.0.1:4433",
+           "QUELAY_RATE": "site-a=2Mbps"}
+    assert load(None, env, **basics).agent.peers == [spec]
+    flags = {"trust": [f"site-a={FP_A}"], "peer": ["site-a=10.0.0.1:4433"],
+             "rate": ["site-a=2Mbps"]}
+    s = load(None, {}, **basics, **flags)
+    assert s.agent.peers == [spec] and s.sources["peers"] == "--trust, --peer, --rate"
 
 
 def test_run_has_a_flag_for_every_setting() -> None:

@@ -184,17 +184,23 @@ def _run_command(**options: Any) -> None:
 METAVARS = {"path": "PATH", "address": "HOST:PORT", "trust": "PIN", "list": "VALUE",
             "str": "TEXT", "choice": "NAME", "size": "SIZE", "rate": "RATE", "count": "N",
             "seconds": "SECONDS", "bool": "BOOL", "fraction": "FRACTION"}
+# Flags that also take a hub's NAME=VALUE form (repeatable).
+NAMED_METAVARS = {"trust": "[NAME=]PIN", "peer": "[NAME=]HOST:PORT", "rate": "[NAME=]RATE"}
 
 
 def _build_run_command() -> Callable[..., None]:
     """``quelay run`` with one option per setting (derived from AgentConfig)."""
     params = []
     for s in cfgmod.settings().values():
-        annotation: Any = Optional[list[str]] if s.kind in ("trust", "list") else Optional[str]  # noqa: UP045
+        if not s.flags:
+            continue  # peers: set by --trust/--peer/--rate NAME=VALUE
+        repeatable = s.kind in ("trust", "list") or s.key in cfgmod.NAMED_KEYS
+        annotation: Any = Optional[list[str]] if repeatable else Optional[str]  # noqa: UP045
+        metavar = NAMED_METAVARS.get(s.key) or METAVARS.get(s.kind, "VALUE")
         params.append(inspect.Parameter(
             s.key, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
             default=typer.Option(None, *s.flags, help=f"{s.help} (env {s.env})",
-                                 metavar=METAVARS.get(s.kind, "VALUE"), show_default=False)))
+                                 metavar=metavar, show_default=False)))
     params.append(inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],  # noqa: UP045
         default=typer.Option(None, "--config", metavar="FILE", help="TOML file with these "

@@ -21,6 +21,16 @@ Precedence, lowest first::
   alone (e.g. ``QUELAY_PURE_PYTHON``).
 * **Flags**: ``--rate 2Mbps``; a repeated ``--trust`` replaces the file's list.
 
+**Named peers (a hub).** ``trust``, ``peer`` and ``rate`` entries of the form
+``NAME=VALUE`` (``--trust site-a=sha256:...``, ``--peer site-a=host:4433``,
+``--rate site-a=2Mbps``; the same in the file's lists and in ``QUELAY_TRUST``,
+``QUELAY_PEER``, ``QUELAY_RATE``, comma-separated) configure the peer NAME,
+and so do ``[[peers]]`` tables in the file (``name``, ``trust``, ``address``,
+``rate``). They become ``AgentConfig.peers``, in the order first named. A
+higher layer replaces one field of one peer (``--trust site-a=PIN`` replaces
+site-a's pins, not site-b's); within a layer, pins of one peer add up. The
+unnamed ``rate`` is then the cap of every link without its own.
+
 Sizes take units (``1MiB``, ``64KiB``, ``10MB``), rates are bits per second
 (``2Mbps``, ``500kbit/s``, ``0`` = uncapped), durations are seconds
 (``5``, ``2.5s``, ``250ms``, ``1m``). Every problem raises :class:`ConfigError`
@@ -56,7 +66,8 @@ HELP: dict[str, str] = {
     "inbox": "Where incoming files land (default STATE_DIR/inbox).",
     "control": "Control socket path (default STATE_DIR/control.sock).",
     "listen": "Accept the peer on HOST:PORT (UDP).",
-    "peer": "Dial the peer at HOST:PORT (UDP).",
+    "peer": "Dial the peer at HOST:PORT (UDP); NAME=HOST:PORT dials the named peer NAME "
+            "(repeatable).",
     "rendezvous": "Meet the peer through the rendezvous relay at HOST:PORT (instead of "
                   "listen/peer; see docs/rendezvous.md).",
     "session": "Rendezvous session name (the same on both agents).",
@@ -66,7 +77,8 @@ HELP: dict[str, str] = {
     "metrics": "Serve Prometheus metrics on HOST:PORT (TCP, GET /metrics); off by default.",
     "resumption": "Resume the TLS session on reconnects (true, default) or always run a full "
                   "handshake (false); identities are proven either way.",
-    "trust": "Pinned peer: sha256:<hex> or a certificate file (repeatable).",
+    "trust": "Pinned peer: sha256:<hex> or a certificate file (repeatable); NAME=PIN pins "
+             "the named peer NAME of a hub.",
     "inbox_ttl": "Seconds a received file stays in the inbox before it is deleted (0 = keep).",
     "export": "A read-only export the peer may list and fetch: NAME=DIR or DIR (repeatable).",
     "name": "A label for this agent (logs, status).",
@@ -90,7 +102,10 @@ HELP: dict[str, str] = {
     "reconnect_interval": "Seconds between reconnect attempts.",
     "congestion": "Congestion control: allotted (default), cubic or reno.",
     "progress_interval": "Seconds between progress events.",
-    "rate": "Wire rate cap in bits/s, e.g. 2Mbps (0 = uncapped).",
+    "rate": "Wire rate cap in bits/s, e.g. 2Mbps (0 = uncapped); NAME=RATE caps the named "
+            "peer's link (repeatable); with named peers the unnamed rate caps each other link.",
+    "peers": "Named peers of a hub: [[peers]] tables in the file (name, trust, address, rate), "
+             "or --trust/--peer/--rate NAME=VALUE.",
     "rate_total": "Cap in bits/s shared by every link of a hub, e.g. 10Mbps (0 = none); "
                   "each link with traffic gets an equal share, never more than its own cap.",
     "datagram_share": "Share of the rate cap best-effort datagrams may use, e.g. 0.25 or 25% "
@@ -144,10 +159,14 @@ class Setting:
 
     @property
     def env(self) -> str:
-        return ENV_PREFIX + self.key.upper()
+        """``QUELAY_<KEY>``; "" for ``peers`` (named entries of QUELAY_TRUST etc. set it)."""
+        return "" if self.kind == "peers" else ENV_PREFIX + self.key.upper()
 
     @property
     def flags(self) -> tuple[str, ...]:
+        """``--key``; none for ``peers``, set by the NAME=VALUE forms of other flags."""
+        if self.kind == "peers":
+            return ()
         names = (self.key, *ALIASES.get(self.key, ()))
         return tuple("--" + n.replace("_", "-") for n in names)
 
@@ -166,6 +185,8 @@ def _congestion_choices() -> tuple[str, ...]:
 
 
 def _kind_of(name: str, tp: Any) -> str:
+    if name == "peers":
+        return "peers"
     if name == "trust":
         return "trust"
     if name == "congestion":
@@ -390,7 +411,151 @@ def parse_value(s: Setting, value: Any, base: Path | None = None) -> Any:
         return share
     if kind == "bool":
         return _parse_bool(value)
+    if kind == "peers":
+        return [_spec(name, fields) for name, fields in _peer_tables(value, base, "").items()]
     return value  # "raw": an AgentConfig field of a type this module does not know
+
+
+# -- named peers (a hub) --------------------------------------------------------------
+
+#: Flat keys whose entries may name a peer (``NAME=VALUE``) -> the PeerSpec field they set.
+NAMED_KEYS = {"trust": "trust", "peer": "address", "rate": "rate"}
+PEER_TABLE_KEYS = ("name", "trust", "address", "rate")
+
+
+def _entries(key: str, value: Any, layer: str) -> list[Any]:
+    """A flat key's value as its entries: a list as it is, an env string split."""
+    if isinstance(value, list | tuple):
+        return list(value)
+    if isinstance(value, str) and (layer == "env" or key == "trust"):
+        # Rates may hold a space ("2 Mbps"): only commas separate them.
+        pattern = r"\s*,\s*" if key == "rate" else r"[\s,]+"
+        return [part.strip() for part in re.split(pattern, value) if part.strip()]
+    return [value]
+
+
+def _named_value(field_: str, name: str, value: Any, base: Path | None) -> Any:
+    """One named peer's field, parsed (ValueError / QuelayError as for flat keys)."""
+    if field_ == "trust":
+        return _parse_trust(value, base)
+    if field_ == "address":
+        return parse_address(value)
+    return parse_value(settings()["rate"], value)
+
+
+def _add(fields: dict[str, tuple[Any, str]], field_: str, value: Any, where: str,
+         name: str, key: str) -> None:
+    """Record one field of one peer within a layer: pins add up, the rest once."""
+    if field_ == "trust" and field_ in fields:
+        fields[field_] = (fields[field_][0] + value, where)
+    elif field_ in fields:
+        raise ConfigError(key, f"peer {name}: {field_} given twice", where)
+    else:
+        fields[field_] = (value, where)
+
+
+def _named_in_layer(layer: str, raw: dict[str, Any],
+                    base: Path | None) -> dict[str, dict[str, tuple[Any, str]]]:
+    """Take the named-peer entries out of one layer's values (``raw`` keeps the rest)."""
+    from ..agent.peerspec import split_named  # the agent package is imported lazily
+
+    table = settings()
+    out: dict[str, dict[str, tuple[Any, str]]] = {}
+    if "peers" in raw:
+        out = _peer_tables(raw.pop("peers"), base, layer)
+    for key, field_ in NAMED_KEYS.items():
+        if key not in raw:
+            continue
+        s = table[key]
+        where = s.env if layer == "env" else "/".join(s.flags) if layer == "flags" else layer
+        unnamed = []
+        for entry in _entries(key, raw[key], layer):
+            name, value = split_named(entry) if isinstance(entry, str) else (None, entry)
+            if name is None:
+                unnamed.append(entry)
+                continue
+            try:
+                parsed = _named_value(field_, name, value, base)
+            except (ValueError, UnitError, QuelayError) as exc:
+                shown = "" if key == "trust" else f"{_show(value)}: "
+                raise ConfigError(key, f"peer {name}: {shown}{exc}", where) from exc
+            _add(out.setdefault(name, {}), field_, parsed, where, name, key)
+        if not unnamed:
+            del raw[key]  # only named entries: the unnamed value of a lower layer stays
+        elif key == "trust":
+            raw[key] = unnamed
+        elif len(unnamed) > 1:
+            raise ConfigError(key, f"{len(unnamed)} unnamed values: give one, or name each "
+                              f"peer ({key} NAME=VALUE)", where)
+        else:
+            raw[key] = unnamed[0]
+    return out
+
+
+def _peer_tables(value: Any, base: Path | None,
+                 where: str) -> dict[str, dict[str, tuple[Any, str]]]:
+    """``[[peers]]`` tables -> {name: {field: (value, where)}}; errors name the entry."""
+    from ..agent.peerspec import peer_name_problem
+
+    if not isinstance(value, list):
+        raise ConfigError("peers", "expected [[peers]] tables (name, trust, address, rate)",
+                          where or None)
+    out: dict[str, dict[str, tuple[Any, str]]] = {}
+    for number, entry in enumerate(value, 1):
+        label = f"[[peers]] entry {number}"
+        if not isinstance(entry, dict):
+            raise ConfigError("peers", f"{label}: expected a table (name, trust, address, "
+                              f"rate), got {_show(entry)}", where or None)
+        for key in entry:
+            if key not in PEER_TABLE_KEYS:
+                close = difflib.get_close_matches(str(key), PEER_TABLE_KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError("peers", f"{label}: unknown key {key!r}{hint}", where or None)
+        name = entry.get("name")
+        problem = peer_name_problem(name)
+        if problem is not None:
+            raise ConfigError("peers", f"{label}: name {problem}", where or None)
+        assert isinstance(name, str)
+        if name in out:
+            raise ConfigError("peers", f"peer {name} has two [[peers]] tables", where or None)
+        fields: dict[str, tuple[Any, str]] = {}
+        for key, field_ in (("trust", "trust"), ("address", "address"), ("rate", "rate")):
+            if key not in entry:
+                continue
+            try:
+                raw = _split_list(entry[key]) if key == "trust" else entry[key]
+                fields[field_] = (_named_value(field_, name, raw, base), where)
+            except (ValueError, UnitError, QuelayError) as exc:
+                shown = "" if key == "trust" else f"{_show(entry[key])}: "
+                raise ConfigError("peers", f"peer {name}: {key}: {shown}{exc}",
+                                  where or None) from exc
+        out[name] = fields
+    return out
+
+
+def _spec(name: str, fields: dict[str, tuple[Any, str]]) -> Any:
+    """The PeerSpec for one named peer's merged fields."""
+    from ..agent.peerspec import PeerSpec
+
+    if set(fields) == {"rate"}:  # only a rate names it: a typo, or a single-peer agent
+        raise ConfigError("rate", f"no peer named {name!r} is configured: name it with "
+                          f"--trust {name}=PIN or a [[peers]] table", fields["rate"][1])
+    try:
+        return PeerSpec(name, trust=list(fields.get("trust", ([], ""))[0]),
+                        address=fields.get("address", (None, ""))[0],
+                        rate=fields.get("rate", (None, ""))[0])
+    except ValueError as exc:
+        raise ConfigError("peers", str(exc)) from exc
+
+
+def _plain_peer(spec: Any) -> dict[str, Any]:
+    """A PeerSpec as a ``[[peers]]`` table holds it (no address / rate: key left out)."""
+    out: dict[str, Any] = {"name": spec.name, "trust": [str(t) for t in spec.trust]}
+    if spec.address is not None:
+        out["address"] = format_address(spec.address)
+    if spec.rate is not None:
+        out["rate"] = spec.rate
+    return out
 
 
 # -- layers ---------------------------------------------------------------------------
@@ -405,6 +570,7 @@ class Settings:
     file: Path | None = None
     agent: Any = None  # quelay.agent.AgentConfig once resolved
     warnings: list[str] = field(default_factory=list)
+    peer_sources: dict[str, str] = field(default_factory=dict)  # named peer -> its layers
 
     @property
     def log_level(self) -> str:
@@ -433,7 +599,9 @@ def read_file(path: Path) -> dict[str, Any]:
         if key is None:
             raise ConfigError(name, f"unknown key{_did_you_mean(name)}", str(path))
         if isinstance(value, dict):
-            raise ConfigError(key, "tables are not settings; keys go at the top level",
+            hint = ("; a peer is an array entry: [[peers]] (two brackets), one per peer"
+                    if key == "peers" else "")
+            raise ConfigError(key, f"tables are not settings; keys go at the top level{hint}",
                               str(path))
         if key in out:
             raise ConfigError(key, "given twice (under two spellings)", str(path))
@@ -445,7 +613,7 @@ def read_env(env: Mapping[str, str]) -> dict[str, str]:
     """``QUELAY_<KEY>`` values for known keys; other QUELAY_* variables are ignored."""
     out = {}
     for s in settings().values():
-        if s.env in env and env[s.env] != "":
+        if s.env and s.env in env and env[s.env] != "":
             out[s.key] = env[s.env]
     return out
 
@@ -482,7 +650,13 @@ def load(
     table = settings()
     values = {k: s.default for k, s in table.items()}
     sources = dict.fromkeys(table, "default")
-    for layer, raw, base in layers:
+    named: dict[str, dict[str, tuple[Any, str]]] = {}  # peer -> field -> (value, where)
+    rank: dict[str, int] = {}  # where -> its layer (to list a peer's sources in order)
+    for number, (layer, raw, base) in enumerate(layers):
+        raw = dict(raw)
+        for name, fields in _named_in_layer(layer, raw, base).items():
+            named.setdefault(name, {}).update(fields)  # a higher layer replaces a field
+            rank.update({where: number for _, where in fields.values()})
         for key, value in raw.items():
             s = table[key]
             if layer == "env":
@@ -498,12 +672,19 @@ def load(
                 shown = "" if s.kind == "trust" else f"{_show(value)}: "
                 raise ConfigError(key, f"{shown}{exc}", where) from exc
             sources[key] = where
+    if named:
+        values["peers"] = [_spec(name, fields) for name, fields in named.items()]
+        wheres = [where for fields in named.values() for _, where in fields.values()]
+        sources["peers"] = ", ".join(dict.fromkeys(wheres))
     result = Settings(values, sources, file)
+    result.peer_sources = {
+        name: ", ".join(sorted(dict.fromkeys(w for _, w in fields.values()), key=lambda w: rank[w]))
+        for name, fields in named.items()}
     _derive(result)
     result.agent = _agent_config(result)
     if check_paths:
         check_paths_usable(result)
-    if not values.get("trust"):
+    if not values.get("trust") and not values.get("peers"):
         result.warnings.append("no trust given; every peer will be refused")
     return result
 
@@ -532,7 +713,7 @@ def _agent_config(result: Settings) -> Any:
 
     values = result.values
     if values.get("listen") is None and values.get("peer") is None \
-            and values.get("rendezvous") is None:
+            and values.get("rendezvous") is None and not values.get("peers"):
         raise ConfigError("listen/peer", "give one of listen = \"HOST:PORT\" (accept the peer) "
                                          "or peer = \"HOST:PORT\" (dial it) "
                                          "or rendezvous = \"HOST:PORT\" (meet at a relay)")
@@ -599,6 +780,8 @@ def plain_value(s: Setting, value: Any) -> Any:
         return str(value)
     if s.kind == "address":
         return format_address(value)
+    if s.kind == "peers":
+        return [_plain_peer(spec) for spec in value]
     if isinstance(value, list | tuple):
         return [str(v) for v in value]
     return value
@@ -627,9 +810,13 @@ def to_toml(result: Settings) -> str:
     """The effective settings as a TOML file that loads back to the same values."""
     table = settings()
     lines = []
+    tables: list[str] = []  # [[peers]] go last: a key after a table header belongs to it
     for key, value in result.values.items():
         s = table[key]
         note = result.sources[key]
+        if s.kind == "peers":
+            tables.extend(_peer_blocks(value, result.peer_sources))
+            continue
         if s.kind == "size" and value is not None:
             note = f"{format_size(value)}, {note}"
         elif s.kind == "rate" and value is not None:
@@ -639,4 +826,17 @@ def to_toml(result: Settings) -> str:
             lines.append(f"# {key} is not set")
         else:
             lines.append(f"{key} = {_toml_value(plain)}  # {note}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + tables) + "\n"
+
+
+def _peer_blocks(peers: list[Any], sources: dict[str, str]) -> list[str]:
+    """Named peers as ``[[peers]]`` tables (a comment when there are none)."""
+    if not peers:
+        return ["# peers: none (one unnamed peer: trust, listen/peer)"]
+    lines = []
+    for spec in peers:
+        lines += ["", f"[[peers]]  # {sources.get(spec.name, 'default')}"]
+        for key, value in _plain_peer(spec).items():
+            rate = f"  # {format_rate(value)}" if key == "rate" else ""
+            lines.append(f"{key} = {_toml_value(value)}{rate}")
+    return lines
