@@ -27,6 +27,13 @@ Trio::
         await client.set_rate("2Mbps")                # wire cap; 0 = uncapped
         await client.cancel(info["id"])
 
+        # A hub (several named peers): say which peer with ``peer=``.
+        await client.send_file("/data/plan.bin", peer="site-a")
+        incoming = await client.accept_incoming(name="telemetry", peer="site-b")
+        await client.set_rate("2Mbps", peer="site-a")  # that link's cap
+        await client.set_rate("10Mbps", total=True)    # shared by every link
+        print(await client.rates())                    # caps and effective shares
+
         await client.datagram_send("position", b"...", max_age=0.5)  # best effort, never waits
         for msg in await client.datagram_recv("position", count=1):  # at the other agent
             print(msg["data"], msg["received_at"] - msg["sent_at"])
@@ -45,6 +52,14 @@ Blocking (one Trio loop per call, or one background loop inside ``with``)::
 
 Stream bytes never ride in control messages: ``open_stream`` and
 ``accept_incoming`` attach a second connection that carries raw bytes.
+
+**Peers.** Every operation that involves the peer takes ``peer=NAME``: the
+peer's name on a hub (``quelay run --trust NAME=PIN``, or ``[[peers]]``); it
+travels as the protocol's ``to`` (send_file, open_stream, fetch, ls_remote,
+datagram_send), ``from`` (accept_incoming, datagram_recv) or ``peer`` (ls,
+set_rate). With one peer it may be left out; with several, an operation that
+needs one answers ``ClientError`` code ``peer_required``, and an unknown name
+``unknown_peer``.
 
 Errors say whose fault they are: :class:`AgentUnavailable` (no agent answers:
 start it, or check ``--control``), :class:`ClientError` (the agent refused a
@@ -353,20 +368,24 @@ class Client:
     async def status(self) -> dict[str, Any]:
         return await self.request("status")  # type: ignore[no-any-return]
 
-    async def ls(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """Transfers, newest first: all of them (page by page), or the newest ``limit``."""
+    async def ls(self, limit: int | None = None, *, peer: str | None = None
+                 ) -> list[dict[str, Any]]:
+        """Transfers, newest first: all of them (page by page), or the newest ``limit``;
+        with ``peer``, only that peer's."""
         out: list[dict[str, Any]] = []
         cursor: int | None = 0
         while cursor is not None and (limit is None or len(out) < limit):
             want = 500 if limit is None else min(500, limit - len(out))
-            page = await self.ls_page(cursor, want)
+            page = await self.ls_page(cursor, want, peer=peer)
             out.extend(page["transfers"])
             cursor = page["next"]
         return out
 
-    async def ls_page(self, cursor: int = 0, limit: int = 100) -> dict[str, Any]:
+    async def ls_page(self, cursor: int = 0, limit: int = 100, *,
+                      peer: str | None = None) -> dict[str, Any]:
         """One page: ``{"transfers": [...], "total": N, "next": cursor or None}``."""
-        return await self.request("ls", cursor=cursor, limit=limit)  # type: ignore[no-any-return]
+        return await self.request(  # type: ignore[no-any-return]
+            "ls", cursor=cursor, limit=limit, peer=peer)
 
     async def get(self, transfer_id: str) -> dict[str, Any]:
         return await self.request("get", id=transfer_id)  # type: ignore[no-any-return]
@@ -374,33 +393,56 @@ class Client:
     async def identity(self) -> str:
         return (await self.request("identity"))["fingerprint"]  # type: ignore[no-any-return]
 
-    async def get_rate(self) -> int:
-        """The wire cap in bits/s (0 = uncapped)."""
-        return int((await self.request("get_rate"))["rate"])
+    async def rates(self) -> dict[str, Any]:
+        """Every cap: ``{"rate", "rate_total", "peers": {NAME: {"rate", "effective"}}}``.
 
-    async def set_rate(self, rate: int | str) -> int:
-        """Set the wire cap: bits/s or text like ``"2Mbps"`` (0 = uncapped); returns it."""
+        ``rate`` is the sole link's cap (with several links: ``rate_total``);
+        ``effective`` is what a link may use now, its share under the total cap.
+        An agent without named peers answers ``{"rate"}`` only if it predates hubs.
+        """
+        return await self.request("get_rate")  # type: ignore[no-any-return]
+
+    async def get_rate(self, peer: str | None = None) -> int:
+        """A cap in bits/s (0 = uncapped): the sole link's, or with ``peer`` that link's.
+
+        With several links and no ``peer`` it is the total cap (``rates()`` has all).
+        """
+        return _pick_rate(await self.rates(), peer, total=False)
+
+    async def set_rate(self, rate: int | str, peer: str | None = None, *,
+                       total: bool = False) -> int:
+        """Set a cap: bits/s or text like ``"2Mbps"`` (0 = uncapped); returns it.
+
+        Without ``peer`` or ``total``: the sole link's cap (several links:
+        ``peer_required``); ``peer``: that link's cap; ``total``: the cap shared by
+        every link (``rate_total``, 0 = none).
+        """
+        if peer is not None and total:
+            raise ClientUsageError("set_rate: give peer or total, not both")
         bps = parse_rate(rate)  # refuse "10" or "2MB/s" here, with the same message
-        return int((await self.request("set_rate", rate=bps))["rate"])
+        result = await self.request("set_rate", rate=bps, peer=peer, total=total or None)
+        return _pick_rate(result, peer, total=total)
 
     async def send_file(self, path: str | Path, *, priority: int | None = None,
                         name: str | None = None, attrs: dict[str, str] | None = None,
-                        ttl: int | str | None = None) -> dict[str, Any]:
+                        ttl: int | str | None = None, peer: str | None = None
+                        ) -> dict[str, Any]:
         """Hand a file to the agent (it reads the file itself); returns its info.
 
         ``ttl`` (seconds or ``"2h"``): the receiver deletes its copy that long after
-        it arrived.
+        it arrived. ``peer``: to which peer, on a hub.
         """
         return await self.request(  # type: ignore[no-any-return]
             "send_file", path=str(Path(path).resolve()), priority=priority, name=name,
-            attrs=attrs, ttl=ttl)
+            attrs=attrs, ttl=ttl, to=peer)
 
     async def open_stream(self, *, name: str | None = None, priority: int | None = None,
-                          attrs: dict[str, str] | None = None, spool: int | None = None
-                          ) -> OutgoingStream:
-        """Start an outbound stream; returns its writer (attached on a second connection)."""
+                          attrs: dict[str, str] | None = None, spool: int | None = None,
+                          peer: str | None = None) -> OutgoingStream:
+        """Start an outbound stream (to ``peer`` on a hub); returns its writer (attached
+        on a second connection)."""
         info = await self.request("open_stream", name=name, priority=priority, attrs=attrs,
-                                  spool=spool)
+                                  spool=spool, to=peer)
         try:
             stream, info, _ = await _attach(self.path, info["id"], "write")
         except BaseException:
@@ -413,17 +455,31 @@ class Client:
             raise
         return OutgoingStream(stream, info, self)
 
-    async def accept_incoming(self, *, name: str | None = None, transfer_id: str | None = None
-                              ) -> IncomingStream:
-        """Wait for the next unclaimed incoming stream (matching), and attach to read it."""
-        info = await self.request("accept_incoming", name=name, id=transfer_id)
+    async def accept_incoming(self, *, name: str | None = None, transfer_id: str | None = None,
+                              peer: str | None = None) -> IncomingStream:
+        """Wait for the next unclaimed incoming stream (matching ``name``, from ``peer`` on
+        a hub), and attach to read it."""
+        info = await self.request("accept_incoming", name=name, id=transfer_id,
+                                  **{"from": peer})
         stream, info, first = await _attach(self.path, info["id"], "read")
         return IncomingStream(stream, info, first, self)
 
-    async def incoming(self, *, name: str | None = None) -> AsyncIterator[IncomingStream]:
-        """Every incoming stream (matching ``name``), one after the other, forever."""
+    async def incoming(self, *, name: str | None = None, peer: str | None = None
+                       ) -> AsyncIterator[IncomingStream]:
+        """Every incoming stream (matching ``name`` and ``peer``), one after the other."""
         while True:
-            yield await self.accept_incoming(name=name)
+            yield await self.accept_incoming(name=name, peer=peer)
+
+    async def fetch(self, name: str, *, export: str = "", priority: int | None = None,
+                    peer: str | None = None) -> dict[str, Any]:
+        """Ask ``peer`` for a file of its export; returns the incoming transfer's info
+        (it lands in the inbox like any incoming file)."""
+        return await self.request(  # type: ignore[no-any-return]
+            "fetch", name=name, export=export, priority=priority, to=peer)
+
+    async def ls_remote(self, *, peer: str | None = None) -> list[dict[str, Any]]:
+        """The files ``peer`` exports: ``[{"export", "name", "size", "mtime"}, ...]``."""
+        return (await self.request("ls_remote", to=peer))["files"]  # type: ignore[no-any-return]
 
     async def wait(self, transfer_id: str) -> dict[str, Any]:
         """Block until the transfer is terminal; its final info."""
@@ -436,7 +492,7 @@ class Client:
 
     async def datagram_send(self, name: str, data: bytes | str, *,
                             max_age: float | str | None = None,
-                            check: bool = True) -> dict[str, Any]:
+                            check: bool = True, peer: str | None = None) -> dict[str, Any]:
         """Queue one best-effort datagram for the peer (a str is sent as UTF-8); never
         waits for the link. It goes ahead of bulk data, is dropped if it cannot leave
         within ``max_age`` (seconds or ``"250ms"``; default the agent's
@@ -444,7 +500,7 @@ class Client:
 
         Returns ``{"accepted", "reason", "message", "sent_at", "max_payload"}``; with
         ``check`` a refusal raises :class:`ClientError` whose code is the reason
-        (``too_big``, ``link_down``, ``queue_full``).
+        (``too_big``, ``link_down``, ``queue_full``). ``peer``: to which peer, on a hub.
         """
         payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
         result: dict[str, Any]
@@ -454,25 +510,29 @@ class Client:
                       "big: no path carries a datagram that large"}
         else:
             result = await self.request("datagram_send", name=name, data=payload,
-                                        max_age=max_age)
+                                        max_age=max_age, to=peer)
         if check and not result["accepted"]:
             raise ClientError(result["reason"], result["message"])
         return result
 
     async def datagram_recv(self, name: str, *, count: int = 1,
-                            timeout: float | str | None = None) -> list[dict[str, Any]]:
+                            timeout: float | str | None = None,
+                            peer: str | None = None) -> list[dict[str, Any]]:
         """Up to ``count`` (1..256) datagrams named ``name``, oldest first, as soon as one
         is here; ``[]`` if none came within ``timeout`` (seconds or ``"2s"``; None: wait
         for ever). Each is ``{"name", "data": bytes, "sent_at", "received_at"}``: Unix
         times of the sending agent accepting it (its clock) and of this agent receiving
-        it (ours), so ``received_at - sent_at`` is the one-way delay plus clock offset."""
-        result = await self.request("datagram_recv", name=name, count=count, timeout=timeout)
+        it (ours), so ``received_at - sent_at`` is the one-way delay plus clock offset.
+        ``peer``: only those from that peer, on a hub."""
+        result = await self.request("datagram_recv", name=name, count=count, timeout=timeout,
+                                    **{"from": peer})
         return result["messages"]  # type: ignore[no-any-return]
 
-    async def datagrams(self, name: str) -> AsyncIterator[dict[str, Any]]:
-        """Every datagram named ``name`` as it arrives, forever."""
+    async def datagrams(self, name: str, *, peer: str | None = None
+                        ) -> AsyncIterator[dict[str, Any]]:
+        """Every datagram named ``name`` (from ``peer``, on a hub) as it arrives, forever."""
         while True:
-            for msg in await self.datagram_recv(name, count=256):
+            for msg in await self.datagram_recv(name, count=256, peer=peer):
                 yield msg
 
     async def subscribe(self) -> None:
@@ -523,6 +583,19 @@ class Client:
             if on_update is not None:
                 nursery.start_soon(poller)
         return final
+
+
+def _pick_rate(result: dict[str, Any], peer: str | None, *, total: bool) -> int:
+    """One cap out of a ``get_rate`` / ``set_rate`` answer (docs/control-protocol.md)."""
+    if total:
+        return int(result.get("rate_total", 0))
+    if peer is None:
+        return int(result["rate"])
+    peers = result.get("peers") or {}
+    if peer not in peers:
+        raise ClientError("unknown_peer", f"no peer named {peer!r} "
+                          f"(peers: {', '.join(sorted(peers)) or 'none'})")
+    return int(peers[peer]["rate"])
 
 
 @asynccontextmanager
@@ -714,8 +787,9 @@ class BlockingClient:
     def status(self) -> dict[str, Any]:
         return self._call(lambda c: c.status())
 
-    def ls(self, limit: int | None = None) -> list[dict[str, Any]]:
-        return self._call(lambda c: c.ls(limit))
+    def ls(self, limit: int | None = None, *, peer: str | None = None
+           ) -> list[dict[str, Any]]:
+        return self._call(lambda c: c.ls(limit, peer=peer))
 
     def request(self, op: str, **args: Any) -> Any:
         """Any control operation by name (see docs/control-protocol.md)."""
@@ -727,20 +801,37 @@ class BlockingClient:
     def identity(self) -> str:
         return self._call(lambda c: c.identity())
 
-    def get_rate(self) -> int:
-        return self._call(lambda c: c.get_rate())
+    def rates(self) -> dict[str, Any]:
+        """See :meth:`Client.rates`."""
+        return self._call(lambda c: c.rates())
 
-    def set_rate(self, rate: int | str) -> int:
-        return self._call(lambda c: c.set_rate(rate))
+    def get_rate(self, peer: str | None = None) -> int:
+        """See :meth:`Client.get_rate`."""
+        return self._call(lambda c: c.get_rate(peer))
+
+    def set_rate(self, rate: int | str, peer: str | None = None, *, total: bool = False) -> int:
+        """See :meth:`Client.set_rate`."""
+        return self._call(lambda c: c.set_rate(rate, peer, total=total))
 
     def send_file(self, path: str | Path, *, priority: int | None = None,
                   name: str | None = None, attrs: dict[str, str] | None = None,
-                  wait: bool = False) -> dict[str, Any]:
+                  wait: bool = False, ttl: int | str | None = None,
+                  peer: str | None = None) -> dict[str, Any]:
         async def go(c: Client) -> dict[str, Any]:
-            info = await c.send_file(path, priority=priority, name=name, attrs=attrs)
+            info = await c.send_file(path, priority=priority, name=name, attrs=attrs, ttl=ttl,
+                                     peer=peer)
             return await c.wait(info["id"]) if wait else info
 
         return self._call(go)
+
+    def fetch(self, name: str, *, export: str = "", priority: int | None = None,
+              peer: str | None = None) -> dict[str, Any]:
+        """See :meth:`Client.fetch`."""
+        return self._call(lambda c: c.fetch(name, export=export, priority=priority, peer=peer))
+
+    def ls_remote(self, *, peer: str | None = None) -> list[dict[str, Any]]:
+        """See :meth:`Client.ls_remote`."""
+        return self._call(lambda c: c.ls_remote(peer=peer))
 
     def cancel(self, transfer_id: str) -> dict[str, Any]:
         return self._call(lambda c: c.cancel(transfer_id))
@@ -749,32 +840,36 @@ class BlockingClient:
         return self._call(lambda c: c.wait(transfer_id))
 
     def datagram_send(self, name: str, data: bytes | str, *, max_age: float | str | None = None,
-                      check: bool = True) -> dict[str, Any]:
+                      check: bool = True, peer: str | None = None) -> dict[str, Any]:
         """See :meth:`Client.datagram_send`."""
-        return self._call(lambda c: c.datagram_send(name, data, max_age=max_age, check=check))
+        return self._call(lambda c: c.datagram_send(name, data, max_age=max_age, check=check,
+                                                    peer=peer))
 
     def datagram_recv(self, name: str, *, count: int = 1,
-                      timeout: float | str | None = None) -> list[dict[str, Any]]:
+                      timeout: float | str | None = None,
+                      peer: str | None = None) -> list[dict[str, Any]]:
         """See :meth:`Client.datagram_recv`."""
-        return self._call(lambda c: c.datagram_recv(name, count=count, timeout=timeout))
+        return self._call(lambda c: c.datagram_recv(name, count=count, timeout=timeout,
+                                                    peer=peer))
 
     def open_stream(self, *, name: str | None = None, priority: int | None = None,
-                    attrs: dict[str, str] | None = None, spool: int | None = None
-                    ) -> BlockingOutgoingStream:
+                    attrs: dict[str, str] | None = None, spool: int | None = None,
+                    peer: str | None = None) -> BlockingOutgoingStream:
         portal = self._need_portal("open_stream")
         assert portal.client is not None
         client = portal.client
         out = portal.run(lambda: client.open_stream(name=name, priority=priority,
-                                                    attrs=attrs, spool=spool))
+                                                    attrs=attrs, spool=spool, peer=peer))
         return BlockingOutgoingStream(portal, out)
 
-    def accept_incoming(self, *, name: str | None = None, transfer_id: str | None = None
-                        ) -> BlockingIncomingStream:
+    def accept_incoming(self, *, name: str | None = None, transfer_id: str | None = None,
+                        peer: str | None = None) -> BlockingIncomingStream:
         portal = self._need_portal("accept_incoming")
         assert portal.client is not None
         client = portal.client
         incoming = portal.run(lambda: client.accept_incoming(name=name,
-                                                             transfer_id=transfer_id))
+                                                             transfer_id=transfer_id,
+                                                             peer=peer))
         return BlockingIncomingStream(portal, incoming)
 
     def subscribe(self) -> None:

@@ -21,9 +21,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NamedTuple, Optional
 
 import trio
 import typer
@@ -33,7 +33,7 @@ from ..units import UnitError, format_rate, format_size, parse_rate, parse_size
 from . import config as cfgmod
 from .config import ConfigError, default_state_dir
 from .logs import setup_logging
-from .watch import ProgressPrinter, run_watch
+from .watch import ProgressPrinter, named_peers, run_watch
 
 log = logging.getLogger("quelay.cli")
 
@@ -57,6 +57,12 @@ ControlOpt = Annotated[
     Path, typer.Option("--control", help="Agent control socket.", envvar="QUELAY_CONTROL")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
+ToOpt = Annotated[str | None, typer.Option(
+    "--to", metavar="NAME", help="The peer to send to, by name (a hub; not needed with one "
+    "peer).")]
+FromOpt = Annotated[str | None, typer.Option(
+    "--from", metavar="NAME", help="Only from this peer, by name (a hub; not needed with one "
+    "peer).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 
 
@@ -420,6 +426,7 @@ def send(
     ttl: Annotated[str | None, typer.Option(
         help="Time to live at the receiver (e.g. 3600, 90m, 2h, 7d): deleted from its inbox "
              "that long after it arrived.")] = None,
+    to: ToOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -427,7 +434,8 @@ def send(
     attrs = _parse_attrs(attr)
 
     async def go(client: Client) -> dict[str, Any]:
-        info = await client.send_file(file, priority=priority, name=name, attrs=attrs, ttl=ttl)
+        info = await client.send_file(file, priority=priority, name=name, attrs=attrs, ttl=ttl,
+                                      peer=to)
         if not wait:
             return info
         if not as_json:
@@ -448,6 +456,9 @@ def fetch(
     name: Annotated[str, typer.Argument(help="A file in the peer's export (see ls --remote); "
                                         "EXPORT/PATH when the peer offers several.")],
     control: ControlOpt = DEFAULT_CONTROL,
+    from_peer: Annotated[str | None, typer.Option(
+        "--from", metavar="PEER", help="The peer to fetch from, by name (a hub; not needed "
+        "with one peer).")] = None,
     export: Annotated[str, typer.Option(help="The peer's export to fetch from.")] = "",
     priority: Annotated[int, typer.Option(min=0, max=15)] = 4,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it arrived, verified.")] = False,
@@ -465,9 +476,9 @@ def fetch(
             raise typer.BadParameter(f"{output} exists; quelay never overwrites")
 
     async def go(client: Client) -> dict[str, Any]:
-        info = await client.request("fetch", name=name, export=export, priority=priority)
+        info = await client.fetch(name, export=export, priority=priority, peer=from_peer)
         if not wait:
-            return info  # type: ignore[no-any-return]
+            return info
         if not as_json:
             typer.echo(info["id"])
         return await follow(client, info["id"], show=not (as_json or quiet))
@@ -512,6 +523,7 @@ def stream(
     name: Annotated[str | None, typer.Option(help="Stream name at the far side.")] = None,
     priority: Annotated[int, typer.Option(min=0, max=15)] = 4,
     attr: AttrOpt = None,
+    to: ToOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -525,7 +537,8 @@ def stream(
 
     async def go(client: Client) -> dict[str, Any]:
         printer = ProgressPrinter(sys.stderr) if show else None
-        async with await client.open_stream(name=name, priority=priority, attrs=attrs) as out:
+        async with await client.open_stream(name=name, priority=priority, attrs=attrs,
+                                            peer=to) as out:
             if not as_json and not quiet:
                 typer.echo(f"stream {out.id}", err=True)
             async with trio.open_nursery() as nursery:
@@ -558,13 +571,15 @@ def recv(
     control: ControlOpt = DEFAULT_CONTROL,
     name: Annotated[str | None, typer.Option(help="Only a stream with this name.")] = None,
     transfer_id: Annotated[str | None, typer.Option("--id", help="Only this transfer.")] = None,
+    from_peer: FromOpt = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the final transfer info as JSON on standard error.")] = False,
 ) -> None:
     """Write the next matching incoming stream to standard output."""
 
     async def go(client: Client) -> dict[str, Any]:
-        incoming = await client.accept_incoming(name=name, transfer_id=transfer_id)
+        incoming = await client.accept_incoming(name=name, transfer_id=transfer_id,
+                                                peer=from_peer)
         async with incoming, trio.lowlevel.FdStream(os.dup(sys.stdout.fileno())) as stdout:
             try:
                 async for chunk in incoming:
@@ -603,6 +618,7 @@ def datagram_send(
     max_age: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--max-age", help="Drop a message that cannot leave within this long (e.g. 500ms; "
                           "default: the agent's datagram_max_age).")] = None,
+    to: ToOpt = None,
     control: ControlOpt = DEFAULT_CONTROL,
     as_json: JsonOpt = False,
 ) -> None:
@@ -620,7 +636,8 @@ def datagram_send(
 
         async def one(data: bytes) -> None:
             nonlocal refused
-            result = await client.datagram_send(name, data, max_age=max_age, check=False)
+            result = await client.datagram_send(name, data, max_age=max_age, check=False,
+                                                peer=to)
             if as_json:
                 _json_out(result)
             if not result["accepted"]:
@@ -673,6 +690,7 @@ def datagram_recv(
     timeout: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--timeout", help="Stop after this long (e.g. 10s); exits 1 if fewer than --count "
                           "messages came.")] = None,
+    from_peer: FromOpt = None,
     control: ControlOpt = DEFAULT_CONTROL,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object per message and line: name, payload, encoding "
@@ -693,7 +711,8 @@ def datagram_recv(
             if left is not None and left <= 0:
                 break
             want = 256 if count is None else min(256, count - got)
-            for msg in await client.datagram_recv(name, count=want, timeout=left):
+            for msg in await client.datagram_recv(name, count=want, timeout=left,
+                                                  peer=from_peer):
                 if as_json:
                     out.write(json.dumps(_datagram_doc(msg)).encode() + b"\n")
                 else:
@@ -707,44 +726,92 @@ def datagram_recv(
         raise fail(f"{got} of {count} datagrams arrived within {timeout}", 1)
 
 
-@app.command()
-def status(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> None:
-    """Show the agent's link, cap and counters."""
-    info = run_client(control, lambda c: c.status(), as_json=as_json)
-    if as_json:
-        _json_out(info)
-        return
+def _wire_line(wire_: dict[str, Any]) -> str:
+    return (f"sent {format_size(wire_.get('wire_bytes_sent', 0))} "
+            f"(payload {format_size(wire_.get('bytes_sent', 0))}), "
+            f"received {format_size(wire_.get('bytes_received', 0))}")
+
+
+def _counts(transfers: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in transfers.items()) or "none"
+
+
+def status_lines(info: dict[str, Any]) -> list[str]:
+    """``quelay status`` as text: the link, or on a hub the total cap and every peer."""
     link = info["link"]
-    typer.echo(f"agent   {info['agent']} ({info['role']}, udp {info['udp']})")
-    typer.echo(f"link    {link['state']} {link.get('reason') or ''}".rstrip())
-    typer.echo(f"peer    {link.get('peer')}")
+    lines = [f"agent   {info['agent']} ({info['role']}, udp {info['udp']})"]
+    peers = named_peers(info)
+    wire_ = info.get("wire") or {}
+    if not peers:
+        lines.append(f"link    {link['state']} {link.get('reason') or ''}".rstrip())
+        lines.append(f"peer    {link.get('peer')}")
     if info.get("rendezvous"):
         rv = info["rendezvous"]
         refused = f", refused: {rv['refusal']}" if rv["refusal"] else ""
-        typer.echo(f"path    {info.get('path') or '-'} (rendezvous {rv['relay']}, "
-                   f"session {rv['session']}{refused})")
-    if link.get("rtt") is not None:
-        typer.echo(f"rtt     {link['rtt'] * 1000:.1f} ms  cwnd {format_size(link['cwnd'])}")
-    wire_ = info.get("wire") or {}
-    if "rate" in info:
-        typer.echo(f"cap     {format_rate(info['rate'])}"
-                   + (f"  (wire now {format_rate(wire_['rate'], zero='0 bit/s')}, payload "
-                      f"{format_rate(wire_.get('payload_rate', 0), zero='0 bit/s')})"
-                      if wire_.get("rate") is not None else ""))
-    typer.echo(
-        f"wire    sent {format_size(wire_.get('wire_bytes_sent', 0))} "
-        f"(payload {format_size(wire_.get('bytes_sent', 0))}), "
-        f"received {format_size(wire_.get('bytes_received', 0))}"
-    )
-    typer.echo(
-        "transfers " + (", ".join(f"{k} {v}" for k, v in info["transfers"].items()) or "none")
-    )
+        lines.append(f"path    {info.get('path') or '-'} (rendezvous {rv['relay']}, "
+                     f"session {rv['session']}{refused})")
+    if peers:
+        now = sum(int((p.get("wire") or {}).get("rate") or 0) for p in peers)
+        lines.append(f"total   cap {format_rate(int(info.get('rate_total') or 0))}, "
+                     f"wire now {format_rate(now, zero='0 bit/s')}")
+        for p in peers:
+            plink, pwire = p.get("link") or {}, p.get("wire") or {}
+            reason = f": {plink['reason']}" if plink.get("reason") else ""
+            rtt = (f"  rtt {plink['rtt'] * 1000:.1f} ms" if plink.get("rtt") is not None
+                   else "")
+            lines.append(f"peer    {p['name']}  {plink.get('state', '?')}{reason}{rtt}")
+            lines.append(f"        cap {format_rate(int(p.get('rate') or 0))}, effective "
+                         f"{format_rate(int(p.get('effective_rate') or 0))}, wire now "
+                         f"{format_rate(int(pwire.get('rate') or 0), zero='0 bit/s')}; "
+                         f"{plink.get('peer') or 'not met yet'}")
+            lines.append(f"        {_wire_line(pwire)}; transfers "
+                         f"{_counts(p.get('transfers') or {})}")
+    else:
+        if link.get("rtt") is not None:
+            lines.append(f"rtt     {link['rtt'] * 1000:.1f} ms  cwnd {format_size(link['cwnd'])}")
+        if "rate" in info:
+            lines.append(
+                f"cap     {format_rate(info['rate'])}"
+                + (f"  (wire now {format_rate(wire_['rate'], zero='0 bit/s')}, payload "
+                   f"{format_rate(wire_.get('payload_rate', 0), zero='0 bit/s')})"
+                   if wire_.get("rate") is not None else ""))
+        lines.append(f"wire    {_wire_line(wire_)}")
+    lines.append("transfers " + _counts(info["transfers"]))
     if info.get("datagrams"):
         dg = info["datagrams"]
         dropped = {r: dg[f"dropped_{r}"] for r in ("late", "too_big", "link_down", "queue_full",
                                                     "unread") if dg.get(f"dropped_{r}")}
-        typer.echo(f"datagrams sent {dg['sent']}, delivered {dg['delivered']}, dropped "
-                   + (", ".join(f"{n} {r}" for r, n in dropped.items()) or "0"))
+        lines.append(f"datagrams sent {dg['sent']}, delivered {dg['delivered']}, dropped "
+                     + (", ".join(f"{n} {r}" for r, n in dropped.items()) or "0"))
+    return lines
+
+
+@app.command()
+def status(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False) -> None:
+    """Show the agent's link (on a hub: every peer's), cap and counters."""
+    info = run_client(control, lambda c: c.status(), as_json=as_json)
+    if as_json:
+        _json_out(info)
+        return
+    for line in status_lines(info):
+        typer.echo(line)
+
+
+def ls_lines(transfers: list[dict[str, Any]]) -> list[str]:
+    """``quelay ls`` rows; a PEER column when any transfer has a named peer (a hub)."""
+    width = max((len(t.get("peer") or "") for t in transfers), default=0)
+    lines = []
+    for t in transfers:
+        size = format_size(t["size"]) if t["size"] is not None else "?"
+        peer = f"{t.get('peer') or '-':<{width}}  " if width else ""
+        lines.append(
+            f"{t['id']}  {peer}{t['direction']:3} {t['kind']:6} {t['state']:8} "
+            f"p{t['priority']:<2} {format_size(t['bytes'])}/{size}  {t['name']}"
+            + ("  expired" if t.get("expired") else
+               f"  expires {time.strftime('%Y-%m-%d %H:%M', time.localtime(t['expires']))}"
+               if t.get("expires") else "")
+        )
+    return lines
 
 
 @app.command()
@@ -754,10 +821,13 @@ def ls(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False,
        show_all: Annotated[bool, typer.Option("--all", help="Every transfer the agent keeps "
                                               "(fetched page by page).")] = False,
        remote: Annotated[bool, typer.Option("--remote", help="The peer's exported files "
-                                            "(name, size, modification time).")] = False) -> None:
+                                            "(name, size, modification time).")] = False,
+       peer: Annotated[str | None, typer.Option(
+           "--peer", "--from", metavar="NAME", help="Only this peer's transfers (with "
+           "--remote: whose exports; a hub; not needed with one peer).")] = None) -> None:
     """List transfers, newest first (with --remote: the files the peer exports)."""
     if remote:
-        files = run_client(control, lambda c: c.request("ls_remote"), as_json=as_json)["files"]
+        files = run_client(control, lambda c: c.ls_remote(peer=peer), as_json=as_json)
         if as_json:
             _json_out(files)
             return
@@ -768,27 +838,20 @@ def ls(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False,
 
     async def fetch(c: Client) -> tuple[list[dict[str, Any]], int]:
         if show_all:
-            items = await c.ls()
+            items = await c.ls(peer=peer)
             return items, len(items)
-        page = await c.ls_page(0, min(limit, 500))
+        page = await c.ls_page(0, min(limit, 500), peer=peer)
         items = page["transfers"]
         if limit > 500:
-            items = await c.ls(limit)
+            items = await c.ls(limit, peer=peer)
         return items, int(page.get("total", len(items)))
 
     transfers, total = run_client(control, fetch, as_json=as_json)
     if as_json:
         _json_out(transfers)
         return
-    for t in transfers:
-        size = format_size(t["size"]) if t["size"] is not None else "?"
-        typer.echo(
-            f"{t['id']}  {t['direction']:3} {t['kind']:6} {t['state']:8} "
-            f"p{t['priority']:<2} {format_size(t['bytes'])}/{size}  {t['name']}"
-            + ("  expired" if t.get("expired") else
-               f"  expires {time.strftime('%Y-%m-%d %H:%M', time.localtime(t['expires']))}"
-               if t.get("expires") else "")
-        )
+    for line in ls_lines(transfers):
+        typer.echo(line)
     if total > len(transfers):
         typer.echo(f"... {total - len(transfers)} older transfers not shown (--all shows them)")
 
@@ -828,43 +891,166 @@ def cancel(
     _print_info(info, as_json)
 
 
+class RateArgs(NamedTuple):
+    """What ``quelay rate`` was asked: show (``bps`` None) or set, and which cap."""
+
+    peer: str | None  # a named link's cap; None: the sole link's, or the total
+    bps: int | None  # None: show
+    total: bool  # the cap shared by every link (rate_total)
+
+
+def _bps(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except UnitError as exc:
+        raise ValueError(f"rate: {exc}") from exc
+
+
+def rate_args(args: list[str], total: bool, peers: Collection[str]) -> RateArgs:
+    """``quelay rate [NAME] [RATE] [--total]`` -> RateArgs; ValueError says what is wrong.
+
+    One argument is a configured peer's name if it is one (``peers``), else a rate.
+    """
+    from ..agent.peerspec import peer_name_problem
+
+    if len(args) > 2:
+        raise ValueError("give at most NAME and RATE")
+    if total:
+        if len(args) > 1:
+            raise ValueError("--total takes a RATE only: the total is not a peer's")
+        return RateArgs(None, _bps(args[0]) if args else None, True)
+    if len(args) == 2:
+        name, value = args
+        problem = peer_name_problem(name)
+        if problem is not None:
+            raise ValueError(f"NAME: {problem}")
+        return RateArgs(name, _bps(value), False)
+    if not args:
+        return RateArgs(None, None, False)
+    (one,) = args
+    named = sorted(p for p in peers if p)
+    if one in named:
+        return RateArgs(one, None, False)
+    try:
+        return RateArgs(None, parse_rate(one), False)
+    except UnitError as exc:
+        if named and peer_name_problem(one) is None:
+            raise ValueError(f"{one!r} is neither a peer ({', '.join(named)}) nor a rate: "
+                             f"{exc}") from exc
+        raise ValueError(f"rate: {exc}") from exc
+
+
+def rate_lines(rates: dict[str, Any]) -> list[str]:
+    """Every cap: the sole link's as today, or on a hub the total and each link's."""
+    peers = {k: v for k, v in (rates.get("peers") or {}).items() if k}
+    if not peers:
+        return [format_rate(int(rates["rate"]))]
+    width = max(len("total"), *(len(name) for name in peers))
+    lines = [f"{'total':<{width}}  {format_rate(int(rates.get('rate_total') or 0))}"]
+    for name, link in peers.items():
+        lines.append(f"{name:<{width}}  {format_rate(int(link['rate'])):<12} (effective "
+                     f"{format_rate(int(link.get('effective') or 0))})")
+    return lines
+
+
 @app.command()
 def rate(
-    new_rate: Annotated[str | None, typer.Argument(
-        metavar="[RATE]", help="New wire cap, e.g. 2Mbps, 500kbit/s, 0 (uncapped).")] = None,
+    args: Annotated[list[str] | None, typer.Argument(
+        metavar="[NAME] [RATE]", show_default=False,
+        help="RATE: a new cap, e.g. 2Mbps, 500kbit/s, 0 (uncapped); NAME: a hub's peer "
+             "(its link's cap). One argument is a peer's name if the agent has such a "
+             "peer, else a rate.")] = None,
+    total: Annotated[bool, typer.Option(
+        "--total", help="Show or set the cap shared by every link (rate_total; 0 = none).")]
+    = False,
     control: ControlOpt = DEFAULT_CONTROL,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show or set the wire rate cap (bits per second; 0 = uncapped)."""
-    bps: int | None = None
-    if new_rate is not None:
-        try:
-            bps = parse_rate(new_rate)
-        except UnitError as exc:
-            raise fail(f"rate: {exc}", 1) from exc
+    """Show or set wire rate caps (bits per second; 0 = uncapped).
 
-    async def go(client: Client) -> int:
-        return await (client.get_rate() if bps is None else client.set_rate(bps))
+    quelay rate: every cap. quelay rate RATE: the sole link's. quelay rate NAME
+    [RATE]: a hub's link to NAME. quelay rate --total [RATE]: the cap shared by
+    every link.
+    """
+    words = list(args or [])
+    if len(words) > 2:
+        raise fail("rate: give at most NAME and RATE", 2)
 
-    value = run_client(control, go, as_json=as_json)
-    if as_json:
-        _json_out({"rate": value})
+    async def go(client: Client) -> tuple[RateArgs, dict[str, Any]]:
+        known: Collection[str] = ()
+        if len(words) == 1 and not total:
+            known = (await client.rates()).get("peers") or {}
+        plan = rate_args(words, total, known)
+        if plan.bps is not None:
+            await client.set_rate(plan.bps, plan.peer, total=plan.total)
+        return plan, await client.rates()
+
+    try:
+        plan, rates = run_client(control, go, as_json=as_json)
+    except ValueError as exc:
+        if as_json:
+            _json_out({"ok": False, "error": {"code": "invalid_argument", "message": str(exc)}})
+        raise fail(str(exc), 1) from exc
+    if plan.total:
+        doc: dict[str, Any] = {"rate_total": int(rates.get("rate_total") or 0)}
+        lines = [format_rate(doc["rate_total"])]
+    elif plan.peer is not None:
+        link = (rates.get("peers") or {}).get(plan.peer) or {}
+        doc = {"peer": plan.peer, "rate": link.get("rate"), "effective": link.get("effective")}
+        lines = [f"{format_rate(int(link.get('rate') or 0))} (effective "
+                 f"{format_rate(int(link.get('effective') or 0))})"]
     else:
-        typer.echo(format_rate(value))
+        doc = rates
+        lines = rate_lines(rates) if plan.bps is None else [format_rate(int(rates["rate"]))]
+    if as_json:
+        _json_out(doc)
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+def health_report(status_: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """``{"link", "reason", "links"?}`` from a status: one link, every link, or NAME's."""
+    peers = named_peers(status_)
+    if not peers and name is None:
+        return {"link": status_["link"]["state"],
+                "reason": status_["link"].get("reason") or None}
+    links = {p["name"]: {"state": (p.get("link") or {}).get("state"),
+                         "reason": (p.get("link") or {}).get("reason") or None} for p in peers}
+    if name is not None:
+        if name not in links:
+            known = ", ".join(links) or "none: this agent has one unnamed peer"
+            return {"link": None, "reason": f"no peer named {name!r} (peers: {known})",
+                    "links": links}
+        return {"link": links[name]["state"], "reason": links[name]["reason"],
+                "links": links}
+    down = [(n, link) for n, link in links.items() if link["state"] != "up"]
+    if not down:
+        return {"link": "up", "reason": None, "links": links}
+    first, link = down[0]
+    why = f": {link['reason']}" if link["reason"] else ""
+    return {"link": link["state"], "reason": f"{first} {link['state']}{why}"
+            + (f" (and {len(down) - 1} more)" if len(down) > 1 else ""), "links": links}
 
 
 @app.command()
 def health(
+    name: Annotated[str | None, typer.Argument(
+        metavar="[NAME]", show_default=False,
+        help="A hub's peer: healthy only while the link to it is up (implies --link).")]
+    = None,
     control: ControlOpt = DEFAULT_CONTROL,
-    link: Annotated[bool, typer.Option("--link", help="Healthy only while the link is up.")]
+    link: Annotated[bool, typer.Option(
+        "--link", help="Healthy only while the link is up (on a hub: every link, or NAME's).")]
     = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 5.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Exit 0 if the agent answers (with --link: and its link is up); for healthchecks.
 
-    Exit codes: 0 healthy; 1 the agent answers but the link is not up (--link);
-    2 no agent answers on the control socket within --timeout.
+    Exit codes: 0 healthy; 1 the agent answers but the link is not up (--link;
+    on a hub: some link, or NAME's, or there is no peer NAME); 2 no agent answers
+    on the control socket within --timeout.
     """
 
     async def probe() -> dict[str, Any]:
@@ -882,19 +1068,24 @@ def health(
         code = 2
     else:
         report["agent"] = True
-        report["link"] = status_["link"]["state"]
-        report["reason"] = status_["link"].get("reason") or None
-        code = 1 if link and report["link"] != "up" else 0
+        report.update(health_report(status_, name))
+        code = 1 if (link or name is not None) and report["link"] != "up" else 0
     report["ok"] = code == 0
+    links = report.get("links") or {}
+    where = "link" if name is None else f"link {name}"
     if as_json:
         _json_out(report)
     elif code == 2:
         typer.echo(f"unhealthy: {report['error']}", err=True)
     elif code == 1:
         why = f": {report['reason']}" if report["reason"] else ""
-        typer.echo(f"unhealthy: agent answers, link {report['link']}{why}", err=True)
+        state = "" if report["link"] is None else f" {report['link']}"
+        typer.echo(f"unhealthy: agent answers, {where}{state}{why}", err=True)
+    elif links and name is None:
+        typer.echo("ok: agent answers, links "
+                   + ", ".join(f"{n} {v['state']}" for n, v in links.items()))
     else:
-        typer.echo(f"ok: agent answers, link {report['link']}")
+        typer.echo(f"ok: agent answers, {where} {report['link']}")
     raise typer.Exit(code)
 
 

@@ -185,6 +185,34 @@ class ProgressPrinter:
 # -- the live view -----------------------------------------------------------------------
 
 
+def named_peers(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """A hub's per-peer status entries (empty for an agent with one unnamed peer)."""
+    peers = status.get("peers") or []
+    return peers if any(p.get("name") for p in peers) else []
+
+
+WIRE_COUNTERS = ("bytes_sent", "bytes_received", "wire_bytes_sent", "rate", "payload_rate")
+
+
+def total_wire(status: dict[str, Any]) -> dict[str, Any]:
+    """The agent's wire counters: on a hub the sum over its links (the top-level
+    ``wire`` is the first link's), else the status's own."""
+    peers = named_peers(status)
+    if not peers:
+        return dict(status.get("wire") or {})
+    out: dict[str, Any] = {}
+    for key in WIRE_COUNTERS:
+        values = [(p.get("wire") or {}).get(key) for p in peers]
+        if any(v is not None for v in values):
+            out[key] = sum(int(v or 0) for v in values)
+    return out
+
+
+def peer_key(name: str) -> str:
+    """The key of a peer's wire-out rate in the rates of :meth:`WatchState.observe`."""
+    return f"peer/{name}"
+
+
 @dataclass
 class WatchState:
     """What the live view remembers between refreshes (to turn counters into rates)."""
@@ -193,14 +221,23 @@ class WatchState:
     sent: RateMeter = field(default_factory=RateMeter)
     received: RateMeter = field(default_factory=RateMeter)
     wire_sent: RateMeter = field(default_factory=RateMeter)  # with IP/UDP headers
+    peer_meters: dict[str, RateMeter] = field(default_factory=dict)  # a hub's links, wire out
     link_state: str | None = None
     link_since: float | None = None  # wall clock of the last link state change
 
     def observe(self, status: dict[str, Any], transfers: list[dict[str, Any]],
                 now: float, wall: float) -> dict[str, float | None]:
-        """Feed one refresh; returns ``{"sent", "received", <transfer id>: rate}``."""
+        """Feed one refresh; returns ``{"sent", "received", "wire_sent", <transfer id>:
+        rate}`` and on a hub ``peer_key(name)``: that link's wire-out rate."""
         rates: dict[str, float | None] = {}
-        wire = status.get("wire") or {}
+        for p in named_peers(status):
+            pwire = p.get("wire") or {}
+            meter = self.peer_meters.setdefault(p["name"], RateMeter())
+            rate = meter.add(now, int(pwire.get("wire_bytes_sent", pwire.get("bytes_sent", 0))))
+            if rate is None and pwire.get("rate") is not None:
+                rate = float(pwire["rate"])
+            rates[peer_key(p["name"])] = rate
+        wire = total_wire(status)
         rates["sent"] = self.sent.add(now, int(wire.get("bytes_sent", 0)))
         rates["received"] = self.received.add(now, int(wire.get("bytes_received", 0)))
         first = wire.get("payload_rate", wire.get("rate"))
@@ -267,11 +304,56 @@ def render_watch(status: dict[str, Any], transfers: list[dict[str, Any]],
     width, height = max(width, 40), max(height, 1)
     wall = time.time() if wall is None else wall
     lines: list[str] = []
-    link = status.get("link") or {}
     name = status.get("name") or "agent"
     clock = time.strftime("%H:%M:%S", time.localtime(wall))
     lines.append(f"quelay watch - {name} ({status.get('role', '?')}) "
                  f"{_short_fp(status.get('agent'))}  {clock}")
+    peers = named_peers(status)
+    if peers:
+        lines.extend(_hub_lines(status, peers, rates))
+    else:
+        lines.extend(_link_lines(status, rates, wall, link_since))
+    counts = status.get("transfers") or {}
+    lines.append("transfers " + (", ".join(f"{k} {v}" for k, v in sorted(
+        counts.items(), key=lambda kv: STATE_ORDER.get(kv[0], 9))) or "none"))
+    lines.append("")
+
+    # Table: fixed columns, NAME takes what is left; PEER when a transfer names one (a hub).
+    peer_w = min(16, max((len(t.get("peer") or "") for t in transfers), default=0))
+    peer_w = max(peer_w, 4) if peer_w else 0
+    fixed = {"id": 8, "dir": 3, "pri": 3, "state": 8, "progress": 34, "rate": 12, "queue": 5}
+    gaps = len(fixed) + (1 if peer_w else 0)  # one space between columns
+    name_w = max(8, width - sum(fixed.values()) - peer_w - gaps)
+    peer_head = f"{'PEER':<{peer_w}} " if peer_w else ""
+    header = (f"{'ID':<8} {peer_head}{'NAME':<{name_w}} {'DIR':<3} {'PRI':>3} {'STATE':<8} "
+              f"{'PROGRESS':<34} {'RATE':<12} {'QUEUE':>5}")
+    lines.append(header)
+    ordered = sorted(transfers, key=lambda t: (STATE_ORDER.get(t.get("state", ""), 9),
+                                               -(t.get("finished") or t.get("created") or 0)))
+    room = max(0, height - len(lines))
+    shown = ordered if len(ordered) <= room else ordered[: max(0, room - 1)]
+    for t in shown:
+        queue = _queue_position(t)
+        rate = rates.get(t["id"]) if t.get("state") == "active" else None
+        peer_cell = f"{_fit(t.get('peer') or '-', peer_w)} " if peer_w else ""
+        lines.append(
+            f"{t['id'][:8]:<8} {peer_cell}{_fit(_label(t), name_w)} "
+            f"{t.get('direction', '?'):<3} "
+            f"{int(t.get('priority', 0)):>3} {_fit(str(t.get('state', '?')), 8)} "
+            f"{_fit(_progress_cell(t, 34), 34)} {_fit(_rate_text(rate), 12)} "
+            f"{'-' if queue is None else str(queue):>5}")
+    if len(shown) < len(ordered):
+        lines.append(f"... and {len(ordered) - len(shown)} more")
+    if not transfers:
+        lines.append("(no transfers)")
+    return [_fit(line, width) for line in lines[:height]]
+
+
+def _link_lines(status: dict[str, Any], rates: Mapping[str, float | None], wall: float,
+                link_since: float | None) -> list[str]:
+    """The one link of a single-peer agent: state, peer, RTT, cap and wire rates."""
+    lines: list[str] = []
+    link = status.get("link") or {}
     state = str(link.get("state", "?"))
     since = ""
     if link_since is not None:
@@ -295,35 +377,37 @@ def render_watch(status: dict[str, Any], transfers: list[dict[str, Any]],
                  f"  in {_rate_text(rates.get('received'))}"
                  f"  (sent {format_size(int(wire.get('bytes_sent', 0)))},"
                  f" received {format_size(int(wire.get('bytes_received', 0)))})")
-    counts = status.get("transfers") or {}
-    lines.append("transfers " + (", ".join(f"{k} {v}" for k, v in sorted(
-        counts.items(), key=lambda kv: STATE_ORDER.get(kv[0], 9))) or "none"))
-    lines.append("")
+    return lines
 
-    # Table: fixed columns, NAME takes what is left.
-    fixed = {"id": 8, "dir": 3, "pri": 3, "state": 8, "progress": 34, "rate": 12, "queue": 5}
-    gaps = len(fixed)  # one space between columns
-    name_w = max(8, width - sum(fixed.values()) - gaps)
-    header = (f"{'ID':<8} {'NAME':<{name_w}} {'DIR':<3} {'PRI':>3} {'STATE':<8} "
-              f"{'PROGRESS':<34} {'RATE':<12} {'QUEUE':>5}")
-    lines.append(header)
-    ordered = sorted(transfers, key=lambda t: (STATE_ORDER.get(t.get("state", ""), 9),
-                                               -(t.get("finished") or t.get("created") or 0)))
-    room = max(0, height - len(lines))
-    shown = ordered if len(ordered) <= room else ordered[: max(0, room - 1)]
-    for t in shown:
-        queue = _queue_position(t)
-        rate = rates.get(t["id"]) if t.get("state") == "active" else None
+
+def _hub_lines(status: dict[str, Any], peers: list[dict[str, Any]],
+               rates: Mapping[str, float | None]) -> list[str]:
+    """A hub: the total cap and wire rates, then one row per link."""
+    wire = total_wire(status)
+    total = int(status.get("rate_total") or 0)
+    lines = [f"total     cap {format_rate(total) if total else 'none'}"
+             f"   wire out {_rate_text(rates.get('wire_sent', rates.get('sent')))}"
+             f" (payload {_rate_text(rates.get('sent'))})"
+             f"  in {_rate_text(rates.get('received'))}"
+             f"  (sent {format_size(int(wire.get('bytes_sent', 0)))},"
+             f" received {format_size(int(wire.get('bytes_received', 0)))})"]
+    name_w = min(16, max(4, *(len(p["name"]) for p in peers)))
+    lines.append(f"{'PEER':<{name_w}} {'LINK':<10} {'RTT':>9} {'CAP':>12} {'EFFECTIVE':>12} "
+                 f"{'WIRE OUT':>12}  TRANSFERS")
+    for p in peers:
+        link = p.get("link") or {}
+        rtt = f"{1000 * float(link['rtt']):.1f} ms" if link.get("rtt") is not None else "-"
+        counts = p.get("transfers") or {}
         lines.append(
-            f"{t['id'][:8]:<8} {_fit(_label(t), name_w)} {t.get('direction', '?'):<3} "
-            f"{int(t.get('priority', 0)):>3} {_fit(str(t.get('state', '?')), 8)} "
-            f"{_fit(_progress_cell(t, 34), 34)} {_fit(_rate_text(rate), 12)} "
-            f"{'-' if queue is None else str(queue):>5}")
-    if len(shown) < len(ordered):
-        lines.append(f"... and {len(ordered) - len(shown)} more")
-    if not transfers:
-        lines.append("(no transfers)")
-    return [_fit(line, width) for line in lines[:height]]
+            f"{_fit(p['name'], name_w)} {_fit(str(link.get('state', '?')).upper(), 10)} "
+            f"{rtt:>9} {format_rate(float(p.get('rate') or 0)):>12} "
+            f"{format_rate(float(p.get('effective_rate') or 0)):>12} "
+            f"{_rate_text(rates.get(peer_key(p['name']))):>12}  "
+            + (", ".join(f"{k} {v}" for k, v in sorted(
+                counts.items(), key=lambda kv: STATE_ORDER.get(kv[0], 9))) or "none")
+            + (f"  ({link['reason']})" if link.get("state") != "up" and link.get("reason")
+               else ""))
+    return lines
 
 
 def terminal_size() -> tuple[int, int]:
