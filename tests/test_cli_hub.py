@@ -22,7 +22,7 @@ from quelay.cli import app, config
 from quelay.cli.app import RateArgs, health_report, ls_lines, rate_args, status_lines
 from quelay.cli.config import ConfigError
 from quelay.cli.watch import WatchState, render_watch
-from quelay.client import ClientError, ClientUsageError, open_client
+from quelay.client import BlockingClient, ClientError, ClientUsageError, open_client
 from quelay.framing import FrameDecoder, encode_frame
 
 FP_A = "sha256:" + "ab" * 32
@@ -480,6 +480,28 @@ async def test_client_rate_calls_keep_their_single_link_shape(fake: FakeHub) -> 
         with pytest.raises(ClientUsageError):
             await client.set_rate(1, "site-a", total=True)
     assert fake.ops().count("set_rate") == 2
+
+
+async def test_blocking_client_passes_the_peer(fake: FakeHub, tmp_path: Path) -> None:
+    src = write(tmp_path / "f.bin", "hello")
+
+    def calls() -> None:
+        c = BlockingClient(fake.path)
+        assert c.send_file(src, peer="site-b")["peer"] == "site-b"
+        assert c.fetch("x.bin", peer="site-a")["peer"] == "site-a"
+        assert c.ls_remote(peer="site-b")[0]["name"] == "x.bin"
+        assert [t["peer"] for t in c.ls(peer="site-a")] == ["site-a"]
+        assert c.datagram_send("pos", b"1", peer="site-a")["accepted"]
+        assert c.datagram_recv("pos", peer="site-b")[0]["data"] == b"pos"
+        assert c.set_rate("1Mbps", "site-b") == 1_000_000 == c.get_rate("site-b")
+        assert c.set_rate("5Mbps", total=True) == 5_000_000 == c.rates()["rate_total"]
+
+    await trio.to_thread.run_sync(calls)
+    wanted = [("send_file", "to", "site-b"), ("fetch", "to", "site-a"),
+              ("ls_remote", "to", "site-b"), ("ls", "peer", "site-a"),
+              ("datagram_send", "to", "site-a"), ("datagram_recv", "from", "site-b")]
+    for op, key, name in wanted:
+        assert fake.args_of(op)[key] == name, op
 
 
 def test_status_lines_show_every_peer() -> None:
