@@ -1,21 +1,24 @@
-"""The agent: one nursery owning the control server, the UDP endpoint and the link.
+"""The agent: one nursery owning the control server, the UDP endpoint and its links.
 
-The listening agent accepts the peer's connections; the dialling agent keeps
-(re)connecting. Either way, an authenticated connection becomes a
-:class:`~quelay.agent.session.Session`, and transfers requested by local clients are
-handed to whichever session is up (they wait while none is).
+A single-peer agent has one link; a hub has one per named peer
+(:class:`~quelay.agent.peerlink.PeerLink`). Links with an address are dialled
+and kept (re)connecting; a listener accepts any pinned peer and learns from its
+certificate which link it is. Either way, an authenticated connection becomes
+a :class:`~quelay.agent.session.Session` of that link, and transfers requested
+by local clients are handed to their link's session while it is up (they wait
+while it is not). All links share one UDP socket, one identity, one transfer
+book and — with ``rate_total`` — one total cap, divided by
+:mod:`quelay.core.share`.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
 import secrets
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,8 @@ from aioquic.quic.configuration import QuicConfiguration
 from ..control.server import ControlServer
 from ..core import messages as wire
 from ..core.codes import Failure, LinkState
-from ..core.transfer import State, Transfer, TransferTable
+from ..core.share import effective_rates
+from ..core.transfer import State, TransferTable
 from ..errors import ProtocolError, QuelayError
 from ..identity import (
     Identity,
@@ -51,130 +55,18 @@ from .exports import Exports, parse_exports
 from .inbox import Inbox
 from .journal import Journal
 from .metrics import serve_metrics
-from .peerspec import PeerSpec
+from .peerlink import PeerLink
 from .session import IncomingPolicy, Session, SessionEnded, UntrustedPeer
+from .settings import AgentConfig
+
+__all__ = ["Agent", "AgentConfig", "StateDirLocked", "lock_state_dir"]
 
 log = logging.getLogger("quelay.agent")
 
 MiB = 1024 * 1024
-RESUME_GRACE = 30.0  # after a peer restart, how long an incoming file waits to be resumed
 PRUNE_EVERY = 60.0  # seconds between history prunes
 SWEEP_EVERY = 10.0  # seconds between looks for received files whose time to live ended
-RATE_SMOOTHING = 2.0  # seconds: the time constant of a transfer's reported rate
-
-
-@dataclass
-class AgentConfig:
-    state_dir: Path
-    inbox: Path
-    control: Path
-    listen: Address | None = None
-    peer: Address | None = None
-    rendezvous: Address | None = None  # HOST:PORT of a rendezvous relay (replaces listen/peer)
-    session: str = ""  # rendezvous session name (the same on both agents)
-    rendezvous_secret_file: str = ""  # file with the rendezvous shared secret
-    rendezvous_direct: bool = True  # try a direct path (hole punching); False: always relayed
-    trust: list[str] = field(default_factory=list)
-    export: list[str] = field(default_factory=list)  # NAME=DIR read-only exports the peer may fetch
-    name: str = ""
-    stream_window: int = 2 * MiB
-    connection_window: int = 8 * MiB
-    send_high_water: int = 2 * MiB
-    max_streams: int = 16384  # per direction; a closed stream is granted again
-    spool_size: int = 1 * MiB
-    max_datagram_size: int = 1350
-    link_overhead: int = 0  # bytes the link adds per datagram beyond IP+UDP (VPN, GSE)
-    keepalive: float = 1.0
-    dead_after: float = 3.0  # silence (or 4 RTTs) after which the link is declared dead
-    probe_interval: float = 1.0  # a dial attempt nobody answers is replaced this often
-    idle_timeout: float = 30.0
-    handshake_timeout: float = 10.0
-    reconnect_interval: float = 1.0
-    congestion: str = "allotted"  # see docs/performance.md for the measurements
-    progress_interval: float = 0.5
-    rate: int = 0  # wire cap in bits/s; 0 = uncapped
-    max_concurrent: int = 0  # outbound transfers active at once; 0 = no limit
-    min_free: int = 64 * MiB  # free bytes kept under the inbox; below, incoming files stall
-    stall_timeout: float = 3600.0  # a stalled incoming file fails after this long
-    max_incoming: int = 16384  # live incoming transfers from the peer; more are "busy"
-    history_max: int = 1000  # finished transfers kept (memory and journal)
-    history_age: float = 7 * 24 * 3600.0  # seconds a finished transfer is kept
-    inbox_ttl: float = 0.0  # seconds a received file stays in the inbox (0 = until removed)
-    metrics: Address | None = None  # HOST:PORT of the Prometheus endpoint; None = off
-    datagram_share: float = 0.25  # of the cap that best-effort datagrams may use
-    datagram_max_age: float = 1.0  # seconds a datagram may wait before it is dropped
-    resumption: bool = True  # TLS session resumption on reconnects (identities still proven)
-    peers: list[PeerSpec] = field(default_factory=list)  # a hub's named peers (peerspec.py)
-    rate_total: int = 0  # bit/s shared by every link's traffic; 0 = no total cap
-
-    def __post_init__(self) -> None:
-        if self.peers:
-            self._check_peers()
-        elif self.rendezvous is not None:
-            if self.listen is not None or self.peer is not None:
-                raise ValueError("--rendezvous replaces --listen and --peer: give only one")
-            if not self.session or not self.rendezvous_secret_file:
-                raise ValueError("--rendezvous needs --session NAME and "
-                                 "--rendezvous-secret-file FILE")
-        elif (self.listen is None) == (self.peer is None):
-            raise ValueError("an agent needs exactly one of --listen HOST:PORT or --peer HOST:PORT")
-        from ..transport.allotted import CONGESTION_CONTROLS
-
-        if self.congestion not in CONGESTION_CONTROLS:
-            raise ValueError(f"congestion must be one of {', '.join(CONGESTION_CONTROLS)}")
-        if self.rate < 0:
-            raise ValueError("rate must be >= 0 bit/s (0 = uncapped)")
-        parse_exports(self.export)  # validates: one-component names, existing directories
-        if self.link_overhead < 0:
-            raise ValueError("link_overhead must be >= 0 bytes")
-        if self.rate:
-            floor = 8 * (self.max_datagram_size + 48 + self.link_overhead)
-            if self.rate < floor:
-                raise ValueError(f"rate must be 0 (uncapped) or at least {floor} bit/s "
-                                 "(one datagram with its headers per second)")
-        if self.rate_total < 0:
-            raise ValueError("rate_total must be >= 0 bit/s (0 = no total cap)")
-        if self.rate_total:
-            floor = 8 * (self.max_datagram_size + 48 + self.link_overhead)
-            for what, value in [("rate_total", self.rate_total)] + [
-                    (f"the rate of peer {p.name}", p.rate) for p in self.peers if p.rate]:
-                if value is not None and value < floor:
-                    raise ValueError(f"{what} must be 0 or at least {floor} bit/s "
-                                     "(one datagram with its headers per second)")
-        if self.max_concurrent < 0:
-            raise ValueError("max_concurrent must be >= 0 (0 = no limit)")
-        if self.min_free < 0 or self.history_max < 0:
-            raise ValueError("min_free and history_max must be >= 0")
-        if self.max_incoming < 1:
-            raise ValueError("max_incoming must be >= 1")
-        if self.inbox_ttl < 0:
-            raise ValueError("inbox_ttl must be >= 0 seconds (0 = keep received files)")
-        if self.stall_timeout <= 0 or self.history_age <= 0:
-            raise ValueError("stall_timeout and history_age must be > 0 seconds")
-        if not 0 < self.datagram_share <= 1:
-            raise ValueError("datagram_share must be a fraction of the cap in (0, 1]")
-        if not 0 < self.datagram_max_age <= 3600:
-            raise ValueError("datagram_max_age must be in (0, 3600] seconds")
-
-
-    def _check_peers(self) -> None:
-        """Named peers (a hub): unique names; whoever has no address dials us."""
-        if self.rendezvous is not None:
-            raise ValueError("--rendezvous meets one peer: it cannot be used with named peers")
-        if self.peer is not None or self.trust:
-            raise ValueError("named peers (--trust NAME=PIN, --peer NAME=HOST:PORT) and an "
-                             "unnamed --trust/--peer cannot be mixed: name every peer")
-        names = [p.name for p in self.peers]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"peer {repeated[0]} is configured twice")
-        waiting = [p.name for p in self.peers if p.address is None]
-        if waiting and self.listen is None:
-            raise ValueError(f"peer {waiting[0]} has no address to dial (--peer NAME=HOST:PORT)"
-                             ", so it must dial us: give --listen HOST:PORT")
-        for spec in self.peers:
-            if not spec.trust:
-                raise ValueError(f"peer {spec.name} has no pin: give --trust {spec.name}=PIN")
+SHARE_EVERY = 0.5  # seconds between divisions of a total cap while links are busy
 
 
 class StateDirLocked(QuelayError):
@@ -210,54 +102,183 @@ class Agent:
 
     def _init(self, config: AgentConfig) -> None:
         self.identity: Identity = load_or_create_identity(config.state_dir)
-        self.trust = TrustStore.from_specs(config.trust)
         self.inbox = Inbox(config.inbox)
         self.journal = Journal(config.state_dir / "journal.sqlite3")
         self.epoch = secrets.randbits(63)
         self.events = EventHub()
-        self.feed = FeedScheduler()
-        self.feed.rate_bps = config.rate
-        self.feed.uncapped_target = 4 * config.send_high_water
-        self.feed.max_datagram = config.max_datagram_size
         self.book = TransferBook(
-            journal=self.journal, events=self.events, inbox=self.inbox, feed=self.feed,
+            journal=self.journal, events=self.events, inbox=self.inbox, feed=None,
             label=self.label, max_concurrent=config.max_concurrent,
             history=HistoryPolicy(config.history_max, config.history_age),
             inbox_ttl=config.inbox_ttl)
         self.exports = Exports(parse_exports(config.export))
-        self.datagrams = DatagramService(
-            share=config.datagram_share, max_age=config.datagram_max_age,
-            cap=lambda: self.rate, label=self.label,
-            header_bytes=lambda: self.gate.per_datagram if self.gate is not None else 28)
         self.incoming_policy = IncomingPolicy(config.min_free, config.stall_timeout,
                                               config.max_incoming)
-        self.session: Session | None = None
-        self.link_state = LinkState.CONNECTING
-        self.link_reason = ""
-        self.peer_fingerprint: str | None = None
         self.tickets = TicketStore()  # TLS session tickets (resumption.py), in memory only
-        self.peer_epoch: int | None = None
-        self._last_rtt = 0.0
-        self._last_attempt_heard = True
-        self.link_ups = 0  # sessions established since start (a flapping link shows here)
+        self.rate_total = config.rate_total
+        # The total cap every link's gate answers to (a hub; it also measures the total).
+        self.total_gate: WireGate | None = None
+        if config.rate_total or config.peers:
+            self.total_gate = WireGate(config.rate_total, 0.0, config.max_datagram_size,
+                                       link_overhead=config.link_overhead)
+        self.links: dict[str, PeerLink] = {}
+        if config.peers:
+            for spec in config.peers:
+                rate = config.rate if spec.rate is None else spec.rate
+                self._add_link(spec.name, TrustStore.from_specs(spec.trust), spec.address, rate)
+        else:
+            self._add_link("", TrustStore.from_specs(config.trust), config.peer, config.rate)
+        self._check_pins()
+        self.default = next(iter(self.links.values()))
+        self.book.feed = self.default.feed
         self.book.recover()
+        self._adopt_recovered()
         self.book.clean_stale_staging()
-        self.endpoint: QuicEndpoint | None = None
+        self._endpoint: QuicEndpoint | None = None
         self.sock: UdpSocket | None = None
         self.ready = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self.stopping = False
-        self.gate: WireGate | None = None
-        self.rate = config.rate
+        self._stopping = False
+        self._identified: dict[QuicConn, PeerLink] = {}  # accepted, authenticated: whose
+        self._share_wake = trio.Event()
         self.rendezvous: Any = None  # the RendezvousLink of an agent run with --rendezvous
         self.metrics_address: Address | None = None  # bound once serving (--metrics)
         # Configurations handed out (the endpoint's; rendezvous makes more): updated in
         # place when the identity is reloaded, so new connections present the new one.
         self._quic_confs: list[weakref.ref[QuicConfiguration]] = []
 
+    def _add_link(self, name: str, trust: TrustStore, address: Address | None,
+                  rate: int) -> None:
+        cfg = self.config
+        gate = WireGate(rate, 0.0, cfg.max_datagram_size, link_overhead=cfg.link_overhead,
+                        parent=self.total_gate)
+        link = PeerLink(self, self.book, name=name, trust=trust, address=address, rate=rate,
+                        gate=gate, max_datagram=cfg.max_datagram_size,
+                        send_high_water=cfg.send_high_water,
+                        reconnect_interval=cfg.reconnect_interval,
+                        probe_interval=cfg.probe_interval)
+        link.datagrams = DatagramService(
+            share=cfg.datagram_share, max_age=cfg.datagram_max_age,
+            cap=lambda: link.effective_rate, label=link.label,
+            header_bytes=lambda: link.gate.per_datagram)
+        self.links[name] = link
+        self.book.feeds[name] = link.feed
+
+    def _check_pins(self) -> None:
+        """A pin names one peer: a certificate trusted by two links would be ambiguous."""
+        seen: dict[str, str] = {}
+        for link in self.links.values():
+            for fp in link.trust.fingerprints:
+                if fp in seen:
+                    raise ValueError(f"peers {seen[fp]} and {link.name} have the same pin "
+                                     f"{fp}: a pin names one peer")
+                seen[fp] = link.name
+
+    def _adopt_recovered(self) -> None:
+        """Journaled transfers of a link that is no longer configured: with one link they
+        move to it (an agent that became a hub of one, or the reverse); else they fail."""
+        for t in self.book.table.live():
+            if t.peer in self.links:
+                continue
+            if len(self.links) == 1:
+                t.peer = self.default.name
+                self.journal.update(t.id, peer=t.peer)
+            else:
+                self.book.fail(t, Failure.UNKNOWN_PEER, f"peer {t.peer or '(unnamed)'} is no "
+                               f"longer configured (peers: {', '.join(self.links)})",
+                               tell_peer=False)
+
+    @property
+    def hub(self) -> bool:
+        """Whether the book holds several links' transfers (each session sees its own)."""
+        return len(self.links) > 1
+
     @property
     def transfers(self) -> TransferTable:
         return self.book.table
+
+    @property
+    def endpoint(self) -> QuicEndpoint | None:
+        return self._endpoint
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # -- the single-peer view (the one link, or a hub's first) --------------------------
+
+    @property
+    def session(self) -> Session | None:
+        return self.default.session
+
+    @property
+    def link_state(self) -> LinkState:
+        return self.default.link_state
+
+    @property
+    def link_reason(self) -> str:
+        return self.default.link_reason
+
+    @property
+    def peer_fingerprint(self) -> str | None:
+        return self.default.peer_fingerprint
+
+    @property
+    def peer_epoch(self) -> int | None:
+        return self.default.peer_epoch
+
+    @property
+    def link_ups(self) -> int:
+        return self.default.link_ups
+
+    @property
+    def feed(self) -> FeedScheduler:
+        return self.default.feed
+
+    @property
+    def gate(self) -> WireGate:
+        return self.default.gate
+
+    @property
+    def datagrams(self) -> DatagramService:
+        return self.default.datagrams
+
+    @property
+    def rate(self) -> int:
+        return self.default.rate
+
+    @property
+    def trust(self) -> TrustStore:
+        return self.default.trust
+
+    @trust.setter
+    def trust(self, store: TrustStore) -> None:
+        self.default.trust = store
+
+    @property
+    def _last_attempt_heard(self) -> bool:
+        return self.default.last_attempt_heard
+
+    def _set_link(self, state: LinkState, reason: str = "") -> None:
+        self.default.set_link(state, reason)
+
+    async def _run_connection(self, conn: QuicConn, *, dialer: bool) -> None:
+        await self.run_connection(conn, dialer=dialer, link=self.default)
+
+    def link_named(self, name: str | None) -> PeerLink:
+        """The link a client means: ``name``, or the only one when ``name`` is None.
+
+        Raises ``LookupError`` (unknown name) or ``ValueError`` (several links, no name)."""
+        if name is None or (name == "" and not self.hub):
+            if self.hub:
+                raise ValueError(f"this agent has {len(self.links)} peers "
+                                 f"({', '.join(self.links)}): say which")
+            return self.default
+        link = self.links.get(name)
+        if link is None:
+            raise LookupError(f"no peer named {name!r} (peers: "
+                              f"{', '.join(n or '(unnamed)' for n in self.links)})")
+        return link
 
     # -- life ----------------------------------------------------------------------
 
@@ -267,25 +288,38 @@ class Agent:
         finally:
             os.close(self._lock_fd)
 
-    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
+    def _bind_address(self) -> tuple[Any, Address, Address | None]:
+        """(address family, where to bind, the address headers are counted for)."""
         cfg = self.config
         bind_host, bind_port = cfg.listen if cfg.listen else ("0.0.0.0", 0)
         family, _ = resolve(bind_host, bind_port)
-        if cfg.peer is not None:
-            family, peer = resolve(*cfg.peer)
+        dialled = [link.address for link in self.links.values() if link.address is not None]
+        counted: Address | None = None
+        if cfg.listen is None and dialled:
+            family, counted = resolve(*dialled[0])
             bind_host = "::" if family.name == "AF_INET6" else "0.0.0.0"
         if cfg.rendezvous is not None:  # both agents dial out to the relay
             family, _ = resolve(*cfg.rendezvous)
             bind_host = "::" if family.name == "AF_INET6" else "0.0.0.0"
-        self.sock = self._socket_factory((bind_host, bind_port), family=family,
-                                         link_overhead=cfg.link_overhead)
-        self.gate = WireGate(cfg.rate, trio.current_time(), cfg.max_datagram_size,
-                             header_bytes=header_bytes_for(family, peer[0] if cfg.peer else None),
-                             link_overhead=cfg.link_overhead)
-        self.endpoint = QuicEndpoint(
+        return family, (bind_host, bind_port), counted
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
+        cfg = self.config
+        family, bind, counted = self._bind_address()
+        self.sock = self._socket_factory(bind, family=family, link_overhead=cfg.link_overhead)
+        now = trio.current_time()
+        header = header_bytes_for(family, counted[0] if counted else None)
+        for gate in [self.total_gate, *(link.gate for link in self.links.values())]:
+            if gate is not None:
+                gate.set_link(header_bytes=header)
+                gate.set_rate(gate.rate_bps, now)
+        dials = any(link.address is not None for link in self.links.values())
+        server = cfg.listen is not None or cfg.rendezvous is not None
+        self._endpoint = QuicEndpoint(
             self.sock,
             make_connection=self._make_connection,
-            configuration=self._quic_configuration(is_client=cfg.peer is not None),
+            configuration=self._quic_configuration(is_client=not server),
+            client_configuration=self._quic_configuration(is_client=True) if dials else None,
             quic_kwargs={
                 "stream_window": cfg.stream_window,
                 "connection_window": cfg.connection_window,
@@ -295,15 +329,14 @@ class Agent:
             path_memory=PathMemory(cfg.state_dir),
         )
         if cfg.listen is not None:  # flood protection for the open port (admission.py)
-            self.endpoint.admission = HandshakeAdmission(label=self.label)
-            gate = self.gate
-            assert gate is not None
-            self.endpoint.retry_gate = lambda size, now: gate.try_send(size, now)
+            self._endpoint.admission = HandshakeAdmission(label=self.label)
+            gate = self._handshake_gate()
+            self._endpoint.retry_gate = lambda size, now: gate.try_send(size, now)
         log.info("agent %s starting (udp %s:%d)", self.identity.fingerprint, *self.sock.address,
                  extra={"event": "agent.starting", "agent": self.label,
                         "fingerprint": self.identity.fingerprint,
                         "udp": f"{self.sock.address[0]}:{self.sock.address[1]}"})
-        control = ControlServer(self, self.book, cfg.control, datagrams=self.datagrams)
+        control = ControlServer(self, self.book, cfg.control)
         try:
             listener = control.bind()
         except BaseException:
@@ -313,45 +346,64 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(control.serve, listener)
-                nursery.start_soon(self.endpoint.run, nursery)
+                nursery.start_soon(self._endpoint.run, nursery)
                 nursery.start_soon(self._housekeeping)
-                nursery.start_soon(self.feed.run, self._unsent)
-                self.book.stats.link_changed(self.link_state.value, trio.current_time())
+                for link in self.links.values():
+                    nursery.start_soon(link.feed.run, link.unsent)
+                    self.book.stats.link_changed(link.link_state.value, now)
+                if self.rate_total:
+                    nursery.start_soon(self._share_total)
                 if cfg.metrics is not None:
                     await nursery.start(serve_metrics, self, *cfg.metrics)
                 if cfg.rendezvous is not None:
                     nursery.start_soon(run_rendezvous, self, nursery)
-                elif cfg.peer is not None:
-                    nursery.start_soon(self._dial_loop, peer)
                 else:
-                    nursery.start_soon(self._accept_loop, nursery)
+                    for link in self.links.values():
+                        if link.address is not None:
+                            nursery.start_soon(link.dial_loop)
+                    if cfg.listen is not None:
+                        nursery.start_soon(self._accept_loop, nursery)
                 self.ready.set()
                 task_status.started()
         finally:
             self.sock.close()
             self.journal.close()
 
+    def _handshake_gate(self) -> WireGate:
+        """What a connection counts against before we know whose it is: the total cap on
+        a hub, the one link's cap otherwise."""
+        if self.hub and self.total_gate is not None:
+            return self.total_gate
+        return self.default.gate
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
     async def shutdown(self, reason: str = "agent shutting down") -> None:
-        """Stop cleanly: close the QUIC connection with a reason, then stop every task.
+        """Stop cleanly: close every QUIC connection with a reason, then stop every task.
 
         The control server's cleanup removes the socket as its task unwinds.
         """
-        if self._nursery is None or self.stopping:
+        if self._nursery is None or self._stopping:
             return
-        self.stopping = True
+        self._stopping = True
         log.info("%s: shutting down: %s", self.label, reason,
                  extra={"event": "shutdown", "agent": self.label, "reason": reason})
-        session = self.session
-        if session is not None:
+        sessions = [link.session for link in self.links.values() if link.session is not None]
+        for session in sessions:
             session.conn.close(reason)
-            with trio.move_on_after(1.0):  # let the CONNECTION_CLOSE reach the wire
+        with trio.move_on_after(1.0):  # let the CONNECTION_CLOSEs reach the wire
+            for session in sessions:
                 await session.conn.terminated.wait()
         self._nursery.cancel_scope.cancel()
 
     @property
     def label(self) -> str:
         """How this agent names itself in logs (two agents may share a process)."""
-        return self.config.name or ("dialler" if self.config.peer else "listener")
+        if self.config.name:
+            return self.config.name
+        return "dialler" if self.config.peer else "listener"
 
     @property
     def fingerprint(self) -> str:
@@ -387,8 +439,8 @@ class Agent:
                                      signer_is_client=not conn.quic._is_client)
         if problem is None:
             return None
-        if self.endpoint is not None and self.endpoint.admission is not None:
-            self.endpoint.admission.identity_refused(conn.peer, trio.current_time())
+        if self._endpoint is not None and self._endpoint.admission is not None:
+            self._endpoint.admission.identity_refused(conn.peer, trio.current_time())
         self.book.stats.peer_refused("untrusted_identity")
         return f"untrusted peer: {problem}"
 
@@ -419,8 +471,8 @@ class Agent:
     def reload_identity(self) -> dict[str, Any]:
         """Re-read the identity (after ``quelay identity rotate``/``retire``).
 
-        Connections made from now on present it; the current session goes on
-        undisturbed on the identity it was authenticated with.
+        Connections made from now on present it; the current sessions go on
+        undisturbed on the identity they were authenticated with.
         """
         identity = load_or_create_identity(self.config.state_dir)
         old, self.identity = self.identity.fingerprint, identity
@@ -437,93 +489,92 @@ class Agent:
         return {"fingerprint": identity.fingerprint,
                 "previous": identity.previous_fingerprint}
 
-    def _make_connection(self, quic: Any, sock: UdpSocket, peer: Address) -> QuicConn:
-        assert self.gate is not None
-        self.gate.set_link(header_bytes=header_bytes_for(sock.family, peer[0]))
-        quic.set_cap(self.gate.payload_bytes_per_second)
+    def _make_connection(self, quic: Any, sock: UdpSocket, peer: Address, *,
+                         link: PeerLink | None = None) -> QuicConn:
+        """A connection we dial (``link`` known) or accept (whose it is, the certificate
+        says: until then it counts against the hub's total cap)."""
+        if link is None and not self.hub:
+            link = self.default
+        gate = link.gate if link is not None else self._handshake_gate()
+        gate.set_link(header_bytes=header_bytes_for(sock.family, peer[0]))
+        quic.set_cap(gate.payload_bytes_per_second)
+
+        def verify(der: bytes | None) -> str | None:
+            problem, found = self._verify_peer(der, quic.peer_certificate_chain(), peer, link)
+            if found is not None:
+                self._identified[conn] = found
+                if found.gate is not conn.gate:  # an accepted hub connection: now its link's
+                    found.gate.set_link(header_bytes=gate.header_bytes)
+                    conn.gate = found.gate
+                    quic.set_cap(found.gate.payload_bytes_per_second)
+                conn.label = found.label
+                conn.on_datagram = found.datagrams.received  # best-effort datagrams
+            return problem
+
         conn = QuicConn(
             quic,
             sock,
             peer,
-            verify_peer=lambda der: self._verify_peer(der, quic.peer_certificate_chain(), peer),
+            verify_peer=verify,
             send_high_water=self.config.send_high_water,
             keepalive=self.config.keepalive,
-            label=self.label,
-            gate=self.gate,
+            label=link.label if link is not None else self.label,
+            gate=gate,
             dead_after=self.config.dead_after,
         )
-        conn.on_datagram = self.datagrams.received  # best-effort datagrams from the peer
         return conn
 
-    def _verify_peer(self, der: bytes | None, chain: Any = (),
-                     peer: Address | None = None) -> str | None:
-        """``None`` if the peer's certificate is pinned (or endorsed by a pinned one
-        during the peer's identity rotation), else why it is refused."""
+    def _verify_peer(self, der: bytes | None, chain: Any = (), peer: Address | None = None,
+                     link: PeerLink | None = None) -> tuple[str | None, PeerLink | None]:
+        """(``None``, its link) if the peer's certificate is pinned (or endorsed by a pinned
+        one during the peer's identity rotation) by ``link`` — or, for a connection we
+        accepted on a hub, by any link; else (why it is refused, ``None``)."""
         if der is None:
-            return "untrusted peer: it presented no certificate"
-        if self.trust.trusts_chain(der, chain) is None:
-            admission = self.endpoint.admission if self.endpoint is not None else None
-            if admission is not None and peer is not None:
-                admission.identity_refused(peer, trio.current_time())  # ignored a while
-            self.book.stats.peer_refused("untrusted_identity")
-            return f"untrusted peer: identity {fingerprint_of_der(der)} is not in the trust list"
-        return None
+            return "untrusted peer: it presented no certificate", None
+        for candidate in [link] if link is not None else self.links.values():
+            if candidate.trust.trusts_chain(der, chain) is not None:
+                return None, candidate
+        admission = self._endpoint.admission if self._endpoint is not None else None
+        if admission is not None and peer is not None:
+            admission.identity_refused(peer, trio.current_time())  # ignored a while
+        self.book.stats.peer_refused("untrusted_identity")
+        return f"untrusted peer: identity {fingerprint_of_der(der)} is not in the trust list", None
 
-    # -- link ----------------------------------------------------------------------
-
-    def _set_link(self, state: LinkState, reason: str = "") -> None:
-        if state == self.link_state and reason == self.link_reason:
-            return
-        self.link_state, self.link_reason = state, reason
-        self.book.stats.link_changed(state.value, trio.current_time())
-        log.info("%s: link %s%s", self.label, state.value, f": {reason}" if reason else "",
-                 extra={"event": f"link.{state.value}", "agent": self.label,
-                        "state": state.value, "reason": reason, "peer": self.peer_fingerprint})
-        self.events.publish("link.state", {"state": state.value, "reason": reason,
-                                           "peer": self.peer_fingerprint})
-
-    async def _dial_loop(self, peer: Address) -> None:
-        assert self.endpoint is not None
-        # The first dial after a restart waits as long as the path needs (path memory).
-        self._last_rtt = self.endpoint.remembered_rtt(peer) or self._last_rtt
-        while True:
-            if self.link_state is not LinkState.DOWN:
-                self._set_link(LinkState.CONNECTING)
-            conn = self.endpoint.connect(peer)
-            try:
-                await self._run_connection(conn, dialer=True)
-            finally:
-                self.endpoint.forget(conn)
-            if self.link_state is not LinkState.DOWN or self._last_attempt_heard:
-                await trio.sleep(self.config.reconnect_interval)
+    # -- links ---------------------------------------------------------------------
 
     async def _accept_loop(self, nursery: trio.Nursery) -> None:
-        assert self.endpoint is not None
-        async for conn in self.endpoint.accepted:
+        assert self._endpoint is not None
+        async for conn in self._endpoint.accepted:
             nursery.start_soon(self._serve_accepted, conn)
 
     async def _serve_accepted(self, conn: QuicConn) -> None:
-        assert self.endpoint is not None
+        assert self._endpoint is not None
         try:
-            await self._run_connection(conn, dialer=False)
+            await self.run_connection(conn, dialer=False, link=None)
         finally:
-            self.endpoint.forget(conn)
+            self._endpoint.forget(conn)
 
-    async def _run_connection(self, conn: QuicConn, *, dialer: bool) -> None:
-        """Drive one connection: authenticate, run a session, report why it ended."""
+    async def run_connection(self, conn: QuicConn, *, dialer: bool,
+                             link: PeerLink | None) -> None:
+        """Drive one connection: authenticate, run a session, report why it ended.
+
+        ``link`` is the link we dialled for; an accepted connection's link is known
+        once its certificate has been checked."""
         reason = "connection closed"
-        self._last_attempt_heard = True
+        if link is not None:
+            link.last_attempt_heard = True
         started = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.run)
             if dialer:
+                assert link is not None
                 # Probe: an attempt that hears nothing is replaced quickly by a fresh one,
                 # so the link's return is noticed within one probe interval, not after
                 # QUIC's exponential Initial backoff.
-                with trio.move_on_after(self._probe_interval()):
+                with trio.move_on_after(link.probe_wait()):
                     await _first(conn.first_rx.wait, conn.terminated.wait)
                 if not conn.first_rx.is_set():
-                    self._last_attempt_heard = False
+                    link.last_attempt_heard = False
                     conn.abandon("no answer to this dial attempt", quiet=True)
                     nursery.cancel_scope.cancel()
                     return
@@ -532,12 +583,14 @@ class Agent:
                     await _first(conn.authenticated.wait, conn.terminated.wait)
                 if conn.closed is not None:
                     return
+                link = self._identified.pop(conn, link)
+                assert link is not None  # an authenticated connection has passed verify
                 self.book.stats.handshake.observe(trio.current_time() - started)
                 self.book.stats.handshakes[("resumed" if conn.resumed else "full")] += 1
-                session = Session(self, self.book, self.feed, conn, dialer=dialer,
-                                  early=dialer and self.peer_epoch is not None,
+                session = Session(link, self.book, link.feed, conn, dialer=dialer,
+                                  early=dialer and link.peer_epoch is not None,
                                   policy=self.incoming_policy, exports=self.exports,
-                                  datagrams=self.datagrams)
+                                  datagrams=link.datagrams, peer=link.name, shared=self.hub)
                 await session.run()
             except trio.TooSlowError:
                 reason = "handshake timed out"
@@ -548,125 +601,97 @@ class Agent:
                     reason = leaf.reason
                 elif isinstance(leaf, UntrustedPeer):
                     reason = str(leaf)
-                    log.error("%s: refusing peer %s:%d: %s", self.label, *conn.peer, leaf)
+                    log.error("%s: refusing peer %s:%d: %s", conn.label, *conn.peer, leaf)
                     conn.close(reason[:200], code=APP_ERROR_UNTRUSTED)
                 elif isinstance(leaf, (ProtocolError, SessionEnded)):
                     reason = f"session error: {leaf}"
                     conn.close(str(leaf)[:200])
                 else:
                     reason = f"internal error: {leaf!r}"
-                    log.exception("%s: session failed", self.label)
+                    log.exception("%s: session failed", conn.label)
                     conn.close("internal error")
             finally:
+                self._identified.pop(conn, None)
                 reason = conn.closed or reason
-                log.log(logging.INFO if self.stopping else logging.WARNING,
-                        "%s: connection with %s:%d ended: %s", self.label, *conn.peer, reason,
+                log.log(logging.INFO if self._stopping else logging.WARNING,
+                        "%s: connection with %s:%d ended: %s", conn.label, *conn.peer, reason,
                         extra={"event": "connection.ended", "agent": self.label,
+                               "link": link.name if link is not None else None,
                                "peer": f"{conn.peer[0]}:{conn.peer[1]}", "reason": reason})
-                self._session_ended(conn, reason)
+                if link is not None:
+                    link.session_ended(conn, reason)
                 if conn.closed is None:
                     conn.close(reason[:200])
                 with trio.move_on_after(1):
                     await conn.terminated.wait()
                 nursery.cancel_scope.cancel()
 
-    def _probe_interval(self) -> float:
-        return max(self.config.probe_interval, 1.2 * self._last_rtt)
-
-    def session_up(self, session: Session) -> None:
-        old = self.session
-        if old is not None and old.conn is not session.conn:
-            old.conn.close("replaced by a newer connection from the peer")
-        self.session = session
-        self.book.link = session
-        self.peer_fingerprint = session.conn.peer_fingerprint
-        self.link_ups += 1
-        if self.endpoint is not None and self.endpoint.admission is not None:
-            self.endpoint.admission.peer_authenticated(session.conn.peer)
-        self._set_link(LinkState.UP)
-        self.feed.wake()
-
-    def peer_identified(self, session: Session) -> None:
-        """The peer's hello arrived: a new boot epoch means it restarted."""
-        hello = session.peer_hello
-        assert hello is not None
-        if self.peer_epoch is not None and hello.epoch != self.peer_epoch:
-            self._peer_restarted()
-        self.peer_epoch = hello.epoch
-
-    def _peer_restarted(self) -> None:
-        """The peer lost its memory: what lived only there cannot continue."""
-        log.warning("%s: the peer restarted (new boot epoch)", self.label,
-                    extra={"event": "peer.restarted", "agent": self.label})
-        for t in self.book.table.live():
-            if t.direction == "in" and t.kind == "file":
-                # The sender journals files: give it a moment to resume them.
-                assert self._nursery is not None
-                self._nursery.start_soon(self._expect_resume, t, t.resumes)
-            elif t.direction == "in":
-                self.book.fail(t, Failure.PEER_RESTARTED,
-                               "the sending agent restarted; its in-memory data is gone")
-            elif t.kind == "stream" and t.state is State.ACTIVE:
-                self.book.fail(t, Failure.PEER_RESTARTED,
-                               "the receiving agent restarted; the stream cannot resume")
-
-    async def _expect_resume(self, t: Transfer, resumes: int) -> None:
-        await trio.sleep(RESUME_GRACE)
-        if not t.terminal and t.resumes == resumes:
-            self.book.fail(t, Failure.PEER_RESTARTED,
-                           "the sending agent restarted and did not resume this file")
-
-    def _session_ended(self, conn: QuicConn, reason: str) -> None:
-        if self.session is None or self.session.conn is not conn:
-            return
-        stats = conn.path_stats()
-        self.book.stats.connection_ended(stats)
-        # The path's own round trip (min RTT), not the smoothed one, which includes the
-        # queue at the cap: a dial attempt need not wait for a queue that is gone.
-        rtt = stats.min_rtt if stats.min_rtt is not None else stats.rtt
-        if rtt is not None:
-            self._last_rtt = rtt
-        session, self.session = self.session, None
-        for tid, (_, retransmitted) in session.stats_of_all().items():  # fold into totals
-            t = self.book.table.get(tid)
-            if t is not None:
-                t.retransmitted_earlier += retransmitted
-                t.retransmitted, t.in_flight = t.retransmitted_earlier, 0
-        self.book.link = None
-        self._set_link(LinkState.DOWN, reason)
-        live = len(self.book.table.active_outbound()) + self.book.table.live_incoming()
-        if live:
-            log.info("%s: %d transfers wait for the link to resume", self.label, live)
-
-    # -- the rate cap and the feed -------------------------------------------------
+    # -- the rate caps and the feed -------------------------------------------------
 
     @property
     def cap(self) -> int:
         return self.rate
 
-    def set_rate(self, rate_bps: int) -> None:
-        """Change the wire cap at run time; the next tick and datagram obey it."""
-        assert self.gate is not None
-        self.gate.set_rate(rate_bps, trio.current_time())  # validates
-        self.rate = rate_bps
-        if self.session is not None:
-            self.session.conn.quic.set_cap(self.gate.payload_bytes_per_second)
-        log.info("%s: rate cap %s", self.label, f"{rate_bps} bit/s" if rate_bps else "off",
-                 extra={"event": "rate", "agent": self.label, "rate": rate_bps})
-        self.feed.rate_bps = rate_bps
-        self.feed.wake()
+    def set_rate(self, rate_bps: int, peer: str | None = None) -> None:
+        """Change a link's cap at run time (the only link's, or ``peer``'s); the next
+        tick and datagram obey it."""
+        link = self.link_named(peer)
+        probe = WireGate(0, 0.0, self.config.max_datagram_size,
+                         header_bytes=link.gate.header_bytes,
+                         link_overhead=self.config.link_overhead)
+        probe.set_rate(rate_bps, 0.0)  # validates (a cap below one datagram a second)
+        link.rate = rate_bps
+        log.info("%s: rate cap %s", link.label, f"{rate_bps} bit/s" if rate_bps else "off",
+                 extra={"event": "rate", "agent": self.label, "link": link.name,
+                        "rate": rate_bps})
+        self._apply_rates()
 
-    def _unsent(self) -> int | None:
-        return None if self.session is None else self.session.unsent_bulk()
+    def set_rate_total(self, rate_bps: int) -> None:
+        """Change the total cap (all links together; 0 = none) at run time."""
+        if self.total_gate is None:
+            raise ValueError("this agent has one peer and was started without --rate-total: "
+                             "its total is its link's cap (set that instead)")
+        self.total_gate.set_rate(rate_bps, trio.current_time())  # validates
+        started = not self.rate_total and rate_bps
+        self.rate_total = rate_bps
+        log.info("%s: total rate cap %s", self.label,
+                 f"{rate_bps} bit/s" if rate_bps else "off",
+                 extra={"event": "rate_total", "agent": self.label, "rate": rate_bps})
+        if started and self._nursery is not None:
+            self._nursery.start_soon(self._share_total)
+        self._apply_rates()
+
+    def links_changed(self) -> None:
+        """A link came up or went down: divide the total cap again now."""
+        self._share_wake.set()
+
+    def _apply_rates(self) -> None:
+        """Give every link its rate now: its own cap, or its share of the total."""
+        floor = 8 * (self.config.max_datagram_size + 48 + self.config.link_overhead)
+        caps = {name: link.rate for name, link in self.links.items()}
+        busy = {name for name, link in self.links.items() if link.busy()}
+        for name, rate in effective_rates(self.rate_total, caps, busy, floor=floor).items():
+            self.links[name].apply_rate(rate)
+
+    async def _share_total(self) -> None:
+        """Divide the total cap among the links that have bytes to send: again whenever a
+        link comes or goes, and every :data:`SHARE_EVERY` while any is busy (with none
+        busy it waits, so an idle hub does not wake for it)."""
+        while self.rate_total:
+            self._apply_rates()
+            any_busy = any(link.busy() for link in self.links.values())
+            with trio.move_on_after(SHARE_EVERY if any_busy else self.config.keepalive):
+                await self._share_wake.wait()
+            self._share_wake = trio.Event()
+        self._apply_rates()
 
     async def _housekeeping(self) -> None:
         """Progress events, busy retries and history pruning, at the progress interval."""
         last: dict[str, int] = {}
         next_prune = next_sweep = trio.current_time()
-        sampled: dict[str, tuple[float, int]] = {}
         while True:
             await trio.sleep(self.config.progress_interval)
-            self._sample_stats(sampled)
+            self._sample_stats()
             for t in self.book.table.live():
                 if t.state is State.ACTIVE and last.get(t.id) != t.delivered:
                     last[t.id] = t.delivered
@@ -682,76 +707,72 @@ class Agent:
                 next_prune = trio.current_time() + PRUNE_EVERY
                 self.book.prune()
 
-    def _sample_stats(self, sampled: dict[str, tuple[float, int]]) -> None:
-        """Per-transfer rate (delivered bytes/s, smoothed over ~2 s), bytes in flight and
-        bytes retransmitted (``quelay get``, progress events)."""
+    def _sample_stats(self) -> None:
         now = trio.current_time()
-        session = self.session
-        seen = set()
-        for t in self.book.table.live():
-            if t.state is not State.ACTIVE:
-                t.rate = 0.0
-                continue
-            seen.add(t.id)
-            then, delivered = sampled.get(t.id, (now, t.delivered))
-            if now > then:
-                sample = max(0, t.delivered - delivered) / (now - then)
-                weight = 1.0 - math.exp(-(now - then) / RATE_SMOOTHING)
-                t.rate += weight * (sample - t.rate)
-            sampled[t.id] = (now, t.delivered)
-            if t.direction == "out" and session is not None:
-                t.in_flight, retransmitted = session.transfer_stats(t.id)
-                t.retransmitted = t.retransmitted_earlier + retransmitted
-        for tid in [tid for tid in sampled if tid not in seen]:
-            del sampled[tid]
-            if session is not None:
-                session.forget_stats(tid)
+        live = self.book.table.live()
+        for link in self.links.values():
+            link.sample_stats(live if not self.hub else
+                              [t for t in live if t.peer == link.name], now)
 
     def status(self) -> dict[str, Any]:
         counters = self.sock.counters if self.sock else None
         states: dict[str, int] = {}
+        by_link: dict[str, dict[str, int]] = {name: {} for name in self.links}
         for t in self.book.table:
             states[t.state.value] = states.get(t.state.value, 0) + 1
+            if t.peer in by_link:
+                counts = by_link[t.peer]
+                counts[t.state.value] = counts.get(t.state.value, 0) + 1
+        default = self.default
         out: dict[str, Any] = {
             "agent": self.identity.fingerprint,
             "name": self.config.name,
             "epoch": self.epoch,
-            "role": "dial" if self.config.peer else "listen",
+            "role": "listen" if self.config.listen else "dial",
             "udp": list(self.udp_address) if self.sock else None,
-            "link": {"state": self.link_state.value, "reason": self.link_reason,
-                     "peer": self.peer_fingerprint, "ups": self.link_ups},
+            "link": default.link_status(),
             "transfers": states,
             "wire": None,
         }
-        out["rate"] = self.rate
-        out["datagrams"] = self.datagrams.status()
+        out["rate"] = default.rate
+        out["rate_total"] = self.rate_total
+        out["datagrams"] = default.datagrams.status()
         if self.rendezvous is not None:
-            out.update(self.rendezvous.status(self.session.conn.peer if self.session else None))
+            out.update(self.rendezvous.status(default.session.conn.peer
+                                              if default.session else None))
+        now = trio.current_time() if self.sock is not None else 0.0
         if counters is not None:
-            now = trio.current_time()
+            gate = self.total_gate if self.hub and self.total_gate is not None else default.gate
             out["wire"] = {
-                "rate": self.gate.window_bytes(now) * 8 if self.gate else 0,
-                "payload_rate": self.gate.window_payload(now) * 8 if self.gate else 0,
+                "rate": gate.window_bytes(now) * 8,
+                "payload_rate": gate.window_payload(now) * 8,
                 "wire_bytes_sent": counters.wire_bytes_sent,
                 "wire_bytes_received": counters.wire_bytes_received,
-                "header_bytes": self.gate.header_bytes if self.gate else 0,
+                "header_bytes": gate.header_bytes,
                 "link_overhead": self.config.link_overhead,
-                "held_datagrams": self.gate.held if self.gate else 0,
+                "held_datagrams": sum(link.gate.held for link in self.links.values()),
                 "bytes_sent": counters.bytes_sent,
                 "bytes_received": counters.bytes_received,
                 "datagrams_sent": counters.datagrams_sent,
                 "datagrams_received": counters.datagrams_received,
             }
-        if self.session is not None:
-            stats = self.session.conn.path_stats()
-            out["link"]["rtt"] = stats.rtt
-            out["link"]["cwnd"] = stats.cwnd
-            out["link"]["bytes_in_flight"] = stats.bytes_in_flight
-            out["link"]["lost_packets"] = stats.lost_packets
-            out["link"]["lost_bytes"] = stats.lost_bytes
-            out["link"]["spurious_losses"] = stats.spurious_losses
+        if default.session is not None:
             out["link"]["congestion"] = self.config.congestion
+        out["peers"] = [
+            {"name": name, "link": link.link_status(), "rate": link.rate,
+             "effective_rate": link.effective_rate,
+             "address": None if link.address is None else f"{link.address[0]}:{link.address[1]}",
+             "wire": link.wire_status(now) if self.sock is not None else None,
+             "transfers": by_link[name], "datagrams": link.datagrams.status()}
+            for name, link in self.links.items()]
         return out
+
+    def rates(self) -> dict[str, Any]:
+        """Every cap: each link's own and what it may use now, and the total."""
+        return {"rate": self.rate_total if self.hub else self.default.rate,
+                "rate_total": self.rate_total,
+                "peers": {name: {"rate": link.rate, "effective": link.effective_rate}
+                          for name, link in self.links.items()}}
 
 
 def _leaf(exc: BaseException) -> BaseException:

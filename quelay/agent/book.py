@@ -71,6 +71,7 @@ class Runtime:
     out: OutboundPipe | None = None  # out streams
     inp: InboundPipe | None = None  # in streams
     feed_key: int | None = None  # out, active: its entry in the feed scheduler
+    feed: FeedPort | None = None  # ... and that scheduler (its link's)
     claim: object | None = None  # in streams: the control connection that claimed it
     journaled: int = 0  # out files: the acked offset last written to the journal
 
@@ -82,7 +83,9 @@ class HistoryPolicy:
 
 
 class TransferBook:
-    def __init__(self, *, journal: Journal, events: EventHub, inbox: Inbox, feed: FeedPort,
+    def __init__(self, *, journal: Journal, events: EventHub, inbox: Inbox,
+                 feed: FeedPort | None,
+                 feeds: dict[str, FeedPort] | None = None,
                  label: str = "", max_concurrent: int = 0,
                  history: HistoryPolicy | None = None, inbox_ttl: float = 0.0,
                  clock: Callable[[], float] = trio.current_time,
@@ -91,11 +94,12 @@ class TransferBook:
         self.journal = journal
         self.events = events
         self.inbox = inbox
-        self.feed = feed
+        self.feed = feed  # the scheduler of a link without its own (a single-peer agent)
+        self.feeds = feeds if feeds is not None else {}  # a hub: one per link, by peer name
         self.label = label
         self.max_concurrent = max_concurrent
         self.history = history or HistoryPolicy()
-        self.link: LinkPort | None = None
+        self.links: dict[str, LinkPort] = {}  # the sessions that are up, by peer name
         self.added = trio.lowlevel.ParkingLot()  # a transfer was added or unclaimed
         self._clock = clock
         self._wall = wall  # Unix time, for expiry (a test passes its own)
@@ -126,7 +130,8 @@ class TransferBook:
         """Accept a new outbound transfer; it starts now or when the link is up."""
         if t.journaled:
             self.journal.record(id=t.id, direction="out", name=t.name, path=t.path,
-                                size=t.size or 0, priority=t.priority, attrs=t.attrs)
+                                size=t.size or 0, priority=t.priority, attrs=t.attrs,
+                                peer=t.peer)
         self.table.add(t)
         self.runtime(t).out = pipe
         self.added.unpark_all()
@@ -142,29 +147,34 @@ class TransferBook:
         directory takes no slot) the walk stops at once; positions are the queue's
         own (``Transfer.queue_position``)."""
         table = self.table
-        if self.link is not None and table.queued():
+        links = self.links
+        if links and table.queued():
             now = self._clock()
-            limit = self.max_concurrent
+            limit = self.max_concurrent  # per link
             # A directory has no bytes of its own: it never takes a max_concurrent slot.
-            active = table.active_outbound_count(bytes_only=True)
+            active = table.active_outbound_by_peer(bytes_only=True) if limit else {}
+            full = {p for p in links if limit and active.get(p, 0) >= limit}
             dirs = table.queued_dirs()  # directories not visited yet
             start: list[Transfer] = []
             starting: set[str] = set()  # directories starting now: their files may follow
             for t in table.waiting():  # (states change only after the walk)
-                if limit and active >= limit and not dirs:
+                if len(full) == len(links) and not dirs:
                     break  # nothing more can start
                 if t.kind == "dir":
                     dirs -= 1
-                    if t.not_before <= now:
+                    if t.peer in links and t.not_before <= now:
                         start.append(t)  # announced first: its files name it
                         starting.add(t.id)
-                elif limit and active >= limit:
-                    continue
+                elif t.peer not in links or t.peer in full:
+                    continue  # its link is down, or has its max_concurrent
                 elif t.not_before > now or self._group_waits(t, starting):
                     continue  # refused as busy (or its directory was): retried later
                 else:
                     start.append(t)
-                    active += 1
+                    if limit:
+                        active[t.peer] = active.get(t.peer, 0) + 1
+                        if active[t.peer] >= limit:
+                            full.add(t.peer)
             for t in start:
                 self._start(t)
         head = table.queue_head(100)
@@ -183,24 +193,27 @@ class TransferBook:
         return group is not None and group.state is State.PENDING
 
     def _start(self, t: Transfer) -> None:
-        assert self.link is not None
+        link = self.links[t.peer]
         t.move_to(State.ACTIVE)
         rt = self.runtime(t)
         if rt.feed_key is None and t.kind != "dir":
-            rt.feed_key = self.feed.add(t.priority)
+            feed = self.feeds.get(t.peer, self.feed)
+            assert feed is not None, f"no scheduler for link {t.peer!r}"
+            rt.feed = feed
+            rt.feed_key = feed.add(t.priority)
         log.info("transfer %s started: %s %s %r, priority %d", t.id, t.kind, t.direction, t.name,
                  t.priority, extra={"event": "transfer.started", "agent": self.label,
                                     "transfer": t.id, "kind": t.kind, "direction": t.direction,
                                     "transfer_name": t.name, "priority": t.priority})
         self.publish("transfer.started", t)
-        self.link.transfer_started(t)
+        link.transfer_started(t)
 
     def requeue(self, t: Transfer, delay: float) -> None:
         """The receiver refused ``t`` as busy (already moved back to pending): retry later."""
         t.not_before = self._clock() + delay
         rt = self.runtime(t)
-        if rt.feed_key is not None:
-            self.feed.remove(rt.feed_key)
+        if rt.feed_key is not None and rt.feed is not None:
+            rt.feed.remove(rt.feed_key)
             rt.feed_key = None
         log.info("transfer %s: the receiver is busy; retrying in %.0f s", t.id, delay)
         self.publish("transfer.queued", t)
@@ -215,7 +228,8 @@ class TransferBook:
         elif t.journaled:
             assert t.size is not None
             self.journal.record(id=t.id, direction="in", name=t.name, path=None, size=t.size,
-                                priority=t.priority, attrs=t.attrs, state="active")
+                                priority=t.priority, attrs=t.attrs, state="active",
+                                peer=t.peer)
         else:
             self.runtime(t).inp = InboundPipe()
         self.added.unpark_all()
@@ -224,13 +238,15 @@ class TransferBook:
     def request_fetch(self, t: Transfer) -> None:
         """A pull: ``t`` (incoming, pending, ``fetch`` set) is asked for now or at link-up."""
         self.journal.record(id=t.id, direction="in", name=t.name, path=None, size=0,
-                            priority=t.priority, attrs=t.attrs, state="pending", fetch=t.fetch)
+                            priority=t.priority, attrs=t.attrs, state="pending", fetch=t.fetch,
+                            peer=t.peer)
         self.table.add(t)
         self.runtime(t)
         self.added.unpark_all()
         self.publish("transfer.queued", t)
-        if self.link is not None:
-            self.link.fetch_requested(t)
+        link = self.links.get(t.peer)
+        if link is not None:
+            link.fetch_requested(t)
 
     def unclaim(self, owner: object) -> None:
         """A control connection that claimed incoming streams went away before attaching."""
@@ -255,7 +271,7 @@ class TransferBook:
             if t.kind == "dir":  # (directories are journaled only for their expiry)
                 self.journal.record(id=t.id, direction="in", name=t.name, path=t.path,
                                     size=t.size or 0, priority=t.priority, attrs=t.attrs,
-                                    state="done")
+                                    state="done", peer=t.peer)
         self._release(t)
         self._journal_end(t)
         self.stats.transfer_ended(t.direction, t.state.value, None)
@@ -309,8 +325,9 @@ class TransferBook:
         if not t.conclude(code, message, tell_peer=tell_peer):
             return False
         self.ended(t)
-        if self.link is not None:
-            self.link.transfer_ended(t)
+        link = self.links.get(t.peer)
+        if link is not None:
+            link.transfer_ended(t)
         return True
 
     def cancel(self, t: Transfer, reason: str = "canceled by local client") -> bool:
@@ -320,8 +337,8 @@ class TransferBook:
     def _release(self, t: Transfer) -> None:
         """Give back what a finished transfer held: scheduler entry, spool memory."""
         rt = self.runtime(t)
-        if rt.feed_key is not None:
-            self.feed.remove(rt.feed_key)
+        if rt.feed_key is not None and rt.feed is not None:
+            rt.feed.remove(rt.feed_key)
             rt.feed_key = None
         if rt.out is not None:
             rt.out.abort()
@@ -369,6 +386,7 @@ class TransferBook:
             t = Transfer(row.id, row.direction, "file", row.name, row.size,  # type: ignore[arg-type]
                          row.priority, row.attrs)
             t.resumed_from = row.resumed_from
+            t.peer = row.peer
             if row.direction == "in" and row.state == "pending" and row.fetch is not None:
                 t.fetch = row.fetch  # a pull the peer never answered: ask again at link-up
                 t.size = None

@@ -40,12 +40,14 @@ CREATE TABLE IF NOT EXISTS transfers (
     fetch TEXT,
     ttl INTEGER,
     expires REAL,
-    expired INTEGER NOT NULL DEFAULT 0
+    expired INTEGER NOT NULL DEFAULT 0,
+    peer TEXT NOT NULL DEFAULT ''
 )
 """
 #: Columns added after the first release, with their definitions (old journals migrate).
 _ADDED_COLUMNS = {"fetch": "TEXT", "ttl": "INTEGER", "expires": "REAL",
-                  "expired": "INTEGER NOT NULL DEFAULT 0"}
+                  "expired": "INTEGER NOT NULL DEFAULT 0",
+                  "peer": "TEXT NOT NULL DEFAULT ''"}
 
 
 class JournalError(QuelayError):
@@ -69,6 +71,7 @@ class JournalRow:
     sha256: str | None
     resumed_from: int | None
     fetch: tuple[str, str] | None = None  # in: a pull we asked for (export, name)
+    peer: str = ""  # the link (a hub's peer name; "" on a single-peer agent)
 
 
 class Journal:
@@ -102,17 +105,18 @@ class Journal:
 
     def record(self, *, id: str, direction: str, name: str, path: str | None, size: int,
                priority: int, attrs: dict[str, str], offset: int = 0, state: str = "pending",
-               fetch: tuple[str, str] | None = None) -> None:
+               fetch: tuple[str, str] | None = None, peer: str = "") -> None:
         self._execute(
             "INSERT OR REPLACE INTO transfers (id, direction, name, path, size, priority, attrs,"
-            " offset, opened, state, updated, fetch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+            " offset, opened, state, updated, fetch, peer)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
             (id, direction, name, path, size, priority, json.dumps(attrs), offset, state,
-             time.time(), None if fetch is None else json.dumps(list(fetch))),
+             time.time(), None if fetch is None else json.dumps(list(fetch)), peer),
         )
 
     def update(self, transfer_id: str, **fields: Any) -> None:
         allowed = {"offset", "opened", "state", "sha256", "path", "resumed_from", "ttl",
-                   "expires", "expired"}
+                   "expires", "expired", "peer"}
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"cannot update journal fields {sorted(set(fields) - allowed)}")
         names = ", ".join(f"{k} = ?" for k in fields)
@@ -148,9 +152,10 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, direction, name, path, size, priority, attrs, offset, opened, state,"
-                f" sha256, resumed_from, fetch FROM transfers {where}", args).fetchall()
+                f" sha256, resumed_from, fetch, peer FROM transfers {where}", args).fetchall()
         return [
             JournalRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], bool(r[8]),
-                       r[9], r[10], r[11], None if r[12] is None else tuple(json.loads(r[12])))
+                       r[9], r[10], r[11], None if r[12] is None else tuple(json.loads(r[12])),
+                       r[13])
             for r in rows
         ]

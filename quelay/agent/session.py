@@ -30,7 +30,7 @@ import trio
 from ..core import messages as m
 from ..core import peer as pp
 from ..core.codes import Failure, StallReason
-from ..core.transfer import Transfer
+from ..core.transfer import PeerTable, Transfer
 from ..errors import QuelayError, RemoteProtocolError
 from ..framing import FrameDecoder, encode_frame
 from ..transport.connection import ConnectionClosed, InboundStream, QuicConn, StreamReset
@@ -104,7 +104,10 @@ class Session:
                  dialer: bool, early: bool, policy: IncomingPolicy | None = None,
                  free_bytes: Callable[[Path], int] | None = None,
                  exports: Exports | None = None,
-                 datagrams: DatagramService | None = None) -> None:
+                 datagrams: DatagramService | None = None,
+                 peer: str = "", shared: bool = False) -> None:
+        """``peer`` names the link (its transfers carry it); ``shared``: the book holds
+        other links' transfers too (a hub), so this session sees only its own."""
         self.agent = agent
         self.book = book
         self.feed = feed
@@ -112,7 +115,9 @@ class Session:
         self.dialer = dialer
         self.early = early  # a reconnect: start before the peer's hello arrives
         self.policy = policy or IncomingPolicy()
-        self.protocol = pp.PeerProtocol(book.table, max_incoming=self.policy.max_incoming)
+        self.peer = peer
+        self.table = PeerTable(book.table, peer) if shared else book.table
+        self.protocol = pp.PeerProtocol(self.table, max_incoming=self.policy.max_incoming)
         self.peer_hello: m.Hello | None = None
         self.control_sid: int | None = None
         self._sent_on: dict[str, list[int]] = {}  # outbound transfer -> its data streams
@@ -219,8 +224,12 @@ class Session:
             log.warning("%s: refused fetch of %r: %s", self.agent.label, request.name, exc)
             self.send(m.Error(request.id, exc.code, exc.message))
             return
+        if request.id in self.table:  # (any link's: ids are unique in the book)
+            self.send(m.Error(request.id, Failure.DUPLICATE.value,
+                              "a transfer with this id exists"))
+            return
         t = Transfer(request.id, "out", "file", PurePosixPath(request.name).name, found.size,
-                     request.priority)
+                     request.priority, peer=self.peer)
         t.path = str(found.path)
         t.source = (found.size, found.mtime_ns, found.inode)
         log.info("%s: the peer fetches %s", self.agent.label, found.path)
@@ -528,7 +537,7 @@ class Session:
             return
         except Exception as exc:  # a bug here costs this transfer, not the session
             log.exception("data stream %d failed", stream.stream_id)
-            t_bad = self.book.get(named) if named is not None else None
+            t_bad = self.table.get(named) if named is not None else None
             if t_bad is not None:
                 self.book.fail(t_bad, Failure.INTERNAL, f"internal error while receiving: {exc!r}")
         finally:
@@ -727,7 +736,7 @@ class Session:
             if t.stall is not None:
                 self._unstall(t)
             if t.kind == "dir":
-                for member in self.book.table.members(t.id):
+                for member in self.table.members(t.id):
                     member.path = str(final / member.name)  # where the tree now lives
             self.perform(self.protocol.finalized(t, str(final)))
             return

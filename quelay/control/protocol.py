@@ -23,6 +23,8 @@ NOT_FOUND = "not_found"
 CONFLICT = "conflict"
 IO_ERROR = "io_error"
 LINK_DOWN = "link_down"
+UNKNOWN_PEER = "unknown_peer"  # ``to`` / ``from`` / ``peer`` names no configured peer
+PEER_REQUIRED = "peer_required"  # several peers, and the request did not say which
 INTERNAL = "internal"
 
 

@@ -25,6 +25,7 @@ import trio
 from ..agent.book import TransferBook, source_stat
 from ..agent.datagrams import DatagramService
 from ..agent.exports import ExportError, TreeError, walk_tree
+from ..agent.peerspec import peer_name_problem
 from ..agent.pipes import OutboundPipe, PipeAborted
 from ..core.datagrams import MAX_AGE_LIMIT as DATAGRAM_MAX_AGE_LIMIT
 from ..core.datagrams import name_problem as datagram_name_problem
@@ -54,6 +55,15 @@ DATAGRAM_RECV_MAX = 256  # datagrams in one datagram_recv reply...
 DATAGRAM_RECV_BYTES = 512 * 1024  # ...and their payload bytes (the reply limit is 1 MiB)
 
 
+class LinkPort(Protocol):
+    """One of the agent's links, as a client addresses it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def datagrams(self) -> DatagramService: ...
+
+
 class AgentPort(Protocol):
     """What the control server needs from the agent (and nothing more)."""
 
@@ -64,8 +74,11 @@ class AgentPort(Protocol):
     @property
     def rate(self) -> int: ...
     def status(self) -> dict[str, Any]: ...
-    def set_rate(self, rate_bps: int) -> None: ...
+    def rates(self) -> dict[str, Any]: ...
+    def set_rate(self, rate_bps: int, peer: str | None = None) -> None: ...
+    def set_rate_total(self, rate_bps: int) -> None: ...
     def reload_identity(self) -> dict[str, Any]: ...
+    def link_named(self, name: str | None) -> LinkPort: ...
 
 
 class _Raw(Exception):
@@ -327,12 +340,10 @@ def _seconds_arg(args: dict[str, Any], key: str, lo: float, hi: float) -> float 
 
 
 class ControlServer:
-    def __init__(self, agent: AgentPort, book: TransferBook, path: Path, *,
-                 datagrams: DatagramService | None = None) -> None:
+    def __init__(self, agent: AgentPort, book: TransferBook, path: Path) -> None:
         self.agent = agent
         self.book = book
         self.path = path
-        self.datagrams = datagrams
         self.handlers: dict[str, Handler] = {
             "ping": self.op_ping,
             "status": self.op_status,
@@ -396,6 +407,25 @@ class ControlServer:
 
     # -- lookups -----------------------------------------------------------------------
 
+    def _link(self, args: dict[str, Any], *keys: str) -> LinkPort:
+        """The link a request addresses with ``keys[0]`` (or an alias): it may be left
+        out while the agent has one peer."""
+        name = None
+        for key in keys:
+            if args.get(key) is not None:
+                name = args[key]
+                problem = None if name == "" else peer_name_problem(name)
+                if problem is not None:
+                    raise ControlError(p.INVALID_ARGUMENT, f"argument {key!r}: peer name "
+                                       f"{problem}")
+                break
+        try:
+            return self.agent.link_named(name)
+        except LookupError as exc:
+            raise ControlError(p.UNKNOWN_PEER, str(exc.args[0])) from exc
+        except ValueError as exc:
+            raise ControlError(p.PEER_REQUIRED, f"{exc} with {keys[0]!r}") from exc
+
     def find(self, args: dict[str, Any]) -> Transfer:
         tid = p.arg_required_str(args, "id")
         t = self.book.get(tid)
@@ -426,6 +456,9 @@ class ControlServer:
         limit = p.arg_int(args, "limit", LS_DEFAULT_LIMIT, 1, LS_MAX_LIMIT)
         cursor = p.arg_int(args, "cursor", 0, 0, 2**62)
         rest = self.book.table.newest_first(before=cursor or None)
+        if args.get("peer") is not None:
+            peer = self._link(args, "peer").name
+            rest = [t for t in rest if t.peer == peer]
         page = rest[:limit]
         more = len(rest) > len(page)
         return {"transfers": [t.info() for t in page], "total": len(self.book.table),
@@ -463,12 +496,13 @@ class ControlServer:
             raise ControlError(p.INVALID_ARGUMENT, "argument 'path' must be absolute")
         priority, attrs = self._common(args)
         name = self._name(args, path.name)
+        peer = self._link(args, "to").name
         try:
             safe_name_untrusted(name)  # the receiver applies the same rule
         except UnsafeNameError as exc:
             raise ControlError(p.INVALID_ARGUMENT, f"argument 'name': {exc}") from exc
         if path.is_dir() and not path.is_symlink():
-            return self._send_directory(path, name, priority, attrs, args)
+            return self._send_directory(path, name, priority, attrs, args, peer)
         try:
             st = path.stat()
             if not stat.S_ISREG(st.st_mode):
@@ -477,7 +511,8 @@ class ControlServer:
                 pass
         except OSError as exc:
             raise ControlError(p.IO_ERROR, f"cannot read {path}: {exc.strerror}") from exc
-        t = Transfer(new_transfer_id(), "out", "file", name, st.st_size, priority, attrs)
+        t = Transfer(new_transfer_id(), "out", "file", name, st.st_size, priority, attrs,
+                     peer=peer)
         t.ttl = _ttl_arg(args)
         t.path = str(path)
         t.source = source_stat(t.path)
@@ -485,7 +520,7 @@ class ControlServer:
         return t.info()
 
     def _send_directory(self, root: Path, name: str, priority: int, attrs: dict[str, str],
-                        args: dict[str, Any]) -> Any:
+                        args: dict[str, Any], peer: str) -> Any:
         """A directory tree as one transfer: a directory record, then one file per file."""
         try:
             files, empty_dirs = walk_tree(root)
@@ -494,13 +529,13 @@ class ControlServer:
         except OSError as exc:
             raise ControlError(p.IO_ERROR, f"cannot read {root}: {exc.strerror}") from exc
         group = Transfer(new_transfer_id(), "out", "dir", name, sum(f.size for f in files),
-                         priority, attrs, count=len(files), dirs=empty_dirs)
+                         priority, attrs, count=len(files), dirs=empty_dirs, peer=peer)
         group.path = str(root)
         group.ttl = _ttl_arg(args)
         self.book.submit(group)
         for f in files:
             member = Transfer(new_transfer_id(), "out", "file", f.rel, f.size, priority,
-                              group=group.id, mode=f.mode)
+                              group=group.id, mode=f.mode, peer=peer)
             member.path = str(f.path)
             member.source = (f.size, f.mtime_ns, f.inode)
             self.book.submit(member)
@@ -510,7 +545,8 @@ class ControlServer:
         priority, attrs = self._common(args)
         name = self._name(args, "")
         spool_size = p.arg_int(args, "spool", self.agent.spool_size, 1024, 1 << 34)
-        t = Transfer(new_transfer_id(), "out", "stream", name, None, priority, attrs)
+        peer = self._link(args, "to").name
+        t = Transfer(new_transfer_id(), "out", "stream", name, None, priority, attrs, peer=peer)
         self.book.submit(t, OutboundPipe(spool_size))
         return t.info()
 
@@ -518,6 +554,8 @@ class ControlServer:
         """Claim the next unclaimed incoming stream; the claim ends if ``conn`` leaves first."""
         name = p.arg_str(args, "name")
         tid = p.arg_str(args, "id")
+        # An id names one transfer (whoever sent it); otherwise the link must be known.
+        peer = self._link(args, "from").name if tid is None else None
         book = self.book
         while True:
             candidates = [book.get(tid)] if tid is not None else book.table.live("in")
@@ -526,6 +564,7 @@ class ControlServer:
                     t is not None and t.direction == "in" and t.kind == "stream"
                     and not t.claimed and not t.terminal
                     and (name is None or t.name == name)
+                    and (peer is None or t.peer == peer)
                 ):
                     t.claimed = True
                     book.runtime(t).claim = conn
@@ -560,14 +599,15 @@ class ControlServer:
                              PRIORITY_RANGE.stop - 1)
         if "\x00" in name or name.startswith("/") or len(name.encode()) > 4096:
             raise ControlError(p.INVALID_ARGUMENT, "argument 'name' must be a relative path")
+        peer = self._link(args, "from", "to").name
         t = Transfer(new_transfer_id(), "in", "file", PurePosixPath(name).name or name, None,
-                     priority)
+                     priority, peer=peer)
         t.fetch = (export, name)
         self.book.request_fetch(t)
         return t.info()
 
     async def op_ls_remote(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
-        link = self.book.link
+        link = self.book.links.get(self._link(args, "from", "to").name)
         if link is None:
             raise ControlError(p.LINK_DOWN, "the link is down: the peer's exports are unknown")
         try:
@@ -578,7 +618,7 @@ class ControlServer:
             raise ControlError(p.CONFLICT, f"the peer refused the listing: {exc}") from exc
 
     async def op_get_rate(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
-        return {"rate": self.agent.rate}
+        return self.agent.rates()
 
     async def op_set_rate(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         rate = args.get("rate")
@@ -589,27 +629,35 @@ class ControlServer:
                 raise ControlError(p.INVALID_ARGUMENT, str(exc)) from exc
         if not isinstance(rate, int) or isinstance(rate, bool):
             raise ControlError(p.INVALID_ARGUMENT, "argument 'rate' must be bits/s or '2Mbps'")
+        total = args.get("total", False)
+        if not isinstance(total, bool):
+            raise ControlError(p.INVALID_ARGUMENT, "argument 'total' must be true or false")
+        if total and args.get("peer") is not None:
+            raise ControlError(p.INVALID_ARGUMENT, "give 'peer' or 'total', not both")
+        peer = None if total else self._link(args, "peer").name
         try:
-            self.agent.set_rate(rate)
+            if total:
+                self.agent.set_rate_total(rate)
+            else:
+                self.agent.set_rate(rate, peer)
         except ValueError as exc:
             raise ControlError(p.INVALID_ARGUMENT, str(exc)) from exc
-        return {"rate": self.agent.rate}
+        return self.agent.rates()
 
     # -- best-effort datagrams ------------------------------------------------------------
 
-    def _datagram_service(self, args: dict[str, Any]) -> tuple[DatagramService, str]:
-        if self.datagrams is None:
-            raise ControlError(p.UNKNOWN_OP, "this agent has no datagram service")
+    def _datagram_service(self, args: dict[str, Any], key: str
+                          ) -> tuple[DatagramService, str]:
         name = args.get("name")
         problem = datagram_name_problem(name)
         if problem is not None:
             raise ControlError(p.INVALID_ARGUMENT, f"argument 'name' {problem}")
         assert isinstance(name, str)
-        return self.datagrams, name
+        return self._link(args, key).datagrams, name
 
     async def op_datagram_send(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         """Queue one best-effort datagram; the reply says whether it was accepted."""
-        service, name = self._datagram_service(args)
+        service, name = self._datagram_service(args, "to")
         data = args.get("data")
         if isinstance(data, str):
             data = data.encode("utf-8")
@@ -623,7 +671,7 @@ class ControlServer:
 
     async def op_datagram_recv(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         """Up to ``count`` datagrams named ``name``, once one is here (or ``timeout``)."""
-        service, name = self._datagram_service(args)
+        service, name = self._datagram_service(args, "from")
         count = p.arg_int(args, "count", 1, 1, DATAGRAM_RECV_MAX)
         timeout = _seconds_arg(args, "timeout", 0.0, 365 * 86400.0)
         got = await service.recv(name, count, timeout, DATAGRAM_RECV_BYTES)

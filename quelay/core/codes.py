@@ -39,12 +39,13 @@ class Failure(StrEnum):
     NOT_FOUND = "not_found"  # a fetched name is not in the peer's export
     REFUSED = "refused"  # the peer refused a fetch (outside the export, not a regular file)
     PEER_ERROR = "peer_error"  # the peer reported a failure code we do not know
+    UNKNOWN_PEER = "unknown_peer"  # its link is no longer configured (after a restart)
     INTERNAL = "internal"  # a bug in quelay, contained to this one transfer (please report)
 
 
 #: Failure codes a peer may report for one transfer; anything else is mapped to
 #: ``peer_error`` so a hostile peer can't inject arbitrary codes into clients.
-PEER_REPORTABLE = frozenset(Failure) - {Failure.VERSION}
+PEER_REPORTABLE = frozenset(Failure) - {Failure.VERSION, Failure.UNKNOWN_PEER}
 
 
 def failure_from_peer(code: str) -> Failure:

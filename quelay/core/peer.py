@@ -31,7 +31,7 @@ from ..errors import RemoteProtocolError
 from . import messages as m
 from .codes import Failure, failure_from_peer
 from .names import UnsafeNameError, safe_name_untrusted, safe_relative_path_untrusted
-from .transfer import State, Transfer, TransferTable
+from .transfer import PeerTable, State, Transfer, TransferTable
 
 # -- actions ----------------------------------------------------------------------
 
@@ -171,7 +171,7 @@ BUSY_RETRY_MAX = 30.0
 class PeerProtocol:
     """The protocol state of one session over the shared transfer table."""
 
-    def __init__(self, table: TransferTable, *, max_incoming: int = 4096) -> None:
+    def __init__(self, table: TransferTable | PeerTable, *, max_incoming: int = 4096) -> None:
         self.table = table
         self.max_incoming = max_incoming
         self._finish: dict[str, m.Finish] = {}  # in: the sender's finish, this session
@@ -324,6 +324,8 @@ class PeerProtocol:
                 actions.append(Persist(known, (("resumed_from", known.delivered),)))
             actions.append(Send(m.Resume(msg.id, known.delivered)))
             return actions
+        if msg.id in self.table:  # another link's transfer (a hub): not this peer's to use
+            return self._refuse_open(msg, Failure.DUPLICATE, "a transfer with this id exists")
         if msg.kind == "dir":
             return self._open_directory(msg)
         if msg.group is not None:

@@ -100,6 +100,7 @@ class Transfer:
     members_done: int = 0  # a directory: how many of them are done
     dirs: list[str] = field(default_factory=list)  # a directory: its empty subdirectories
     seq: int = field(default_factory=lambda: next(_SEQ))  # FIFO order within a priority
+    peer: str = ""  # the link it travels on (a hub's peer name; "" on a single-peer agent)
     # Live statistics, sampled at the progress interval (never journaled): delivered
     # bytes per second (smoothed); out: bytes in QUIC packets not yet acknowledged, and
     # bytes sent again (lost, or copied at a tail) over every connection so far.
@@ -190,6 +191,7 @@ class Transfer:
             state = "stalled"
         out: dict[str, Any] = {
             "id": self.id,
+            "peer": self.peer,
             "direction": self.direction,
             "kind": self.kind,
             "name": self.name,
@@ -284,6 +286,7 @@ class TransferTable:
         self._queue = _Queue()
         self._members: dict[str, dict[str, Transfer]] = {}  # directory id -> its files
         self._member_names: dict[str, Counter[str]] = {}  # directory id -> their names
+        self._live_in_by_peer: Counter[str] = Counter()  # admission is per peer (a hub)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -311,6 +314,8 @@ class TransferTable:
         t._table = self
         if not t.terminal:
             self._live[t.direction][t.id] = t
+            if t.direction == "in":
+                self._live_in_by_peer[t.peer] += 1
         if t.direction == "out":
             if t.state is State.ACTIVE:
                 self._set_active(t)
@@ -326,7 +331,8 @@ class TransferTable:
             return
         del self._order[transfer_id]
         t._table = None
-        self._live[t.direction].pop(transfer_id, None)
+        if self._live[t.direction].pop(transfer_id, None) is not None and t.direction == "in":
+            self._live_in_by_peer[t.peer] -= 1
         self._unset_active(t)
         self._queue.remove(t)
         if t.group is not None:
@@ -341,8 +347,9 @@ class TransferTable:
 
     def moved(self, t: Transfer, old: State) -> None:
         """``t`` went from ``old`` to its state now: follow it in the indexes."""
-        if t.terminal:
-            self._live[t.direction].pop(t.id, None)
+        if t.terminal and self._live[t.direction].pop(t.id, None) is not None \
+                and t.direction == "in":
+            self._live_in_by_peer[t.peer] -= 1
         if t.direction != "out":
             return
         if old is State.ACTIVE:
@@ -366,8 +373,11 @@ class TransferTable:
         return [t for t in self._live["in"].values()
                 if t.state is State.PENDING and t.fetch is not None]
 
-    def live_incoming(self) -> int:
-        return len(self._live["in"])
+    def live_incoming(self, peer: str | None = None) -> int:
+        """Live incoming transfers (from ``peer`` only, if given)."""
+        if peer is None:
+            return len(self._live["in"])
+        return self._live_in_by_peer[peer]
 
     def active_outbound(self) -> list[Transfer]:
         """Active outbound transfers (in the order they were added)."""
@@ -379,6 +389,12 @@ class TransferTable:
         if not bytes_only:
             return len(self._active_out)
         return len(self._active_out) - self._active_dirs
+
+    def active_outbound_by_peer(self, *, bytes_only: bool = False) -> dict[str, int]:
+        """:meth:`active_outbound_count` per link (peer name)."""
+        counts: Counter[str] = Counter(t.peer for t in self._active_out.values()
+                                       if not bytes_only or t.kind != "dir")
+        return dict(counts)
 
     def _set_active(self, t: Transfer) -> None:
         if t.id not in self._active_out:
@@ -427,3 +443,49 @@ class TransferTable:
         cursor that stays valid while transfers are added or pruned."""
         items = (t for t in self._by_id.values() if before is None or t.seq < before)
         return sorted(items, key=lambda t: -t.seq)
+
+
+class PeerTable:
+    """One peer's part of a shared :class:`TransferTable` (a hub's session sees this).
+
+    Lookups answer only for that peer's transfers, so a peer can neither name,
+    ack, cancel nor resume another link's transfer — an id it does not own is
+    unknown to it — and what it adds is its own. ``in`` still answers for any
+    peer's id: a new transfer may not take an id that exists on another link.
+    """
+
+    def __init__(self, table: TransferTable, peer: str) -> None:
+        self.table = table
+        self.peer = peer
+
+    def __contains__(self, transfer_id: object) -> bool:
+        return transfer_id in self.table
+
+    def __iter__(self) -> Iterator[Transfer]:
+        return (t for t in self.table if t.peer == self.peer)
+
+    def get(self, transfer_id: str) -> Transfer | None:
+        t = self.table.get(transfer_id)
+        return t if t is not None and t.peer == self.peer else None
+
+    def add(self, t: Transfer) -> None:
+        t.peer = self.peer
+        self.table.add(t)
+
+    def live(self, direction: Direction | None = None) -> list[Transfer]:
+        return [t for t in self.table.live(direction) if t.peer == self.peer]
+
+    def live_incoming(self, peer: str | None = None) -> int:
+        return self.table.live_incoming(self.peer)
+
+    def active_outbound(self) -> list[Transfer]:
+        return [t for t in self.table.active_outbound() if t.peer == self.peer]
+
+    def pending_fetches(self) -> list[Transfer]:
+        return [t for t in self.table.pending_fetches() if t.peer == self.peer]
+
+    def members(self, group_id: str) -> list[Transfer]:
+        return self.table.members(group_id) if self.get(group_id) is not None else []
+
+    def has_member(self, group_id: str, name: str) -> bool:
+        return self.get(group_id) is not None and self.table.has_member(group_id, name)

@@ -45,6 +45,7 @@ class QuicEndpoint:
         configuration: QuicConfiguration,
         quic_kwargs: dict[str, object],
         path_memory: PathMemory | None = None,
+        client_configuration: QuicConfiguration | None = None,
     ) -> None:
         self.sock = sock
         self.path_memory = path_memory if path_memory is not None else PathMemory()
@@ -52,7 +53,9 @@ class QuicEndpoint:
         self._configuration = configuration
         self._quic_kwargs = quic_kwargs
         self._by_cid: dict[bytes, QuicConn] = {}
-        self._client: QuicConn | None = None
+        self._clients: set[QuicConn] = set()  # connections we dialled, still running
+        # Connections we dial use a client configuration even on a listener (a hub).
+        self._client_configuration = client_configuration or configuration
         self._accepted: trio.MemorySendChannel[QuicConn]
         self._accepted, self.accepted = trio.open_memory_channel[QuicConn](16)
         # Datagrams that are not QUIC (first byte without the fixed bit 0x40, e.g. the
@@ -67,7 +70,7 @@ class QuicEndpoint:
 
     def reconfigure(self, configuration: QuicConfiguration) -> None:
         """Use ``configuration`` (e.g. another role) for connections made from now on."""
-        self._configuration = configuration
+        self._configuration = self._client_configuration = configuration
 
     @staticmethod
     def path_key(addr: Address) -> str:
@@ -80,21 +83,29 @@ class QuicEndpoint:
         entry = self.path_memory.load(self.path_key(peer))
         return entry.rtt if entry is not None else None
 
-    def _new_quic(self, peer: Address, **extra: object) -> QuelayQuicConnection:
+    def _new_quic(self, peer: Address, configuration: QuicConfiguration | None = None,
+                  **extra: object) -> QuelayQuicConnection:
         remembered = self.path_memory.load(self.path_key(peer))
         if remembered is not None:
             extra["remembered_rtt"] = remembered.rtt
             extra["remembered_rtt_var"] = remembered.rtt_var
         return QuelayQuicConnection(
-            configuration=self._configuration, **self._quic_kwargs, **extra  # type: ignore[arg-type]
+            configuration=configuration or self._configuration,
+            **self._quic_kwargs, **extra  # type: ignore[arg-type]
         )
 
-    def connect(self, peer: Address) -> QuicConn:
-        """Start a client connection to ``peer``; drive it with ``conn.run()``."""
-        quic = self._new_quic(peer)
-        conn = self._make_connection(quic, self.sock, peer)
+    def connect(self, peer: Address, **context: object) -> QuicConn:
+        """Start a client connection to ``peer``; drive it with ``conn.run()``.
+
+        ``context`` goes to ``make_connection`` (a hub says which link dials).
+        Several client connections may run at once (a hub dials several peers):
+        with one, every datagram is its; with more, datagrams go by connection ID.
+        """
+        quic = self._new_quic(peer, configuration=self._client_configuration)
+        conn = self._make_connection(quic, self.sock, peer, **context)
         quic.connect(peer, now=trio.current_time())
-        self._client = conn
+        self._clients.add(conn)
+        self._register(conn)
         conn.kick()
         return conn
 
@@ -115,8 +126,7 @@ class QuicEndpoint:
             self.path_memory.remember(self.path_key(conn.peer), conn.path_stats())
         for cid in [cid for cid, c in self._by_cid.items() if c is conn]:
             del self._by_cid[cid]
-        if self._client is conn:
-            self._client = None
+        self._clients.discard(conn)
         self._handshaking.pop(conn, None)
 
     def handshakes_in_progress(self, host: str | None = None) -> int:
@@ -172,10 +182,9 @@ class QuicEndpoint:
         return decision.original_dcid, decision.retry_scid
 
     def _route(self, data: bytes, addr: Address, nursery: trio.Nursery) -> QuicConn | None:
-        if self._client is not None:
-            return self._client
-        if self._configuration.is_client:
-            return None  # a dialler never accepts: a late answer to an abandoned attempt
+        dialler = self._configuration.is_client
+        if dialler and len(self._clients) == 1:
+            return next(iter(self._clients))  # the common case: one peer, one connection
         if len(data) > CID_LENGTH and not data[0] & 0x80:
             # Short header (1-RTT, nearly every datagram): the destination CID follows
             # the first byte; no need to parse a header per datagram to route it.
@@ -189,6 +198,8 @@ class QuicEndpoint:
         conn = self._by_cid.get(header.destination_cid)
         if conn is not None:
             return conn
+        if dialler:
+            return None  # a dialler never accepts: a late answer to an abandoned attempt
         if (
             header.packet_type != QuicPacketType.INITIAL
             or len(data) < MIN_INITIAL_SIZE

@@ -18,8 +18,12 @@ GSE framing; default 0). Two rules, both on those wire bytes, must hold:
   closed one, at or below the cap; it costs at most 0.5 % of the rate.
 
 A rate of 0 means uncapped: every datagram passes, and the gate only
-measures. Time is always the caller's ``now`` (``trio.current_time()``), so
-tests drive it with explicit numbers or Trio's MockClock.
+measures. A link's gate may have a ``parent`` (a hub's total cap shared by
+every link): a datagram leaves only when both allow it, and both count it.
+How the total is divided among links is :mod:`quelay.core.share`'s job; the
+parent only makes sure that no mix of links ever exceeds it. Time is always
+the caller's ``now`` (``trio.current_time()``), so tests drive it with
+explicit numbers or Trio's MockClock.
 """
 
 from __future__ import annotations
@@ -51,8 +55,10 @@ def payload_bytes_per_second(rate_bps: int, max_datagram: int, per_datagram: int
 
 class WireGate:
     def __init__(self, rate_bps: int, now: float, max_datagram: int = 1350, *,
-                 header_bytes: int = IPV4_UDP_HEADER, link_overhead: int = 0) -> None:
+                 header_bytes: int = IPV4_UDP_HEADER, link_overhead: int = 0,
+                 parent: WireGate | None = None) -> None:
         self.max_datagram = max_datagram
+        self.parent = parent
         self._sent: deque[tuple[float, int, int]] = deque()  # (time, wire, payload)
         self._window_bytes = 0
         self._window_payload = 0
@@ -106,7 +112,8 @@ class WireGate:
 
     @property
     def capped(self) -> bool:
-        return self.rate_bps > 0
+        """Whether anything may hold a datagram: this gate's cap or its parent's."""
+        return self.rate_bps > 0 or (self.parent is not None and self.parent.capped)
 
     @property
     def payload_bytes_per_second(self) -> float:
@@ -156,23 +163,40 @@ class WireGate:
         """Consume allowance for ``datagrams`` datagrams of ``nbytes`` payload bytes in
         all (one, when capped); ``False`` if it must wait."""
         wire = self.wire_size(nbytes, datagrams)
-        if not self.capped:
-            self._record(wire, nbytes, datagrams, now)
+        parent = self.parent
+        if not self._allows(wire, now) or (parent is not None
+                                           and not parent._allows(wire, now)):
+            self.held += 1
+            return False
+        self._take(wire, nbytes, datagrams, now)
+        if parent is not None:
+            parent._take(wire, nbytes, datagrams, now)
+        return True
+
+    def _allows(self, wire: int, now: float) -> bool:
+        """Whether this gate's own cap lets ``wire`` bytes leave now."""
+        if self.rate_bps <= 0:
             return True
         self._refill(now)
         self._expire(now)
-        if self._tokens + EPSILON < wire or self._window_bytes + wire > self.bytes_per_second:
-            self.held += 1
-            return False
-        self._tokens -= wire
+        return not (self._tokens + EPSILON < wire
+                    or self._window_bytes + wire > self.bytes_per_second)
+
+    def _take(self, wire: int, nbytes: int, datagrams: int, now: float) -> None:
+        if self.rate_bps > 0:
+            self._tokens -= wire
         self._record(wire, nbytes, datagrams, now)
-        return True
 
     def ready_at(self, nbytes: int, now: float) -> float:
         """The earliest time ``try_send(nbytes)`` can succeed (``now`` if it can now)."""
-        if not self.capped:
+        at = self._own_ready_at(self.wire_size(nbytes), now)
+        if self.parent is not None:
+            at = max(at, self.parent._own_ready_at(self.wire_size(nbytes), now))
+        return at
+
+    def _own_ready_at(self, wire: int, now: float) -> float:
+        if self.rate_bps <= 0:
             return now
-        wire = self.wire_size(nbytes)
         self._refill(now)
         self._expire(now)
         at = now
