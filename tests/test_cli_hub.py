@@ -8,6 +8,8 @@ answers as docs/control-protocol.md says a hub does.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 import trio
 from typer.testing import CliRunner, Result
 
+from quelay.agent import Agent
 from quelay.agent.peerspec import PeerSpec
 from quelay.cli import app, config
 from quelay.cli.app import RateArgs, health_report, ls_lines, rate_args, status_lines
@@ -24,6 +27,9 @@ from quelay.cli.config import ConfigError
 from quelay.cli.watch import WatchState, render_watch
 from quelay.client import BlockingClient, ClientError, ClientUsageError, open_client
 from quelay.framing import FrameDecoder, encode_frame
+from quelay.identity import load_or_create_identity
+
+from .conftest import make_file, sha256_file, site_config, wait_for
 
 FP_A = "sha256:" + "ab" * 32
 FP_B = "sha256:" + "cd" * 32
@@ -322,21 +328,25 @@ def hub_status() -> dict[str, Any]:
         return {"state": state, "reason": kw.pop("reason", ""), "peer": kw.pop("peer", None),
                 **kw}
 
-    def wire(sent: int, rate: int) -> dict[str, Any]:
-        return {"bytes_sent": sent, "wire_bytes_sent": sent + sent // 10,
-                "bytes_received": 1000, "rate": rate, "payload_rate": rate}
+    def wire(sent: int, rate: int) -> dict[str, Any]:  # one link's gate
+        return {"rate": rate, "payload_rate": rate, "wire_bytes_sent": sent + sent // 10,
+                "payload_bytes_sent": sent, "datagrams_sent": sent // 1000,
+                "held_datagrams": 0, "header_bytes": 28}
 
     up = link("up", peer=FP_A, rtt=0.0123, cwnd=50_000)
+    socket = {"rate": 1_900_000, "payload_rate": 1_800_000, "bytes_sent": 4_000_000,
+              "wire_bytes_sent": 4_400_000, "bytes_received": 1000,
+              "wire_bytes_received": 1100}  # the agent's socket: every link
     return {"agent": FP_C, "name": "hub", "epoch": 1, "role": "listen",
             "udp": ["127.0.0.1", 4433], "rate": 2_000_000, "rate_total": 10_000_000,
-            "link": up, "wire": wire(1_000_000, 1_900_000),
-            "transfers": {"active": 1, "done": 2},
+            "link": up, "wire": socket, "transfers": {"active": 1, "done": 2},
             "peers": [
                 {"name": "site-a", "link": up, "rate": 2_000_000, "effective_rate": 2_000_000,
-                 "wire": wire(1_000_000, 1_900_000), "transfers": {"active": 1, "done": 1}},
+                 "address": None, "wire": wire(1_000_000, 1_900_000),
+                 "transfers": {"active": 1, "done": 1}},
                 {"name": "site-b", "link": link("down", reason="idle timeout"), "rate": 0,
-                 "effective_rate": 8_000_000, "wire": wire(3_000_000, 0),
-                 "transfers": {"done": 1}},
+                 "effective_rate": 8_000_000, "address": "10.0.0.2:4433",
+                 "wire": wire(3_000_000, 0), "transfers": {"done": 1}},
             ]}
 
 
@@ -506,11 +516,12 @@ async def test_blocking_client_passes_the_peer(fake: FakeHub, tmp_path: Path) ->
 
 def test_status_lines_show_every_peer() -> None:
     lines = status_lines(hub_status())
-    assert lines[1] == "total   cap 10.0 Mbit/s, wire now 1.90 Mbit/s"
+    assert lines[1] == ("total   cap 10.0 Mbit/s, wire now 1.90 Mbit/s; sent 4.2 MiB "
+                        "(payload 3.8 MiB), received 1000 B")
     assert lines[2] == "peer    site-a  up  rtt 12.3 ms"
     assert lines[3] == (f"        cap 2.00 Mbit/s, effective 2.00 Mbit/s, wire now "
                         f"1.90 Mbit/s; {FP_A}")
-    assert lines[4] == ("        sent 1.0 MiB (payload 976.6 KiB), received 1000 B; "
+    assert lines[4] == ("        sent 1.0 MiB (payload 976.6 KiB); "
                         "transfers active 1, done 1")
     assert lines[5] == "peer    site-b  down: idle timeout"
     assert lines[-1] == "transfers active 1, done 2"
@@ -551,12 +562,13 @@ def test_watch_shows_every_link_and_a_peer_column() -> None:
                   "created": 1.0, "peer": "site-a"}]
     state = WatchState()
     rates = state.observe(status, transfers, now=0.0, wall=0.0)
-    assert rates["peer/site-a"] == 1_900_000 and rates["sent"] == 1_900_000
+    assert rates["peer/site-a"] == 1_900_000 and rates["sent"] == 1_800_000
     later = json.loads(json.dumps(status))
     later["peers"][1]["wire"]["wire_bytes_sent"] += 125_000
+    later["wire"]["wire_bytes_sent"] += 125_000
     rates = state.observe(later, transfers, now=1.0, wall=1.0)
     assert rates["peer/site-b"] == 1_000_000 and rates["peer/site-a"] == 0
-    assert rates["wire_sent"] == 1_000_000  # the sum over the links
+    assert rates["wire_sent"] == 1_000_000  # the agent's socket: every link
     lines = render_watch(later, transfers, rates, width=120, height=20, wall=0.0)
     assert lines[1].startswith("total     cap 10.0 Mbit/s   wire out 1.00 Mbit/s")
     assert lines[2].split() == ["PEER", "LINK", "RTT", "CAP", "EFFECTIVE", "WIRE", "OUT",
@@ -567,3 +579,129 @@ def test_watch_shows_every_link_and_a_peer_column() -> None:
     assert lines[5].startswith("transfers active 1, done 2")
     assert lines[7].split()[:3] == ["ID", "PEER", "NAME"]
     assert lines[8].split()[:3] == ["aaaaaaaa", "site-a", "plan.bin"]
+
+
+# -- end to end: a hub agent and two sites on loopback -------------------------------------
+
+
+async def test_a_hub_and_two_sites_from_the_command_line(nursery: trio.Nursery,
+                                                         tmp_path: Path) -> None:
+    roots = {name: tmp_path / name for name in ("hub", "site-a", "site-b")}
+    fps = {name: load_or_create_identity(root / "state").fingerprint
+           for name, root in roots.items()}
+    # The hub's settings as `quelay run` parses them: named pins, a named rate, a total.
+    settings = config.load(None, env={}, flags={
+        "listen": "127.0.0.1:0", "state_dir": str(roots["hub"] / "state"),
+        "inbox": str(roots["hub"] / "inbox"), "control": str(roots["hub"] / "control.sock"),
+        "trust": [f"site-a={fps['site-a']}", f"site-b={fps['site-b']}"],
+        "rate": ["site-b=1Mbps"], "rate_total": "20Mbps", "reconnect_interval": "0.2"})
+    hub = Agent(settings.agent)
+    await nursery.start(hub.run)
+    sites = {}
+    for name in ("site-a", "site-b"):
+        sites[name] = Agent(site_config(roots[name], peer=hub.udp_address,
+                                        trust=[fps["hub"]]))
+        await nursery.start(sites[name].run)
+    await wait_for(lambda: [p["link"]["state"] for p in hub.status()["peers"]] == ["up"] * 2)
+    ctl = ["--control", str(hub.config.control)]
+
+    src = make_file(tmp_path / "plan.bin", 100_000, seed=17)
+    sent = await cli("send", str(src), "--to", "site-a", "--wait", "-q", *ctl, "--json")
+    assert sent.exit_code == 0, sent.output
+    final = json.loads(sent.stdout)
+    assert final["state"] == "done" and final["peer"] == "site-a"
+    assert sha256_file(roots["site-a"] / "inbox" / "plan.bin") == final["sha256"]
+    assert not (roots["site-b"] / "inbox" / "plan.bin").exists()
+
+    received: dict[str, Any] = {}
+
+    async def reader() -> None:
+        async with open_client(sites["site-b"].config.control) as client:
+            incoming = await client.accept_incoming(name="tm")
+            received["data"] = await incoming.read_all()
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(reader)
+        streamed = await cli("stream", "--to", "site-b", "--name", "tm", "-q", *ctl,
+                             input=b"telemetry " * 100)
+    assert streamed.exit_code == 0, streamed.output
+    assert received["data"] == b"telemetry " * 100
+
+    bare = await cli("send", str(src), *ctl)
+    assert bare.exit_code == 1 and bare.stderr.strip() == (
+        "quelay: peer_required: this agent has 2 peers (site-a, site-b): say which with 'to'")
+    typo = await cli("send", str(src), "--to", "site-x", *ctl)
+    assert typo.exit_code == 1 and typo.stderr.strip() == (
+        "quelay: unknown_peer: no peer named 'site-x' (peers: site-a, site-b)")
+
+    changed = await cli("rate", "site-a", "2Mbps", *ctl)
+    assert changed.exit_code == 0 and changed.stdout.startswith("2.00 Mbit/s (effective ")
+    assert hub.rates()["peers"]["site-a"]["rate"] == 2_000_000
+    caps = json.loads((await cli("rate", *ctl, "--json")).stdout)
+    assert caps["rate_total"] == 20_000_000
+    assert {n: p["rate"] for n, p in caps["peers"].items()} == {"site-a": 2_000_000,
+                                                               "site-b": 1_000_000}
+    which = await cli("rate", "1Mbps", *ctl)
+    assert which.exit_code == 1 and which.stderr.strip() == (
+        "quelay: peer_required: this agent has 2 peers (site-a, site-b): say which with "
+        "'peer' (quelay rate NAME RATE: one link's cap; quelay rate --total RATE: the total)")
+
+    shown = (await cli("status", *ctl)).stdout.splitlines()
+    assert "total   cap 20.0 Mbit/s" in shown[1]
+    peers = [line.split()[1:3] for line in shown if line.startswith("peer    ")]
+    assert peers == [["site-a", "up"], ["site-b", "up"]]
+    doc = json.loads((await cli("status", *ctl, "--json")).stdout)
+    assert [p["name"] for p in doc["peers"]] == ["site-a", "site-b"]
+    assert [p["transfers"] for p in doc["peers"]] == [{"done": 1}, {"done": 1}]
+    fake_peer = hub_status()["peers"][0]  # the fake hub answers with the real keys
+    assert set(fake_peer) <= set(doc["peers"][0])
+    assert set(fake_peer["wire"]) <= set(doc["peers"][0]["wire"])
+    assert set(hub_status()["wire"]) <= set(doc["wire"])
+    assert set(FakeHub(tmp_path).rates()) == set(caps)
+    listed = (await cli("ls", "--peer", "site-a", *ctl)).stdout.splitlines()
+    assert [line.split()[1] for line in listed] == ["site-a"]
+    healthy = await cli("health", "--link", *ctl)
+    assert healthy.exit_code == 0 and healthy.stdout.strip() == (
+        "ok: agent answers, links site-a up, site-b up")
+
+
+async def test_quelay_run_with_named_flags(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A real `quelay run` process: named pins and rates from flags, a site dials in."""
+    hub_root, site_root = tmp_path / "hub", tmp_path / "site-a"
+    fp_hub = load_or_create_identity(hub_root / "state").fingerprint
+    fp_site = load_or_create_identity(site_root / "state").fingerprint
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "quelay.cli", "run", "--listen", "127.0.0.1:0", "--state-dir",
+         str(hub_root / "state"), "--trust", f"site-a={fp_site}", "--trust", f"site-b={FP_B}",
+         "--rate", "site-b=1Mbps", "--rate-total", "20Mbps", "--log-format", "json"],
+        stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    log = b""
+    try:
+        while b"agent ready" not in log:
+            chunk = await proc.stderr.receive_some(65536)
+            assert chunk, log
+            log += chunk
+        ready = next(json.loads(line)["message"] for line in log.decode().splitlines()
+                     if "agent ready" in line)
+        assert ready.endswith("2 peers (site-a, site-b), total cap 20.0 Mbit/s"), ready
+        port = int(ready.split("udp 127.0.0.1:")[1].split(",")[0])
+        site = Agent(site_config(site_root, peer=("127.0.0.1", port), trust=[fp_hub]))
+        await nursery.start(site.run)
+        await wait_for(lambda: site.link_state == "up")
+        ctl = ["--control", str(hub_root / "state" / "control.sock")]
+        caps = json.loads((await cli("rate", *ctl, "--json")).stdout)
+        assert caps == {"rate": 20_000_000, "rate_total": 20_000_000, "peers": {
+            "site-a": {"rate": 0, "effective": caps["peers"]["site-a"]["effective"]},
+            "site-b": {"rate": 1_000_000, "effective": caps["peers"]["site-b"]["effective"]}}}
+        one = await cli("health", "--link", "site-a", *ctl)
+        assert one.exit_code == 0, one.output
+        every = await cli("health", "--link", *ctl)  # site-b never dialled in
+        assert every.exit_code == 1 and "site-b connecting" in every.stderr
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -124,8 +124,13 @@ async def serve_agent(agent: Any) -> str | None:
 
             await nursery.start(agent_main)
             host, port = agent.udp_address
+            named = [p.name for p in agent.config.peers]
+            total = agent.config.rate_total
+            caps = (f"{len(named)} peers ({', '.join(named)}), "
+                    + (f"total cap {format_rate(total)}" if total else "no total cap")
+                    if named else f"rate cap {format_rate(agent.rate)}")
             log.info("agent ready: control socket %s, udp %s:%d, %s", agent.config.control,
-                     host, port, f"rate cap {format_rate(agent.rate)}")
+                     host, port, caps)
             async for signum in signals:
                 stopped_by = signal.Signals(signum).name
                 log.info("received %s: stopping", stopped_by)
@@ -732,6 +737,17 @@ def _wire_line(wire_: dict[str, Any]) -> str:
             f"received {format_size(wire_.get('bytes_received', 0))}")
 
 
+def _link_wire_line(wire_: dict[str, Any]) -> str:
+    """One link's counters: what its gate let out (a link's received bytes are not
+    counted apart: the socket's are, in the agent's ``wire``)."""
+    payload = wire_.get("payload_bytes_sent", wire_.get("bytes_sent", 0))
+    text = (f"sent {format_size(wire_.get('wire_bytes_sent', 0))} "
+            f"(payload {format_size(payload)})")
+    if "bytes_received" in wire_:
+        text += f", received {format_size(wire_['bytes_received'])}"
+    return text
+
+
 def _counts(transfers: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in transfers.items()) or "none"
 
@@ -751,9 +767,9 @@ def status_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"path    {info.get('path') or '-'} (rendezvous {rv['relay']}, "
                      f"session {rv['session']}{refused})")
     if peers:
-        now = sum(int((p.get("wire") or {}).get("rate") or 0) for p in peers)
         lines.append(f"total   cap {format_rate(int(info.get('rate_total') or 0))}, "
-                     f"wire now {format_rate(now, zero='0 bit/s')}")
+                     f"wire now {format_rate(int(wire_.get('rate') or 0), zero='0 bit/s')}; "
+                     f"{_wire_line(wire_)}")
         for p in peers:
             plink, pwire = p.get("link") or {}, p.get("wire") or {}
             reason = f": {plink['reason']}" if plink.get("reason") else ""
@@ -764,7 +780,7 @@ def status_lines(info: dict[str, Any]) -> list[str]:
                          f"{format_rate(int(p.get('effective_rate') or 0))}, wire now "
                          f"{format_rate(int(pwire.get('rate') or 0), zero='0 bit/s')}; "
                          f"{plink.get('peer') or 'not met yet'}")
-            lines.append(f"        {_wire_line(pwire)}; transfers "
+            lines.append(f"        {_link_wire_line(pwire)}; transfers "
                          f"{_counts(p.get('transfers') or {})}")
     else:
         if link.get("rtt") is not None:
@@ -836,23 +852,26 @@ def ls(control: ControlOpt = DEFAULT_CONTROL, as_json: JsonOpt = False,
             typer.echo(f"{f['export']}/{f['name']}  {format_size(f['size'])}  {stamp}")
         return
 
-    async def fetch(c: Client) -> tuple[list[dict[str, Any]], int]:
+    async def fetch(c: Client) -> tuple[list[dict[str, Any]], int, bool]:
         if show_all:
             items = await c.ls(peer=peer)
-            return items, len(items)
+            return items, len(items), False
         page = await c.ls_page(0, min(limit, 500), peer=peer)
         items = page["transfers"]
         if limit > 500:
             items = await c.ls(limit, peer=peer)
-        return items, int(page.get("total", len(items)))
+        more = page.get("next") is not None and len(items) < int(page.get("total", 0))
+        return items, int(page.get("total", len(items))), more
 
-    transfers, total = run_client(control, fetch, as_json=as_json)
+    transfers, total, more = run_client(control, fetch, as_json=as_json)
     if as_json:
         _json_out(transfers)
         return
     for line in ls_lines(transfers):
         typer.echo(line)
-    if total > len(transfers):
+    if peer is not None and more:  # "total" counts every peer's transfers
+        typer.echo(f"... older transfers of {peer} not shown (--all shows them)")
+    elif peer is None and total > len(transfers):
         typer.echo(f"... {total - len(transfers)} older transfers not shown (--all shows them)")
 
 
@@ -982,7 +1001,13 @@ def rate(
             known = (await client.rates()).get("peers") or {}
         plan = rate_args(words, total, known)
         if plan.bps is not None:
-            await client.set_rate(plan.bps, plan.peer, total=plan.total)
+            try:
+                await client.set_rate(plan.bps, plan.peer, total=plan.total)
+            except ClientError as exc:
+                if exc.code != "peer_required":
+                    raise
+                raise ClientError(exc.code, f"{exc.message} (quelay rate NAME RATE: one "
+                                  "link's cap; quelay rate --total RATE: the total)") from exc
         return plan, await client.rates()
 
     try:

@@ -191,23 +191,6 @@ def named_peers(status: dict[str, Any]) -> list[dict[str, Any]]:
     return peers if any(p.get("name") for p in peers) else []
 
 
-WIRE_COUNTERS = ("bytes_sent", "bytes_received", "wire_bytes_sent", "rate", "payload_rate")
-
-
-def total_wire(status: dict[str, Any]) -> dict[str, Any]:
-    """The agent's wire counters: on a hub the sum over its links (the top-level
-    ``wire`` is the first link's), else the status's own."""
-    peers = named_peers(status)
-    if not peers:
-        return dict(status.get("wire") or {})
-    out: dict[str, Any] = {}
-    for key in WIRE_COUNTERS:
-        values = [(p.get("wire") or {}).get(key) for p in peers]
-        if any(v is not None for v in values):
-            out[key] = sum(int(v or 0) for v in values)
-    return out
-
-
 def peer_key(name: str) -> str:
     """The key of a peer's wire-out rate in the rates of :meth:`WatchState.observe`."""
     return f"peer/{name}"
@@ -233,11 +216,11 @@ class WatchState:
         for p in named_peers(status):
             pwire = p.get("wire") or {}
             meter = self.peer_meters.setdefault(p["name"], RateMeter())
-            rate = meter.add(now, int(pwire.get("wire_bytes_sent", pwire.get("bytes_sent", 0))))
+            rate = meter.add(now, int(pwire.get("wire_bytes_sent", 0)))
             if rate is None and pwire.get("rate") is not None:
                 rate = float(pwire["rate"])
             rates[peer_key(p["name"])] = rate
-        wire = total_wire(status)
+        wire = status.get("wire") or {}  # the agent's socket: every link's datagrams
         rates["sent"] = self.sent.add(now, int(wire.get("bytes_sent", 0)))
         rates["received"] = self.received.add(now, int(wire.get("bytes_received", 0)))
         first = wire.get("payload_rate", wire.get("rate"))
@@ -383,7 +366,7 @@ def _link_lines(status: dict[str, Any], rates: Mapping[str, float | None], wall:
 def _hub_lines(status: dict[str, Any], peers: list[dict[str, Any]],
                rates: Mapping[str, float | None]) -> list[str]:
     """A hub: the total cap and wire rates, then one row per link."""
-    wire = total_wire(status)
+    wire = status.get("wire") or {}
     total = int(status.get("rate_total") or 0)
     lines = [f"total     cap {format_rate(total) if total else 'none'}"
              f"   wire out {_rate_text(rates.get('wire_sent', rates.get('sent')))}"
