@@ -277,8 +277,9 @@ def config_keys(as_json: JsonOpt = False) -> None:
             default = "(derived)" if r["key"] in ("state_dir", "inbox", "control") else "-"
         else:
             default = json.dumps(r["default"])
-        typer.echo(f"{r['key']:<20} {r['kind']:<8} {'/'.join(r['flags']):<28} "
-                   f"{r['env']:<28} {default:<10} {r['help']}")
+        flags = "/".join(r["flags"]) or "NAME=... forms"  # peers: --trust/--peer/--rate
+        typer.echo(f"{r['key']:<20} {r['kind']:<8} {flags:<28} "
+                   f"{r['env'] or '-':<28} {default:<10} {r['help']}")
 
 
 # -- identity -------------------------------------------------------------------------
