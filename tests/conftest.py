@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +19,101 @@ from quelay.agent import Agent, AgentConfig
 from quelay.agent.filehash import hash_file
 from quelay.identity import load_or_create_identity
 from quelay.transport.memory import MemoryNetwork
+
+# -- where tests write, how they are scheduled ----------------------------------------------
+
+RAM_TEMP = Path("/dev/shm")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests' temporary directories in RAM (tmpfs at /dev/shm) when there is room.
+
+    The agents fsync what they journal and receive; on a disk each fsync costs
+    milliseconds of real time, and on the mock clock time stands still meanwhile, so a
+    transfer of a few hundred files waited seconds for the disk. What the tests prove
+    does not depend on the medium (power loss is not simulated; kill -9 leaves the page
+    cache). Only when nothing chose already: ``--basetemp``, ``PYTEST_DEBUG_TEMPROOT``
+    (pytest's documented root for ``tmp_path``; set it to opt out) or ``TMPDIR``. The
+    xdist controller decides; workers get their directories from it.
+    """
+    if (hasattr(config, "workerinput") or config.option.basetemp
+            or "PYTEST_DEBUG_TEMPROOT" in os.environ or "TMPDIR" in os.environ):
+        return
+    try:
+        roomy = (RAM_TEMP.is_dir() and os.access(RAM_TEMP, os.W_OK)
+                 and shutil.disk_usage(RAM_TEMP).free >= 2 << 30)
+    except OSError:
+        return
+    if roomy:
+        os.environ["PYTEST_DEBUG_TEMPROOT"] = str(RAM_TEMP)
+
+
+DURATIONS_KEY = "quelay/durations"
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker more than the usable cores. Many tests wait on real time
+    (a rate cap, a dead-link bound, a process starting); the spare worker uses a core
+    meanwhile. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still overrides."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return len(os.sched_getaffinity(0)) + 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On xdist workers: the longest tests first, dealt round-robin across the workers.
+
+    ``--dist worksteal`` gives each worker one contiguous share of this list and lets an
+    idle worker take the tail of another's share, so every share starts with its part of
+    the slow tests and ends with quick ones: the last test to finish is a short one, not
+    a 5 s test that one worker started late. Durations are those of the previous run (in
+    pytest's cache, written by the controller below); without them the order is the
+    collection order. The controller reads them once and hands every worker the same
+    copy (xdist aborts a run whose workers collected different orders).
+    """
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
+        return
+    known: dict[str, float] = workerinput.get(DURATIONS_KEY) or {}
+    if not known:
+        return
+    workers = int(workerinput["workercount"])
+    ranked = sorted(range(len(items)), key=lambda i: -known.get(items[i].nodeid, 0.0))
+    shares: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for rank, index in enumerate(ranked):
+        shares[rank % workers].append(items[index])
+    items[:] = [item for share in shares for item in share]
+
+
+_previous: list[dict[str, float]] = []  # the controller's one reading of the cache
+_durations: dict[str, float] = {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller, once per worker: the previous run's durations, read once."""
+    if not _previous:
+        cache = getattr(node.config, "cache", None)
+        _previous.append(cache.get(DURATIONS_KEY, {}) if cache is not None else {})
+    node.workerinput[DURATIONS_KEY] = _previous[0]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The controller (or a run without xdist) keeps each test's duration for the next
+    run's order; tests not run this time keep their previous figure."""
+    cache = getattr(session.config, "cache", None)
+    if hasattr(session.config, "workerinput") or cache is None or not _durations:
+        return
+    known: dict[str, float] = cache.get(DURATIONS_KEY, {})
+    known.update({k: round(v, 3) for k, v in _durations.items()})
+    cache.set(DURATIONS_KEY, known)
+
+
+# -- agents ---------------------------------------------------------------------------------
 
 
 @dataclass
