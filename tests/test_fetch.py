@@ -99,10 +99,10 @@ async def test_fetch_across_an_outage(nursery: trio.Nursery, tmp_path: Path,
     """On the in-memory network (mock time); the cap keeps the file in flight (4 s)."""
     export = tmp_path / "export"
     export.mkdir()
-    src = make_file(export / "through.bin", 1 * MiB, seed=9)
+    src = make_file(export / "through.bin", MiB // 4, seed=9)
     net = MemoryNetwork(delay=0.005)
     a, b = await start_memory_pair(nursery, tmp_path, net, export=[str(export)],
-                                   rate=2_000_000)
+                                   rate=500_000)
     async with open_client(b.config.control) as client:
         info = await client.request("fetch", name="through.bin")
         await wait_for(lambda: (t := b.transfers.get(info["id"])) is not None

@@ -3,6 +3,7 @@ identities refused early, refusals logged without flooding the log."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -177,12 +178,15 @@ async def test_trusted_peer_connects_and_moves_a_file_during_an_initial_flood(
 
 async def test_an_untrusted_identity_is_refused_then_ignored(
         nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Penalties of 0.5 s, then 1 s (half the default 1 s, 2 s: the same doubling, in
+    half the wall time)."""
     pair = await start_pair(nursery, tmp_path)
     a, b = pair.a.agent, pair.b.agent
     assert a.endpoint is not None and a.endpoint.admission is not None
     adm = a.endpoint.admission
+    adm.config = dataclasses.replace(adm.config, penalty=0.5)
     host, port = a.udp_address[:2]
-    proc = await run_flooder(f"{host}:{port}", "--mode", "untrusted", "--seconds", "3",
+    proc = await run_flooder(f"{host}:{port}", "--mode", "untrusted", "--seconds", "1.5",
                              "--sources", "127.0.0.20", "--attempt-timeout", "0.3")
     stats = await flooder_stats(proc)
     # Its first handshake completed and was refused (pin), then its host was ignored:
@@ -191,5 +195,5 @@ async def test_an_untrusted_identity_is_refused_then_ignored(
     assert handshakes >= 1 and stats["unanswered"] >= 1
     assert a.book.stats.peer_rejected["untrusted_identity"] == handshakes
     assert adm.counters["penalised"] >= stats["unanswered"]
-    assert handshakes <= 3  # penalties of 1 s, then 2 s: at most 3 handshakes in 3 s
+    assert handshakes <= 3  # penalties of 0.5 s, then 1 s: at most 3 in 1.5 s
     assert b.link_ups == 1 and b.link_state == "up"  # the trusted session never noticed

@@ -90,12 +90,12 @@ async def test_file_and_stream_survive_five_outages(
 
     net = MemoryNetwork(delay=0.02)
     a, b = await start_memory_pair(nursery, tmp_path, net)
-    src = make_file(tmp_path / "big.bin", 1024 * 1024, seed=11)
-    payload = random.Random(12).randbytes(1024 * 1024)  # twice the stream's spool
+    src = make_file(tmp_path / "big.bin", 512 * 1024, seed=11)
+    payload = random.Random(12).randbytes(512 * 1024)  # twice the stream's spool
     rng = random.Random(13)
     f = Transfer(wire.new_transfer_id(), "out", "file", "big.bin", src.stat().st_size, 4)
     f.path = str(src)
-    pipe = OutboundPipe(512 * 1024)
+    pipe = OutboundPipe(256 * 1024)
     s = Transfer(wire.new_transfer_id(), "out", "stream", "survivor", None, 4)
     b.book.submit(f)
     b.book.submit(s, pipe)

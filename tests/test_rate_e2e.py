@@ -17,7 +17,7 @@ from quelay.transport.memory import MemoryNetwork
 
 from .conftest import make_file, sha256_file, site_config, start_memory_pair, wait_for
 
-CAP = 4_000_000
+CAP = 2_000_000
 IMPAIRED = CLEAN.with_overrides(name="impaired", rtt_s=0.02, loss=0.01, duplicate=0.01,
                                 corrupt=0.005)
 
@@ -36,10 +36,10 @@ async def test_capped_transfer_through_impaired_link(
                               congestion=congestion))
         await nursery.start(b.run)
         await wait_for(lambda: b.link_state == "up")
-        # 1.1 MB: over 2 s at the cap, so the 1-second windows measure saturation.
-        src = make_file(tmp_path / "capped.bin", 800_000, seed=9)
+        # 550 kB: over 2 s at the cap, so the 1-second windows measure saturation.
+        src = make_file(tmp_path / "capped.bin", 400_000, seed=9)
         rng = random.Random(4)
-        payload = rng.randbytes(300_000)
+        payload = rng.randbytes(150_000)
         got = hashlib.sha256()
 
         async def reader() -> None:
