@@ -36,10 +36,10 @@ def test_liveness_detector_on_explicit_time() -> None:
 async def test_outage_longer_than_the_spool(
         nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
     """On the in-memory network (mock time): the dead-link wait costs no wall time."""
-    spool = 256 * 1024
+    spool = 128 * 1024
     net = MemoryNetwork(delay=0.005)
     a, b = await start_memory_pair(nursery, tmp_path, net, spool_size=spool)
-    payload = random.Random(5).randbytes(2 * MiB)  # eight spools
+    payload = random.Random(5).randbytes(1 * MiB)  # eight spools
     got = hashlib.sha256()
     count = {"n": 0}
 
@@ -55,13 +55,13 @@ async def test_outage_longer_than_the_spool(
         async with open_client(b.config.control) as client:
             out = await client.open_stream(name="long")
             t_out = b.transfers[out.id]
-            await out.send_all(payload[: 1 * MiB])
-            await wait_for(lambda: count["n"] >= 512 * 1024)
+            await out.send_all(payload[: MiB // 2])
+            await wait_for(lambda: count["n"] >= MiB // 4)
             net.down = True
             writer_done = trio.Event()
 
             async def write_rest() -> None:
-                for i in range(1 * MiB, len(payload), 64 * 1024):
+                for i in range(MiB // 2, len(payload), 64 * 1024):
                     await out.send_all(payload[i : i + 64 * 1024])
                 writer_done.set()
 

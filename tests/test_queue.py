@@ -41,7 +41,7 @@ async def test_queue_orders_by_priority_then_fifo(
     nursery.start_soon(watch)
     async with open_client(b.config.control) as client:
         for name, priority in plan:
-            src = make_file(tmp_path / name, 200_000, seed=priority)
+            src = make_file(tmp_path / name, 50_000, seed=priority)
             ids[name] = (await client.send_file(src, priority=priority))["id"]
         listing = {t["name"]: t for t in await client.ls() if t["direction"] == "out"}
         assert all(t["state"] == "pending" for t in listing.values())
