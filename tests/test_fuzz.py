@@ -6,8 +6,9 @@ which runs them for minutes). Here each runs a bounded number of examples
 Targets that draw from one strategy object (the framed parsers) run on the same
 examples: each example is drawn once and given to every one of them.
 
-Drawing is most of the cost (about four fifths), and a derandomized run draws the same
-examples every time: they depend only on the strategy, the code around it, Hypothesis,
+Drawing is nearly all of the cost (6 s of CPU for the whole file; giving the same
+examples to the targets takes 0.1 s), and a derandomized run draws the same examples
+every time: they depend only on the strategy, the code around it, Hypothesis,
 Python and the count. So a run keeps what it drew in pytest's cache, under a key made
 of exactly those, and later runs give the same examples to the targets without drawing
 them again. A change to any of them draws afresh; a failure on a kept example is drawn
