@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from quelay.agent import Agent, AgentConfig
+from quelay.agent.agent import StateDirLocked, lock_state_dir
 from quelay.agent.filehash import hash_file
 from quelay.identity import load_or_create_identity
 from quelay.transport.memory import MemoryNetwork
@@ -202,6 +203,21 @@ async def start_memory_pair(nursery: trio.Nursery, tmp_path: Path, net: MemoryNe
     await nursery.start(b.run)
     await wait_for(lambda: a.link_state == "up" and b.link_state == "up")
     return a, b
+
+
+async def wait_stopped(agent: Agent, timeout: float = 30.0) -> None:
+    """Wait until a shut-down ``agent`` has let go of its state directory (its run has
+    returned, its UDP socket is closed): only then can an agent restart on the same
+    directory and port. Its control socket disappears earlier, while the run unwinds."""
+
+    def released() -> bool:
+        try:
+            os.close(lock_state_dir(agent.config.state_dir))
+        except StateDirLocked:
+            return False
+        return True
+
+    await wait_for(released, timeout)
 
 
 async def wait_for(condition: Any, timeout: float = 30.0, poll: float = 0.01) -> None:

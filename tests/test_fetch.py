@@ -12,7 +12,15 @@ from quelay.agent import Agent
 from quelay.client import open_client
 from quelay.transport.memory import MemoryNetwork
 
-from .conftest import make_file, sha256_file, site_config, start_memory_pair, start_pair, wait_for
+from .conftest import (
+    make_file,
+    sha256_file,
+    site_config,
+    start_memory_pair,
+    start_pair,
+    wait_for,
+    wait_stopped,
+)
 
 MiB = 1024 * 1024
 
@@ -82,7 +90,8 @@ async def test_fetch_asked_while_down_survives_a_restart_of_the_fetcher(
         info = await client.request("fetch", name="late.bin")
     assert info["state"] == "pending"
     await b.shutdown("test: the fetching site restarts too")
-    await wait_for(lambda: not b.config.control.exists())
+    await wait_stopped(a)
+    await wait_stopped(b)
     a2 = Agent(site_config(pair.a.root, listen=("127.0.0.1", port), trust=a.config.trust,
                            export=[str(export)]))
     await nursery.start(a2.run)
@@ -130,7 +139,7 @@ async def test_fetch_survives_a_restart_of_the_exporter(nursery: trio.Nursery,
         await wait_for(lambda: (t := b.transfers.get(info["id"])) is not None
                        and t.delivered > 256 * 1024)
     await a.shutdown("test: the exporting agent restarts mid-file")
-    await wait_for(lambda: not a.config.control.exists())
+    await wait_stopped(a)
     a2 = Agent(site_config(pair.a.root, listen=("127.0.0.1", port), trust=a.config.trust,
                            export=[str(export)]))
     await nursery.start(a2.run)

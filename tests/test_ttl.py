@@ -11,7 +11,7 @@ import trio
 from quelay.agent import Agent
 from quelay.client import open_client
 
-from .conftest import make_file, site_config, start_pair, wait_for
+from .conftest import make_file, site_config, start_pair, wait_stopped
 
 
 async def test_ttl_expiry_deletes_only_the_expired_file_and_survives_a_restart(
@@ -34,7 +34,7 @@ async def test_ttl_expiry_deletes_only_the_expired_file_and_survives_a_restart(
     # The receiving agent restarts; the schedule comes back from its journal.
     port = a.udp_address[1]
     await a.shutdown("test restart")
-    await wait_for(lambda: not a.config.control.exists())
+    await wait_stopped(a)
     a2 = Agent(site_config(pair.a.root, listen=("127.0.0.1", port), trust=a.config.trust))
     a2.book._wall = lambda: time.time() + 2 * 3600  # two hours later
     events: list[str] = []
