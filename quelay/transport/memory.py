@@ -7,8 +7,10 @@ transport uses on :class:`~quelay.transport.udp.UdpSocket` (``address``,
 ``wait_readable``, ``recv_batch``, ``send_batch``, ``counters``,
 ``per_datagram``, ``close``). The :class:`MemoryNetwork` delivers every
 datagram after a one-way ``delay``, drops it with probability ``loss`` or
-while ``down`` is set, and counts what it carried — the test's view from
-outside the agents.
+while ``down`` is set (or, for one site of several, while its host is in
+``down_hosts``), and counts what it carried — the test's view from outside
+the agents; with ``record`` set it also keeps when each datagram crossed and
+its size on the link (IPv4 and UDP headers included), per pair of hosts.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class MemoryNetwork:
     seed: int = 0
     down: bool = False  # an outage: every datagram is dropped
     counters: NetworkCounters = field(default_factory=NetworkCounters)
+    down_hosts: set[str] = field(default_factory=set)  # an outage of these hosts' links
+    record: bool = False  # keep (time, wire bytes) of each datagram, per (src, dst) host
 
     def __post_init__(self) -> None:
         self._sockets: dict[Address, MemorySocket] = {}
@@ -50,6 +54,13 @@ class MemoryNetwork:
         self._queue: list[tuple[float, int, Address, Address, bytes]] = []
         self._seq = itertools.count()
         self._wake = trio.Event()
+        self.carried: dict[tuple[str, str], list[tuple[float, int]]] = {}
+
+    def carried_between(self, a: str, b: str) -> list[tuple[float, int]]:
+        """(time, wire bytes) of every datagram delivered between hosts ``a`` and ``b``
+        (either way), in time order — a link's view of its traffic."""
+        both = self.carried.get((a, b), []) + self.carried.get((b, a), [])
+        return sorted(both)
 
     def socket(self, bind: Address = ("10.0.0.1", 0), **_: object) -> MemorySocket:
         """A new socket (the keyword arguments of ``UdpSocket`` are accepted and ignored)."""
@@ -64,7 +75,8 @@ class MemoryNetwork:
         return sock
 
     def _send(self, src: Address, dst: Address, data: bytes) -> None:
-        if self.down:
+        if self.down or (self.down_hosts and (src[0] in self.down_hosts
+                                              or dst[0] in self.down_hosts)):
             self.counters.dropped_down += 1
             return
         if self.loss and self._rng.random() < self.loss:
@@ -93,6 +105,9 @@ class MemoryNetwork:
                 continue
             self.counters.delivered += 1
             self.counters.bytes_delivered += len(data)
+            if self.record:
+                self.carried.setdefault((src[0], dst[0]), []).append(
+                    (trio.current_time(), len(data) + header_bytes_for(socket.AF_INET, dst[0])))
             target._deliver(data, src)
 
 
