@@ -38,12 +38,18 @@ def host_of(site: str) -> str:
     return f"10.0.1.{SITES.index(site) + 1}"
 
 
+def site_address(site: str) -> tuple[str, int]:
+    """Where a site the hub dials listens."""
+    return (host_of(site), 5000)
+
+
 @dataclass
 class Hub:
     net: MemoryNetwork
     root: Path
     hub: Agent
     fp_hub: str
+    dialled: tuple[str, ...] = ()  # sites the hub dials (they listen); the rest dial it
     sites: dict[str, Agent] = field(default_factory=dict)
     scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
 
@@ -52,10 +58,12 @@ class Hub:
         net = self.net
 
         def sock(bind: Any, **_: Any) -> Any:
-            return net.socket((host_of(name), 0))  # each site on its own host
+            return net.socket((host_of(name), bind[1]))  # each site on its own host
 
-        agent = Agent(site_config(self.root / name, peer=HUB_ADDRESS, trust=[self.fp_hub],
-                                  **overrides), socket_factory=sock)
+        where: dict[str, Any] = ({"listen": site_address(name)} if name in self.dialled
+                                 else {"peer": HUB_ADDRESS})
+        agent = Agent(site_config(self.root / name, trust=[self.fp_hub], **where, **overrides),
+                      socket_factory=sock)
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -72,17 +80,19 @@ class Hub:
 
 async def start_hub(nursery: trio.Nursery, tmp_path: Path, net: MemoryNetwork, *,
                     hub: dict[str, Any] | None = None, peers: dict[str, dict[str, Any]] | None
-                    = None, site: dict[str, Any] | None = None) -> Hub:
+                    = None, site: dict[str, Any] | None = None,
+                    dialled: tuple[str, ...] = ()) -> Hub:
     fps = {name: load_or_create_identity(tmp_path / name / "state").fingerprint
            for name in SITES}
     fp_hub = load_or_create_identity(tmp_path / "hub" / "state").fingerprint
-    specs = [PeerSpec(name, trust=[fps[name]], **(peers or {}).get(name, {}))
+    specs = [PeerSpec(name, trust=[fps[name]], **(peers or {}).get(name, {}),
+                      address=site_address(name) if name in dialled else None)
              for name in SITES]
     agent = Agent(site_config(tmp_path / "hub", listen=HUB_ADDRESS, peers=specs, **(hub or {})),
                   socket_factory=net.socket)
     nursery.start_soon(net.run)
     await nursery.start(agent.run)
-    h = Hub(net, tmp_path, agent, fp_hub)
+    h = Hub(net, tmp_path, agent, fp_hub, dialled)
     for name in SITES:
         await h.start_site(nursery, name, **(site or {}))
     await wait_for(lambda: all(agent.links[n].link_state is LinkState.UP for n in SITES)
@@ -363,3 +373,42 @@ def test_a_peer_cannot_name_another_links_transfer() -> None:
     assert table.get(theirs.id) is theirs
     fresh = protocol.receive(wire.Open("c" * 32, "stream", None, 4, "new"))
     assert table["c" * 32].peer == "s1" and fresh
+
+
+# -- a hub that dials some sites and is dialled by the others; datagrams; metrics -------------
+
+
+async def test_a_hub_dials_one_site_accepts_two_and_addresses_datagrams(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    from quelay.agent.metrics import AgentCollector
+
+    net = MemoryNetwork(delay=0.02)
+    h = await start_hub(nursery, tmp_path, net, dialled=("s3",))
+    assert h.hub_link("s3").address == site_address("s3")
+    # A file each way on the dialled link and on an accepted one.
+    for name in ("s1", "s3"):
+        src = make_file(tmp_path / f"d-{name}.bin", 50_000, seed=60 + len(name))
+        t = submit_file(h.hub, src, f"d-{name}.bin", peer=name)
+        back = submit_file(h.sites[name], src, f"u-{name}.bin")
+        assert (await until_done(h.hub, t.id)).state is State.DONE
+        assert (await until_done(h.sites[name], back.id)).state is State.DONE
+        assert h.hub.transfers[back.id].peer == name
+    # Best-effort datagrams go to the named site only, and come back labelled by link.
+    async with open_client(h.hub.config.control) as hub_c, \
+            open_client(h.sites["s2"].config.control) as s2_c, \
+            open_client(h.sites["s3"].config.control) as s3_c:
+        assert (await hub_c.datagram_send("pos", b"to-s2", peer="s2"))["accepted"]
+        got = await s2_c.datagram_recv("pos", timeout=5)
+        assert [m["data"] for m in got] == [b"to-s2"]
+        assert await s3_c.datagram_recv("pos", timeout=1) == []
+        assert (await s3_c.datagram_send("ack", b"from-s3"))["accepted"]
+        assert [m["data"] for m in await hub_c.datagram_recv("ack", timeout=5, peer="s3")] \
+            == [b"from-s3"]
+        assert await hub_c.datagram_recv("ack", timeout=1, peer="s1") == []
+    # Metrics name every link.
+    families = {f.name: f for f in AgentCollector(h.hub).collect()}
+    up = {s.labels["peer"]: s.value for s in families["quelay_peer_link_up"].samples}
+    assert up == {"s1": 1, "s2": 1, "s3": 1}
+    sent = {s.labels["peer"]: s.value for s in families["quelay_peer_wire_bytes_sent"].samples
+            if s.name.endswith("_total")}
+    assert sent["s1"] > 50_000 and sent["s3"] > 50_000 and sent["s2"] < 50_000

@@ -272,6 +272,7 @@ class AgentCollector(Collector):
         if session is not None:
             unsent.add_metric([], session.unsent_bulk())
         yield unsent
+        yield from _link_metrics(agent, now)
 
         # Transfers.
         by_state: Counter[tuple[str, str, str]] = Counter()
@@ -352,6 +353,37 @@ class AgentCollector(Collector):
         else:
             free.add_metric([], fs.f_bavail * fs.f_frsize)
         yield free
+
+
+def _link_metrics(agent: Any, now: float) -> Iterator[Any]:
+    """Each link by its peer's name (a hub has several; a single-peer agent's link is
+    named "", or after its one named peer), and the total cap shared by them."""
+    up = GaugeMetricFamily("quelay_peer_link_up", "1 while a session with this peer is up",
+                           labels=["peer"])
+    ups = CounterMetricFamily("quelay_peer_link_ups", "Sessions with this peer since start",
+                              labels=["peer"])
+    cap = GaugeMetricFamily("quelay_peer_rate_cap_bits_per_second",
+                            "This link's own cap (0 = uncapped)", labels=["peer"])
+    effective = GaugeMetricFamily("quelay_peer_effective_rate_bits_per_second",
+                                  "What this link may use now (its share of the total cap)",
+                                  labels=["peer"])
+    wire = GaugeMetricFamily("quelay_peer_wire_rate_bits_per_second",
+                             "Wire bits sent to this peer in the last second", labels=["peer"])
+    sent = CounterMetricFamily("quelay_peer_wire_bytes_sent",
+                               "Wire bytes sent to this peer (headers counted)",
+                               labels=["peer"])
+    for name, link in agent.links.items():
+        up.add_metric([name], 1 if link.link_state is LinkState.UP else 0)
+        ups.add_metric([name], link.link_ups)
+        cap.add_metric([name], link.rate)
+        effective.add_metric([name], link.effective_rate)
+        wire.add_metric([name], link.gate.window_bytes(now) * 8)
+        sent.add_metric([name], link.gate.total_bytes)
+    yield from (up, ups, cap, effective, wire, sent)
+    total = GaugeMetricFamily("quelay_rate_total_bits_per_second",
+                              "The total cap shared by every link (0 = none)")
+    total.add_metric([], agent.rate_total)
+    yield total
 
 
 def _datagram_metrics(service: Any) -> Iterator[Any]:
