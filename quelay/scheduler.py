@@ -34,6 +34,9 @@ class FeedScheduler(Feed):
         self._wake = trio.Event()
         self._parked = False
         self.wakeups = 0  # times the ticker woke up (counted, for tests and status)
+        # Told when a transfer waits for a grant (a hub re-divides its total cap when a
+        # link that was idle has bytes again).
+        self.on_demand: Callable[[], None] | None = None
 
     # -- hooks from the sans-IO feed --------------------------------------------------------
 
@@ -48,6 +51,8 @@ class FeedScheduler(Feed):
         # spreads the budget); parked or uncapped, it need not wait at all.
         if self._parked or self.rate_bps == 0:
             self._wake.set()
+        if self.on_demand is not None:
+            self.on_demand()
 
     # -- the Trio API ------------------------------------------------------------------------
 

@@ -141,6 +141,7 @@ class Agent:
         self._stopping = False
         self._identified: dict[QuicConn, PeerLink] = {}  # accepted, authenticated: whose
         self._share_wake = trio.Event()
+        self._busy: set[str] = set()  # the links busy at the last division of the total
         self.rendezvous: Any = None  # the RendezvousLink of an agent run with --rendezvous
         self.metrics_address: Address | None = None  # bound once serving (--metrics)
         # Configurations handed out (the endpoint's; rendezvous makes more): updated in
@@ -665,11 +666,18 @@ class Agent:
         """A link came up or went down: divide the total cap again now."""
         self._share_wake.set()
 
+    def link_wants(self, link: PeerLink) -> None:
+        """A transfer of ``link`` waits for bytes: if the link was idle at the last
+        division of the total cap, divide again now (not at the next period)."""
+        if self.rate_total and link.name not in self._busy:
+            self._share_wake.set()
+
     def _apply_rates(self) -> None:
         """Give every link its rate now: its own cap, or its share of the total."""
         floor = 8 * (self.config.max_datagram_size + 48 + self.config.link_overhead)
         caps = {name: link.rate for name, link in self.links.items()}
         busy = {name for name, link in self.links.items() if link.busy()}
+        self._busy = busy
         for name, rate in effective_rates(self.rate_total, caps, busy, floor=floor).items():
             self.links[name].apply_rate(rate)
 

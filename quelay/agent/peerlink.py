@@ -53,6 +53,7 @@ class HubPort(Protocol):
     def run_connection(self, conn: QuicConn, *, dialer: bool,
                        link: PeerLink | None) -> Awaitable[None]: ...
     def links_changed(self) -> None: ...
+    def link_wants(self, link: PeerLink) -> None: ...
 
 
 class PeerLink:
@@ -74,6 +75,7 @@ class PeerLink:
         self.feed.rate_bps = rate
         self.feed.uncapped_target = 4 * send_high_water
         self.feed.max_datagram = max_datagram
+        self.feed.on_demand = lambda: hub.link_wants(self)
         self.reconnect_interval = reconnect_interval
         self.probe_interval = probe_interval
         self.session: Session | None = None
