@@ -12,6 +12,7 @@ ROOT = Path(quelay.__file__).parent
 #: Modules docs/architecture.md calls sans-IO (keep the two lists in step).
 SANS_IO = [
     "quelay.core.codes", "quelay.core.datagrams", "quelay.core.feed", "quelay.core.messages",
+    "quelay.core.share",
     "quelay.core.names",
     "quelay.core.peer", "quelay.core.transfer", "quelay.framing", "quelay.control.protocol",
     "quelay.transport.pacing", "quelay.transport.liveness", "quelay.transport.allotted",
