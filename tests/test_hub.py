@@ -412,3 +412,55 @@ async def test_a_hub_dials_one_site_accepts_two_and_addresses_datagrams(
     sent = {s.labels["peer"]: s.value for s in families["quelay_peer_wire_bytes_sent"].samples
             if s.name.endswith("_total")}
     assert sent["s1"] > 50_000 and sent["s3"] > 50_000 and sent["s2"] < 50_000
+
+
+# -- real UDP: the caps as each link's simulator sees them ------------------------------------
+
+
+async def test_caps_hold_at_each_links_simulator_on_real_udp(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Two sites, each behind its own link simulator (real UDP on loopback): s1 capped
+    at 600 kbit/s, s2 uncapped, 2 Mbit/s in total. What each simulator received from
+    the hub, headers included, stays within the link's cap and, summed, within the total
+    (100-ms bins, so 2 % for binning); the shares follow max-min (600 k and 1.4 M)."""
+    from quelay.linksim import BIN_S, CLEAN, open_linksim
+
+    total, s1_cap = 2_000_000, 600_000
+    names = ("s1", "s2")
+    fps = {n: load_or_create_identity(tmp_path / n / "state").fingerprint for n in names}
+    fp_hub = load_or_create_identity(tmp_path / "hub" / "state").fingerprint
+    hub = Agent(site_config(tmp_path / "hub", listen=("127.0.0.1", 0), rate_total=total,
+                            peers=[PeerSpec("s1", trust=[fps["s1"]], rate=s1_cap),
+                                   PeerSpec("s2", trust=[fps["s2"]])]))
+    await nursery.start(hub.run)
+    profile = CLEAN.with_overrides(name="lan", rtt_s=0.02)
+    async with open_linksim(upstream=hub.udp_address, profile=profile, seed=1) as sim1, \
+            open_linksim(upstream=hub.udp_address, profile=profile, seed=2) as sim2:
+        sims = {"s1": sim1, "s2": sim2}
+        sites = {}
+        for n in names:
+            sites[n] = Agent(site_config(tmp_path / n, peer=sims[n].address, trust=[fp_hub]))
+            await nursery.start(sites[n].run)
+        await wait_for(lambda: all(hub.links[n].link_state is LinkState.UP for n in names))
+        # About 3 s of traffic on each link at its max-min share.
+        files = {"s1": make_file(tmp_path / "a.bin", 225_000, seed=71),
+                 "s2": make_file(tmp_path / "b.bin", 525_000, seed=72)}
+        sent = {n: submit_file(hub, files[n], files[n].name, peer=n) for n in names}
+        for n in names:
+            assert (await until_done(hub, sent[n].id)).state is State.DONE
+            assert sha256_file(sites[n].config.inbox / files[n].name) == sha256_file(files[n])
+        assert sim1.peak_rate_bps("down_in", 1.0) <= s1_cap * 1.02
+        assert sim2.peak_rate_bps("down_in", 1.0) <= total * 1.02
+        # Both links together: align the two simulators' 100-ms bins on their start times.
+        shift = round((sim2.model.start - sim1.model.start) / BIN_S)
+        bins: dict[int, int] = {}
+        for sim, offset in ((sim1, 0), (sim2, shift)):
+            for i, row in enumerate(sim.histogram()):
+                bins[i + offset] = bins.get(i + offset, 0) + row["down_in"]
+        lo, hi = min(bins), max(bins)
+        peak = max(sum(bins.get(j, 0) for j in range(i, i + 10)) for i in range(lo, hi + 1))
+        assert peak * 8 <= total * 1.02, peak * 8
+        busy_s2 = [row["down_in"] for row in sim2.histogram() if row["down_in"] > 5_000]
+        # s2 got more than an equal half of the total: what s1's cap left (1.4 Mbit/s).
+        assert len(busy_s2) >= 5 and sorted(busy_s2)[len(busy_s2) // 2] * 8 / BIN_S \
+            >= 0.85 * (total - s1_cap), [b * 8 / BIN_S for b in busy_s2]
