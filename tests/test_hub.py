@@ -7,6 +7,7 @@ each link carried (IPv4 and UDP headers included)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -464,3 +465,43 @@ async def test_caps_hold_at_each_links_simulator_on_real_udp(
         # s2 got more than an equal half of the total: what s1's cap left (1.4 Mbit/s).
         assert len(busy_s2) >= 5 and sorted(busy_s2)[len(busy_s2) // 2] * 8 / BIN_S \
             >= 0.85 * (total - s1_cap), [b * 8 / BIN_S for b in busy_s2]
+
+
+# -- restart of the hub: each journaled transfer stays on its link ---------------------------
+
+
+def test_journaled_transfers_keep_their_link_across_a_restart(tmp_path: Path) -> None:
+    """The journal keeps each file transfer's peer: after a restart it waits for that
+    link. A transfer of a peer no longer configured fails ``unknown_peer`` (never sent
+    to another site); an agent with one link takes over an unnamed agent's transfers."""
+    from quelay.agent.journal import Journal
+
+    src = make_file(tmp_path / "f.bin", 1000)
+    fps = {n: load_or_create_identity(tmp_path / n / "state").fingerprint for n in SITES}
+    hub_state = tmp_path / "hub" / "state"
+    hub_state.mkdir(parents=True)
+    journal = Journal(hub_state / "journal.sqlite3")
+    for tid, peer in (("1" * 32, "s1"), ("2" * 32, "s2"), ("3" * 32, "gone")):
+        journal.record(id=tid, direction="out", name="f.bin", path=str(src), size=1000,
+                       priority=4, attrs={}, peer=peer)
+    journal.close()
+    hub = Agent(site_config(tmp_path / "hub", listen=HUB_ADDRESS, peers=[
+        PeerSpec(n, trust=[fps[n]]) for n in ("s1", "s2")]))
+    try:
+        table = hub.transfers
+        assert table["1" * 32].peer == "s1" and table["1" * 32].state is State.PENDING
+        assert table["2" * 32].peer == "s2" and table["2" * 32].state is State.PENDING
+        assert table["3" * 32].state is State.FAILED
+        assert table["3" * 32].error_code == "unknown_peer"
+        assert "gone" in (table["3" * 32].error_message or "")
+    finally:
+        hub.journal.close()
+        os.close(hub._lock_fd)
+    # The same journal under a single-peer agent: the live transfers move to its link.
+    single = Agent(site_config(tmp_path / "hub", listen=HUB_ADDRESS, trust=[fps["s1"]]))
+    try:
+        assert {single.transfers[t].peer for t in ("1" * 32, "2" * 32)} == {""}
+        assert Journal(hub_state / "journal.sqlite3").get("1" * 32).peer == ""  # type: ignore[union-attr]
+    finally:
+        single.journal.close()
+        os.close(single._lock_fd)
