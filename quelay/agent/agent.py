@@ -29,7 +29,7 @@ from ..control.server import ControlServer
 from ..core import messages as wire
 from ..core.codes import Failure, LinkState
 from ..core.share import effective_rates
-from ..core.transfer import State, TransferTable
+from ..core.transfer import State, Transfer, TransferTable
 from ..errors import ProtocolError, QuelayError
 from ..identity import (
     Identity,
@@ -717,10 +717,12 @@ class Agent:
 
     def _sample_stats(self) -> None:
         now = trio.current_time()
-        live = self.book.table.live()
-        for link in self.links.values():
-            link.sample_stats(live if not self.hub else
-                              [t for t in live if t.peer == link.name], now)
+        by_link: dict[str, list[Transfer]] = {name: [] for name in self.links}
+        for t in self.book.table.live():
+            if t.peer in by_link:
+                by_link[t.peer].append(t)
+        for name, link in self.links.items():
+            link.sample_stats(by_link[name], now)
 
     def status(self) -> dict[str, Any]:
         counters = self.sock.counters if self.sock else None
@@ -736,7 +738,8 @@ class Agent:
             "agent": self.identity.fingerprint,
             "name": self.config.name,
             "epoch": self.epoch,
-            "role": "listen" if self.config.listen else "dial",
+            "role": ("listen" if self.config.listen else "dial") if self.hub
+                    else ("dial" if self.config.peer else "listen"),
             "udp": list(self.udp_address) if self.sock else None,
             "link": default.link_status(),
             "transfers": states,
