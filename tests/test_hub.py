@@ -505,3 +505,32 @@ def test_journaled_transfers_keep_their_link_across_a_restart(tmp_path: Path) ->
     finally:
         single.journal.close()
         os.close(single._lock_fd)
+
+
+def test_hub_settings_that_cannot_work_are_refused_with_the_reason(tmp_path: Path) -> None:
+    pin = "sha256:" + "ab" * 32
+    other = "sha256:" + "cd" * 32
+
+    def config(**kw: Any) -> Any:
+        return site_config(tmp_path / "hub", **kw)
+
+    cases = [
+        (dict(listen=HUB_ADDRESS, peers=[PeerSpec("a", [pin]), PeerSpec("a", [other])]),
+         "peer a is configured twice"),
+        (dict(peers=[PeerSpec("a", [pin])]), "must dial us: give --listen"),
+        (dict(listen=HUB_ADDRESS, trust=[pin], peers=[PeerSpec("a", [other])]),
+         "cannot be mixed"),
+        (dict(listen=HUB_ADDRESS, peers=[PeerSpec("a", [])]), "has no pin"),
+        (dict(listen=HUB_ADDRESS, peers=[PeerSpec("a", [pin], rate=5_000)]),
+         "the rate of peer a must be 0 (uncapped) or at least"),
+        (dict(rendezvous=("127.0.0.1", 1), session="s", rendezvous_secret_file="/x",
+              peers=[PeerSpec("a", [pin])]), "cannot be used with named peers"),
+    ]
+    for kw, why in cases:
+        with pytest.raises(ValueError, match=why.replace("(", r"\(").replace(")", r"\)")):
+            config(**kw)
+    with pytest.raises(ValueError, match="is not a peer name"):
+        PeerSpec("bad name!", [pin])
+    # One pin for two peers: whose connection would it be?
+    with pytest.raises(ValueError, match="same pin"):
+        Agent(config(listen=HUB_ADDRESS, peers=[PeerSpec("a", [pin]), PeerSpec("b", [pin])]))

@@ -97,6 +97,8 @@ class Agent:
         try:
             self._init(config)
         except BaseException:
+            if getattr(self, "journal", None) is not None:
+                self.journal.close()
             os.close(self._lock_fd)
             raise
 

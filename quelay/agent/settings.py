@@ -81,20 +81,14 @@ class AgentConfig:
         parse_exports(self.export)  # validates: one-component names, existing directories
         if self.link_overhead < 0:
             raise ValueError("link_overhead must be >= 0 bytes")
-        if self.rate:
-            floor = 8 * (self.max_datagram_size + 48 + self.link_overhead)
-            if self.rate < floor:
-                raise ValueError(f"rate must be 0 (uncapped) or at least {floor} bit/s "
-                                 "(one datagram with its headers per second)")
         if self.rate_total < 0:
             raise ValueError("rate_total must be >= 0 bit/s (0 = no total cap)")
-        if self.rate_total:
-            floor = 8 * (self.max_datagram_size + 48 + self.link_overhead)
-            for what, value in [("rate_total", self.rate_total)] + [
-                    (f"the rate of peer {p.name}", p.rate) for p in self.peers if p.rate]:
-                if value is not None and value < floor:
-                    raise ValueError(f"{what} must be 0 or at least {floor} bit/s "
-                                     "(one datagram with its headers per second)")
+        floor = 8 * (self.max_datagram_size + 48 + self.link_overhead)
+        for what, value in [("rate", self.rate), ("rate_total", self.rate_total)] + [
+                (f"the rate of peer {p.name}", p.rate or 0) for p in self.peers]:
+            if 0 < value < floor:  # a cap must let one datagram a second through
+                raise ValueError(f"{what} must be 0 (uncapped) or at least {floor} bit/s "
+                                 "(one datagram with its headers per second)")
         if self.max_concurrent < 0:
             raise ValueError("max_concurrent must be >= 0 (0 = no limit)")
         if self.min_free < 0 or self.history_max < 0:
