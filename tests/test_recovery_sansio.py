@@ -242,7 +242,7 @@ def test_tail_protection_stays_inside_the_cap_and_shortens_the_tail(
             assert quic is not None
             if not protect:
                 quic._recovery.app_idle = lambda: False
-            elapsed, payload = _transfer(pair, 300_000, seed)
+            elapsed, payload = _transfer(pair, 150_000, seed)
             times[protect].append(elapsed)
             stats = quic.path_stats()
             assert max_window_bytes(pair.client.sent) <= CAP / 8
