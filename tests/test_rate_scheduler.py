@@ -10,6 +10,7 @@ from quelay.scheduler import FeedScheduler, feed_budget
 from quelay.transport.pacing import tick_interval
 
 MDS = 1350
+DRAIN_STEP = 0.002  # seconds between the fake QUIC's drains
 
 
 def test_budget_never_exceeded_per_tick() -> None:
@@ -53,11 +54,11 @@ async def drive(feed: FeedScheduler, demands: dict[int, float], seconds: float,
             sent[key] += n
             unsent["bytes"] += n
 
-    async def drain() -> None:
-        per_ms = rate / 8 / 1000
+    async def drain() -> None:  # in 2 ms steps: finer than the scheduler's ticks (>= 5 ms)
+        per_step = rate / 8 * DRAIN_STEP
         while True:
-            await trio.sleep(0.001)
-            unsent["bytes"] = max(0, unsent["bytes"] - int(per_ms))
+            await trio.sleep(DRAIN_STEP)
+            unsent["bytes"] = max(0, unsent["bytes"] - int(per_step))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed.run, lambda: unsent["bytes"])
