@@ -35,7 +35,7 @@ warm-up (``--warm``), then ``--seconds`` of measurement. Per link, ratios to
 its share:
 
 * ``eff``       — the share the hub applied (``effective_rate`` in its
-  status at the end of the window);
+  status, the median of a sample every 2 s; every sample is in the JSON);
 * ``send max``  — most bytes the hub handed to the kernel for that site in any
   window (t − 1 s, t] of the measurement, IP+UDP headers counted (the hub
   process times every ``send_batch``): what its gates enforce;
@@ -460,6 +460,7 @@ async def _with_hub(case: Case, root: Path, sites: list[Site], shares: dict[str,
                     link = p["link"] or {}
                     paths[p["name"]].append({k: link.get(k) for k in (
                         "rtt", "cwnd", "bytes_in_flight", "lost_packets")})
+                    paths[p["name"]][-1]["effective"] = p["effective_rate"]
         t1, cpu_hub1, cpu_self1 = time.monotonic(), hub.cpu(), time.process_time()
         got1 = {s.name: s.arrivals.total for s in sites}
         up1 = {s.name: _up(s) for s in sites}
@@ -479,7 +480,8 @@ async def _with_hub(case: Case, root: Path, sites: list[Site], shares: dict[str,
                 "name": s.name, "profile": s.profile.name, "link_rate": s.link_rate,
                 "spec": s.spec, "rtt": s.profile.rtt_s,
                 "cap": s.cap, "low": s.low, "share": share,
-                "effective": links[s.name]["effective_rate"],
+                "effective": _median([links[s.name]["effective_rate"]]
+                                     + [x["effective"] for x in paths[s.name]]),
                 "send_max": sent.get(s.name, {}).get("send_max"),
                 "send_datagrams": sent.get(s.name, {}).get("send_datagrams"),
                 "send_mean": sent.get(s.name, {}).get("send_bytes", 0) * 8 / span,
@@ -521,6 +523,10 @@ async def _with_hub(case: Case, root: Path, sites: list[Site], shares: dict[str,
         work.cancel_scope.cancel()
 
 
+def _median(values: list[int]) -> int | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
 def _up(s: Site) -> tuple[int, int, int]:
     """What the site sent back through its simulator (ACKs, mostly): wire bytes and
     datagrams in, and queue drops."""
@@ -544,14 +550,16 @@ async def _outage(case: Case, sites: list[Site], total: int, hub: HubProcess,
     cut.sim.set_outage(True)
     t_down: float | None = None
     t_end = t_cut + case.outage
-    effective: dict[str, int] = {}
+    effective: dict[str, list[int]] = {s.name: [] for s in others}
     while time.monotonic() < t_end - 0.3:
         st = await hub_client.status()
         if t_down is None:
             state = next(p for p in st["peers"] if p["name"] == cut.name)["link"]["state"]
             if state != "up":
                 t_down = time.monotonic()
-        effective = {p["name"]: p["effective_rate"] for p in st["peers"]}
+        if t_down is not None and time.monotonic() > t_down + 1.0:
+            for p in st["peers"]:
+                effective.get(p["name"], []).append(p["effective_rate"])
         await trio.sleep(max(0.0, min(0.1 if t_down is None else 1.0,
                                       t_end - 0.3 - time.monotonic())))
     await trio.sleep(max(0.0, t_end - time.monotonic()))
@@ -575,7 +583,8 @@ async def _outage(case: Case, sites: list[Site], total: int, hub: HubProcess,
             rows.append({"name": s.name, "profile": s.profile.name, "cap": s.cap,
                          "spec": s.spec, "rtt": s.profile.rtt_s,
                          "share_before": result["shares"][s.name], "share": during[s.name],
-                         "effective": effective.get(s.name),
+                         "effective": _median(effective[s.name]),
+                         "effective_samples": effective[s.name],
                          "send_max": sent.get(s.name, {}).get("send_max"),
                          "good": good, "wire_mean": window_sum(s.wire, a, b) * 8 / (b - a),
                          "max_gap": s.arrivals.max_gap(t_cut, t_restore)})
