@@ -34,8 +34,13 @@ reader checks every byte against the block. Once every reader has bytes, a
 warm-up (``--warm``), then ``--seconds`` of measurement. Per link, ratios to
 its share:
 
-* ``eff``       — the share the hub applied (``effective_rate`` in its
-  status, the median of a sample every 2 s; every sample is in the JSON);
+* ``eff``, ``eff max`` — the rate the hub gave the link (its
+  ``effective_rate``), time-weighted mean and highest over the window (the
+  hub process logs every change). Max-min counts only links that are
+  *busy* (bytes waiting for the link), so while another link is momentarily
+  not busy — e.g. every byte its stream may hold is in flight, waiting for
+  ACKs — this one may get more than its share, up to its own cap;
+* ``idle``      — the fraction of the window the hub saw this link not busy;
 * ``send max``  — most bytes the hub handed to the kernel for that site in any
   window (t − 1 s, t] of the measurement, IP+UDP headers counted (the hub
   process times every ``send_batch``): what its gates enforce;
@@ -64,18 +69,19 @@ site's link (``--cut``, default s02, a LOS site) is cut at its simulator for S
 seconds. The hub notices (liveness, ``dead_after``) and divides the total among
 the others again; from 1 s after the hub reported the link down until the cut
 ends, every other link is measured against its new share (``eff``, ``send
-max``, ``wire mean``, ``good``), with its longest gap over the whole cut; then
-the seconds until the cut site's stream delivers again (it resumes; nothing is
-restarted).
+max``, ``wire mean``, ``good``, ``idle``), with its longest gap over the whole
+cut; then the seconds until the cut site's stream delivers again (it resumes;
+nothing is restarted).
 
-``ok`` names misses: ``CAP`` (at the hub's sends: send max over 1.02 × share,
-or over 1.02 × the link's own cap anywhere in the run), ``CAP(sim)`` (over at
-the simulator only), ``SHARE`` (goodput under 0.93 of the share, 0.80 on
-Degraded-BLOS: a little under what one link alone reaches at its cap,
-``bench/links.py --quick`` in docs/performance.md), ``EFF`` (the hub's share
-differs from the computed one by more than 1 %), ``BYTES`` (a reader saw a
-wrong byte), ``STALL`` (a gap over 5 s or 5 RTT). Not a test: the figures
-depend on the machine and its load.
+``ok`` names misses: ``CAP`` (at the hub's sends: send max over 1.02 × the
+highest rate the hub gave the link in the window, or over 1.02 × the link's
+own cap anywhere in the run), ``CAP(sim)`` (over at the simulator only),
+``SHARE`` (goodput under 0.93 of the share, 0.80 on Degraded-BLOS: a little
+under what one link alone reaches at its cap, ``bench/links.py --quick`` in
+docs/performance.md), ``EFF`` (the hub gave the link less than 0.99 of its
+share on average), ``BYTES`` (a reader saw a wrong byte), ``STALL`` (a gap
+over 5 s or 5 RTT). Not a test: the figures depend on the machine and its
+load.
 """
 
 from __future__ import annotations
@@ -183,6 +189,24 @@ def window_count(log: list[tuple[float, int]], t0: float, t1: float) -> int:
     return bisect.bisect_right(log, (t1, math.inf)) - bisect.bisect_left(log, (t0, -1))
 
 
+def rate_summary(changes: list[tuple[float, int, bool]], t0: float, t1: float
+                 ) -> dict[str, Any]:
+    """A link's effective rate over [t0, t1]: time-weighted mean, lowest, highest, how
+    often it changed, and the fraction of the time the link was not busy."""
+    if not changes:
+        return {}
+    i = max(0, bisect.bisect_right(changes, (t0, math.inf, True)) - 1)
+    points = [(max(t0, changes[i][0]), changes[i][1], changes[i][2])]
+    points += [c for c in changes[i + 1:] if c[0] <= t1]
+    weighted = idle = 0.0
+    for (t, rate, busy), nxt in zip(points, [p[0] for p in points[1:]] + [t1], strict=True):
+        weighted += rate * (nxt - t)
+        idle += 0.0 if busy else nxt - t
+    return {"mean": weighted / (t1 - t0), "min": min(p[1] for p in points),
+            "max": max(p[1] for p in points), "changes": len(points) - 1,
+            "idle_fraction": idle / (t1 - t0)}
+
+
 # ---- the hub's process ------------------------------------------------------------------
 
 
@@ -214,6 +238,20 @@ async def hub_main(spec: dict[str, Any]) -> None:
 
         agent.sock.send_batch = send_batch  # type: ignore[method-assign]
 
+        # Every change of a link's effective rate or busy flag, timed (the share is
+        # divided again every 0.5 s and whenever a link comes or goes).
+        shares: dict[str, list[tuple[float, int, bool]]] = {n: [] for n in agent.links}
+        for name, link in agent.links.items():
+            def apply_rate(rate_bps: int, name: str = name, link: Any = link,
+                           original: Any = link.apply_rate) -> None:
+                original(rate_bps)
+                log = shares[name]
+                busy = link.busy()
+                if not log or log[-1][1:] != (link.effective_rate, busy):
+                    log.append((time.monotonic(), link.effective_rate, busy))
+
+            link.apply_rate = apply_rate  # type: ignore[method-assign]
+
         async def learn_names() -> None:
             while True:
                 for name, link in agent.links.items():
@@ -234,6 +272,8 @@ async def hub_main(spec: dict[str, Any]) -> None:
                              "send_bytes": window_sum(log, t0, t1),
                              "send_datagrams": window_count(log, t0, t1),
                              "run_max": max_window_bytes(log, 1.0) * 8}
+            for name, changes in shares.items():
+                out.setdefault(name, {})["rates"] = rate_summary(changes, t0, t1)
             merged = list(heapq.merge(*(sorted(v) for v in by_name.values())))
             out["_total"] = {"send_max": window_max(merged, t0, t1) * 8,
                              "send_bytes": window_sum(merged, t0, t1),
@@ -483,6 +523,7 @@ async def _with_hub(case: Case, root: Path, sites: list[Site], shares: dict[str,
                 "effective": _median([links[s.name]["effective_rate"]]
                                      + [x["effective"] for x in paths[s.name]]),
                 "send_max": sent.get(s.name, {}).get("send_max"),
+                "rates": sent.get(s.name, {}).get("rates"),
                 "send_datagrams": sent.get(s.name, {}).get("send_datagrams"),
                 "send_mean": sent.get(s.name, {}).get("send_bytes", 0) * 8 / span,
                 "run_send_max": sent.get(s.name, {}).get("run_max"),
@@ -586,6 +627,7 @@ async def _outage(case: Case, sites: list[Site], total: int, hub: HubProcess,
                          "effective": _median(effective[s.name]),
                          "effective_samples": effective[s.name],
                          "send_max": sent.get(s.name, {}).get("send_max"),
+                         "rates": sent.get(s.name, {}).get("rates"),
                          "good": good, "wire_mean": window_sum(s.wire, a, b) * 8 / (b - a),
                          "max_gap": s.arrivals.max_gap(t_cut, t_restore)})
         merged = list(heapq.merge(*(s.wire for s in others)))
@@ -616,36 +658,54 @@ def _ratio(x: float | None, y: float) -> str:
     return "—" if x is None or not y else f"{x / y:.3f}"
 
 
-LINK_HEADER = ("| site | link | link rate | cap | share | eff | send max | wire max | wire mean"
-               " | good | good Mbit/s | max gap | run max / cap | q-drops | lost | ok |")
-LINK_RULE = "|---" * 16 + "|"
+LINK_HEADER = ("| site | link | link rate | cap | share | eff | eff max | idle | send max"
+               " | wire max | wire mean | good | good Mbit/s | max gap | run max / cap"
+               " | q-drops | lost | ok |")
+LINK_RULE = "|---" * 18 + "|"
+
+
+def _eff(r: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """The hub's effective rate for the link over the window: (mean, max, idle share)."""
+    rates = r.get("rates") or {}
+    if not rates:
+        return r.get("effective"), r.get("effective"), None
+    return rates["mean"], rates["max"], rates["idle_fraction"]
+
+
+def _verdict(r: dict[str, Any], share: int) -> list[str]:
+    mean, top, _ = _eff(r)
+    verdict = []
+    limit = max(share, top or 0)  # the highest rate the hub gave the link in the window
+    if r.get("send_max") is not None and r["send_max"] / limit > TARGET_WIRE or \
+            r.get("run_send_max") is not None and r["run_send_max"] / r["cap"] > TARGET_WIRE:
+        verdict.append("CAP")
+    elif r.get("wire_max") is not None and r["wire_max"] / limit > TARGET_WIRE or \
+            r.get("run_max") is not None and r["run_max"] / r["cap"] > TARGET_WIRE:
+        verdict.append("CAP(sim)")
+    if r["good"] / share < good_target(r["profile"]):
+        verdict.append("SHARE")
+    if mean is not None and mean / share < 0.99:
+        verdict.append("EFF")  # the hub gave it less than its share (more: others idled)
+    if r.get("bad"):
+        verdict.append("BYTES")
+    if r["max_gap"] > stall_limit(r["rtt"]):
+        verdict.append("STALL")
+    if r.get("errors"):
+        verdict.append("ERROR")
+    return verdict
 
 
 def link_row(r: dict[str, Any]) -> str:
     share = r["share"]
-    verdict = []
-    if r.get("send_max") is not None and r["send_max"] / share > TARGET_WIRE or \
-            r.get("run_send_max") is not None and r["run_send_max"] / r["cap"] > TARGET_WIRE:
-        verdict.append("CAP")
-    elif r["wire_max"] / share > TARGET_WIRE or r["run_max"] / r["cap"] > TARGET_WIRE:
-        verdict.append("CAP(sim)")
-    if r["good"] / share < good_target(r["profile"]):
-        verdict.append("SHARE")
-    if abs(r["effective"] / share - 1) > 0.01:
-        verdict.append("EFF")
-    if r["bad"]:
-        verdict.append("BYTES")
-    if r["max_gap"] > stall_limit(r["rtt"]):
-        verdict.append("STALL")
-    if r["errors"]:
-        verdict.append("ERROR")
+    mean, top, idle = _eff(r)
     cap = _rate(r["cap"]) + (" (lowered)" if r.get("low") else "")
     cells = [r["name"], r.get("spec", r["profile"]), _rate(r["link_rate"]), cap, _rate(share),
-             _ratio(r["effective"], share), _ratio(r["send_max"], share),
+             _ratio(mean, share), _ratio(top, share),
+             "—" if idle is None else f"{100 * idle:.1f} %", _ratio(r["send_max"], share),
              _ratio(r["wire_max"], share), _ratio(r["wire_mean"], share),
              _ratio(r["good"], share), f"{r['good'] / 1e6:.3f}", f"{r['max_gap']:.2f} s",
              _ratio(r["run_max"], r["cap"]), str(r["q_drops"]), str(r["lost"]),
-             " ".join(verdict) or "yes"]
+             " ".join(_verdict(r, share)) or "yes"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -657,34 +717,26 @@ def total_row(t: dict[str, Any]) -> str:
         verdict.append("CAP")
     elif t["wire_max"] / cap > TARGET_WIRE or t["run_max"] / cap > TARGET_WIRE:
         verdict.append("CAP(sim)")
-    cells = ["**total**", "", "", _rate(cap), _rate(t["shares"]), "",
+    cells = ["**total**", "", "", _rate(cap), _rate(t["shares"]), "", "", "",
              _ratio(t.get("send_max"), cap), _ratio(t["wire_max"], cap),
              _ratio(t["wire_mean"], cap), _ratio(t["good"], cap), f"{t['good'] / 1e6:.3f}", "",
              _ratio(t["run_max"], cap), "", "", " ".join(verdict) or "yes"]
     return "| " + " | ".join(cells) + " |"
 
 
-OUT_HEADER = ("| site | link | cap | share before | share during | eff | send max"
-              " | wire mean | good | good Mbit/s | max gap | ok |")
-OUT_RULE = "|---" * 12 + "|"
+OUT_HEADER = ("| site | link | cap | share before | share during | eff | eff max | idle"
+              " | send max | wire mean | good | good Mbit/s | max gap | ok |")
+OUT_RULE = "|---" * 14 + "|"
 
 
 def outage_row(r: dict[str, Any]) -> str:
     share = r["share"]
-    verdict = []
-    if r["good"] / share < good_target(r["profile"]):
-        verdict.append("SHARE")
-    if r["max_gap"] > stall_limit(r["rtt"]):
-        verdict.append("STALL")
-    if r.get("send_max") is not None and r["send_max"] / share > TARGET_WIRE:
-        verdict.append("CAP")
-    if r.get("effective") is not None and abs(r["effective"] / share - 1) > 0.01:
-        verdict.append("EFF")
+    mean, top, idle = _eff(r)
     cells = [r["name"], r.get("spec", r["profile"]), _rate(r["cap"]),
-             _rate(r["share_before"]), _rate(share), _ratio(r.get("effective"), share),
-             _ratio(r.get("send_max"), share), _ratio(r["wire_mean"], share),
-             _ratio(r["good"], share), f"{r['good'] / 1e6:.3f}",
-             f"{r['max_gap']:.2f} s", " ".join(verdict) or "yes"]
+             _rate(r["share_before"]), _rate(share), _ratio(mean, share), _ratio(top, share),
+             "—" if idle is None else f"{100 * idle:.1f} %", _ratio(r.get("send_max"), share),
+             _ratio(r["wire_mean"], share), _ratio(r["good"], share), f"{r['good'] / 1e6:.3f}",
+             f"{r['max_gap']:.2f} s", " ".join(_verdict(r, share)) or "yes"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -733,7 +785,7 @@ def print_result(res: dict[str, Any]) -> None:
             for r in out["links"]:
                 print(outage_row(r))
             t = out["total"]
-            print(f"| **others together** | | | | {_rate(t['shares'])} | | "
+            print(f"| **others together** | | | | {_rate(t['shares'])} | | | | "
                   f"{_ratio(t.get('send_max'), t['shares'])} | "
                   f"{_ratio(t['wire_mean'], t['shares'])} | {_ratio(t['good'], t['shares'])} | "
                   f"{t['good'] / 1e6:.3f} | | |")
