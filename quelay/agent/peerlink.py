@@ -35,6 +35,7 @@ log = logging.getLogger("quelay.agent")
 
 RESUME_GRACE = 30.0  # after a peer restart, how long an incoming file waits to be resumed
 RATE_SMOOTHING = 2.0  # seconds: the time constant of a transfer's reported rate
+BUSY_HOLD = 1.0  # seconds a link stays busy (for the total cap's division) after demand
 
 
 class HubPort(Protocol):
@@ -75,7 +76,8 @@ class PeerLink:
         self.feed.rate_bps = rate
         self.feed.uncapped_target = 4 * send_high_water
         self.feed.max_datagram = max_datagram
-        self.feed.on_demand = lambda: hub.link_wants(self)
+        self.feed.on_demand = self._wants
+        self.wanted_at = -math.inf  # when a transfer last waited for bytes (trio time)
         self.reconnect_interval = reconnect_interval
         self.probe_interval = probe_interval
         self.session: Session | None = None
@@ -222,11 +224,21 @@ class PeerLink:
         self.feed.rate_bps = rate_bps
         self.feed.wake()
 
-    def busy(self) -> bool:
-        """Whether this link has bytes to send (it takes a share of a total cap)."""
+    def _wants(self) -> None:
+        self.wanted_at = trio.current_time()
+        self.hub.link_wants(self)
+
+    def busy(self, now: float | None = None) -> bool:
+        """Whether this link has bytes to send (it takes a share of a total cap): a
+        transfer waits for bytes, QUIC holds unsent bulk, or one waited within the last
+        :data:`BUSY_HOLD` seconds — so a link between two grants, or whose QUIC buffer
+        just drained, keeps its share instead of flapping to idle and back."""
         if self.session is None:
             return False
-        return self.feed.has_demand() or bool(self.session.unsent_bulk())
+        if self.feed.has_demand() or self.session.unsent_bulk():
+            return True
+        now = trio.current_time() if now is None else now
+        return now - self.wanted_at < BUSY_HOLD
 
     def unsent(self) -> int | None:
         return None if self.session is None else self.session.unsent_bulk()
