@@ -347,10 +347,14 @@ class Arrivals:
         return self.counts[i - 1] if i else 0
 
     def max_gap(self, t0: float, t1: float) -> float:
+        return self.gap(t0, t1)[0]
+
+    def gap(self, t0: float, t1: float) -> tuple[float, float]:
+        """The longest time without a byte in [t0, t1], and when it began (s after t0)."""
         lo = bisect.bisect_left(self.times, t0)
         hi = bisect.bisect_right(self.times, t1)
         points = [t0, *self.times[lo:hi], t1]
-        return max(b - a for a, b in zip(points, points[1:], strict=False))
+        return max((b - a, a - t0) for a, b in zip(points, points[1:], strict=False))
 
 
 @dataclass
@@ -531,6 +535,7 @@ async def _with_hub(case: Case, root: Path, sites: list[Site], shares: dict[str,
                 "wire_mean": window_sum(s.wire, t0, t1) * 8 / span,
                 "run_max": max_window_bytes(s.wire, 1.0) * 8,
                 "good": good, "max_gap": s.arrivals.max_gap(t0, t1),
+                "max_gap_at": s.arrivals.gap(t0, t1)[1],
                 "q_drops": s.sim.stats.down.dropped_queue,
                 "lost": (links[s.name]["link"] or {}).get("lost_packets"),
                 "srtt": (links[s.name]["link"] or {}).get("rtt"),
