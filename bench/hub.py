@@ -36,10 +36,11 @@ its share:
 
 * ``eff``, ``eff max`` — the rate the hub gave the link (its
   ``effective_rate``), time-weighted mean and highest over the window (the
-  hub process logs every change). Max-min counts only links that are
-  *busy* (bytes waiting for the link), so while another link is momentarily
-  not busy — e.g. every byte its stream may hold is in flight, waiting for
-  ACKs — this one may get more than its share, up to its own cap;
+  hub process logs every change). Max-min counts only *busy* links
+  (``PeerLink.busy``: a transfer waits for bytes, QUIC holds unsent bulk, or
+  one did within the last second), so while another link is not — e.g. every
+  byte its stream may hold is in flight, waiting for ACKs — this one may get
+  more than its share, up to its own cap;
 * ``idle``      — the fraction of the window the hub saw this link not busy;
 * ``send max``  — most bytes the hub handed to the kernel for that site in any
   window (t − 1 s, t] of the measurement, IP+UDP headers counted (the hub
