@@ -114,6 +114,19 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     cache.set(DURATIONS_KEY, known)
 
 
+# -- hypothesis -----------------------------------------------------------------------------
+
+HYPOTHESIS_SCALE = float(os.environ.get("QUELAY_HYPOTHESIS_SCALE", "1"))
+
+
+def examples(count: int) -> int:
+    """Examples per run of a randomized (not derandomized) Hypothesis test: every run
+    draws new ones, so the suite keeps a count that is quick; ``QUELAY_HYPOTHESIS_SCALE``
+    multiplies it for a deep run (``QUELAY_HYPOTHESIS_SCALE=20 pytest tests/test_native_drr.py``).
+    """
+    return max(1, round(count * HYPOTHESIS_SCALE))
+
+
 # -- agents ---------------------------------------------------------------------------------
 
 

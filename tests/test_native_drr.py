@@ -27,6 +27,7 @@ from quelay.native.errors import (
     UnknownStreamError,
 )
 
+from .conftest import examples
 from .test_native_spool import c_calls, outcome  # noqa: F401 - c_calls is a fixture
 
 BACKENDS = [pytest.param(cnative, id="c"), pytest.param(pynative, id="python")]
@@ -230,7 +231,7 @@ class DrrComparison(RuleBasedStateMachine):
 
 
 DrrComparison.TestCase.settings = settings(
-    max_examples=120, stateful_step_count=50, deadline=None,
+    max_examples=examples(80), stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestDrrComparison = DrrComparison.TestCase
@@ -293,7 +294,7 @@ class HugeDrrComparison(RuleBasedStateMachine):
 
 
 HugeDrrComparison.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=examples(40), stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestHugeDrrComparison = HugeDrrComparison.TestCase

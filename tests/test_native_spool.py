@@ -37,6 +37,8 @@ from quelay.native.errors import (
     SpoolReleasedError,
 )
 
+from .conftest import examples
+
 BACKENDS = [pytest.param(cnative, id="c"), pytest.param(pynative, id="python")]
 
 
@@ -224,7 +226,7 @@ class SpoolComparison(RuleBasedStateMachine):
 
 
 SpoolComparison.TestCase.settings = settings(
-    max_examples=120, stateful_step_count=60, deadline=None,
+    max_examples=examples(80), stateful_step_count=60, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSpoolComparison = SpoolComparison.TestCase

@@ -13,6 +13,7 @@ from quelay.core import peer as pp
 from quelay.core.codes import Failure
 from quelay.core.transfer import PeerNotice, State
 
+from .conftest import examples
 from .peer_harness import Link, Side
 
 DATA = bytes(range(256)) * 40  # 10 240 bytes
@@ -315,7 +316,8 @@ class Interleavings(RuleBasedStateMachine):
 
 
 TestInterleavings = Interleavings.TestCase
-TestInterleavings.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+TestInterleavings.settings = settings(max_examples=examples(100), stateful_step_count=40,
+                                      deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -18,6 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from quelay.core.transfer import State, Transfer, TransferTable
 from quelay.errors import LocalProtocolError
 
+from .conftest import examples
+
 _IDS = itertools.count()
 
 
@@ -98,7 +100,7 @@ class TableIndexes(RuleBasedStateMachine):
                 assert table.has_member(group, name) == any(t.name == name for t in members)
 
 
-TableIndexes.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+TableIndexes.TestCase.settings = settings(max_examples=examples(100), stateful_step_count=40,
                                           deadline=None)
 TestTableIndexes = TableIndexes.TestCase
 
