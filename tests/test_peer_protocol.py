@@ -224,6 +224,28 @@ def test_invalid_open_costs_only_its_transfer() -> None:
     assert send.message.code == "bad_open"
 
 
+def test_a_repeated_open_changes_nothing_and_a_different_one_is_refused() -> None:
+    """Found by the interleavings machine: an empty file's open arrived twice, the
+    receiver answered the copy ``duplicate`` and the sender failed a transfer the
+    receiver completed. The same open again is now ignored."""
+    lk = link()
+    t = lk.a.submit(b"", kind="file")
+    lk.a.start(t)
+    lk.a.outbox.insert(0, lk.a.outbox[0])  # the open, twice
+    lk.deliver_one(lk.a)
+    lk.pump(t.id)
+    lk.deliver_all()
+    assert lk.a.table[t.id].state is State.DONE and lk.b.table[t.id].state is State.DONE
+    other = m.Open(t.id, "file", 5, 4, "other.bin")
+    lk2 = link()
+    t2 = lk2.a.submit(b"abc", kind="file")
+    lk2.a.start(t2)
+    lk2.deliver_one(lk2.a)
+    [send] = lk2.b.proto.receive(m.Open(t2.id, "file", 5, 4, "other.bin"))
+    assert isinstance(send, pp.Send) and isinstance(send.message, m.Error)
+    assert send.message.code == "duplicate" and other.id == t.id
+
+
 def test_unsafe_name_refused_at_open() -> None:
     lk = link()
     actions = lk.b.proto.receive(m.Open(m.new_transfer_id(), "file", 1, 4, "../etc", {}))

@@ -316,6 +316,9 @@ class PeerProtocol:
             if known.terminal:
                 return self._verdict_for(known)
             if not msg.resume:
+                if (known.kind, known.size, known.name) == (msg.kind, msg.size, msg.name) \
+                        and known.group == msg.group:
+                    return []  # the same open again: it changes nothing (idempotent)
                 return self._refuse_open(msg, Failure.DUPLICATE, "a transfer with this id exists")
             known.resumes += 1
             known.resumed_from = known.delivered
