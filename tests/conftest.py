@@ -61,6 +61,14 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return len(os.sched_getaffinity(0)) + 1
 
 
+# Where most of a run's time goes (seconds of tests each): the order of a run without
+# the previous run's durations. A prior only; the cache's figures replace it.
+SLOW_FILES = frozenset({
+    "test_hub.py", "test_nat_netns.py", "test_rate_e2e.py", "test_recovery_e2e.py",
+    "test_rendezvous_e2e.py", "test_restart.py", "test_scale.py",
+})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On xdist workers: the longest tests first, dealt round-robin across the workers.
 
@@ -68,18 +76,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     idle worker take the tail of another's share, so every share starts with its part of
     the slow tests and ends with quick ones: the last test to finish is a short one, not
     a 5 s test that one worker started late. Durations are those of the previous run (in
-    pytest's cache, written by the controller below); without them the order is the
-    collection order. The controller reads them once and hands every worker the same
-    copy (xdist aborts a run whose workers collected different orders).
+    pytest's cache, written by the controller below). Without them (a fresh checkout)
+    the tests of ``SLOW_FILES`` go first. The controller reads the durations once and
+    hands every worker the same copy (xdist aborts a run whose workers collected
+    different orders).
     """
     workerinput = getattr(config, "workerinput", None)
     if workerinput is None:
         return
     known: dict[str, float] = workerinput.get(DURATIONS_KEY) or {}
-    if not known:
-        return
+
+    def weight(item: pytest.Item) -> float:
+        if known:
+            return known.get(item.nodeid, 0.0)
+        return 1.0 if item.nodeid.split("::")[0].rsplit("/", 1)[-1] in SLOW_FILES else 0.0
+
     workers = int(workerinput["workercount"])
-    ranked = sorted(range(len(items)), key=lambda i: -known.get(items[i].nodeid, 0.0))
+    ranked = sorted(range(len(items)), key=lambda i: -weight(items[i]))
     shares: list[list[pytest.Item]] = [[] for _ in range(workers)]
     for rank, index in enumerate(ranked):
         shares[rank % workers].append(items[index])
