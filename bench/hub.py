@@ -115,7 +115,7 @@ from quelay.core.codes import LinkState  # noqa: E402
 from quelay.core.share import max_min_shares  # noqa: E402
 from quelay.identity import load_or_create_identity  # noqa: E402
 from quelay.linksim import LinkSim, open_linksim  # noqa: E402
-from quelay.linksim.measure import max_window_bytes  # noqa: E402
+from quelay.linksim.measure import Arrivals, max_window_bytes  # noqa: E402
 from quelay.linksim.profiles import Profile, parse_profile  # noqa: E402
 
 CYCLE = ["BLOS-750ms", "LOS-250ms", "Degraded-BLOS"]
@@ -330,34 +330,6 @@ class HubProcess:
 # ---- the sites' process ----------------------------------------------------------------
 
 
-class Arrivals:
-    """Cumulative payload a reader got, with the (monotonic) time of each chunk."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.counts: list[int] = []
-        self.total = 0
-
-    def add(self, n: int) -> None:
-        self.total += n
-        self.times.append(time.monotonic())
-        self.counts.append(self.total)
-
-    def at(self, t: float) -> int:
-        i = bisect.bisect_right(self.times, t)
-        return self.counts[i - 1] if i else 0
-
-    def max_gap(self, t0: float, t1: float) -> float:
-        return self.gap(t0, t1)[0]
-
-    def gap(self, t0: float, t1: float) -> tuple[float, float]:
-        """The longest time without a byte in [t0, t1], and when it began (s after t0)."""
-        lo = bisect.bisect_left(self.times, t0)
-        hi = bisect.bisect_right(self.times, t1)
-        points = [t0, *self.times[lo:hi], t1]
-        return max((b - a, a - t0) for a, b in zip(points, points[1:], strict=False))
-
-
 @dataclass
 class Site:
     name: str
@@ -368,7 +340,7 @@ class Site:
     low: bool
     sim: LinkSim | None = None
     agent: Agent | None = None
-    arrivals: Arrivals = field(default_factory=Arrivals)
+    arrivals: Arrivals = field(default_factory=lambda: Arrivals(time.monotonic))
     wire: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, bytes) at the sim
     bad: bool = False
     errors: list[str] = field(default_factory=list)

@@ -102,7 +102,7 @@ from quelay.client import open_client  # noqa: E402
 from quelay.identity import load_or_create_identity  # noqa: E402
 from quelay.linksim import BIN_S, open_linksim  # noqa: E402
 from quelay.linksim import parse_profile as get_profile  # noqa: E402  (names and specs)
-from quelay.linksim.measure import max_window_bytes  # noqa: E402
+from quelay.linksim.measure import Arrivals, max_window_bytes  # noqa: E402
 from quelay.linksim.profiles import Profile  # noqa: E402
 
 BASE_PROFILES = ["clean", "LOS-250ms", "BLOS-750ms", "Degraded-BLOS"]
@@ -158,27 +158,6 @@ def _pattern(seed: int) -> bytes:
     import random
 
     return random.Random(seed).randbytes(CHUNK)
-
-
-class Arrivals:
-    """Cumulative bytes a reader got, with the time of each chunk's arrival."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.counts: list[int] = []
-        self.total = 0
-
-    def add(self, n: int) -> None:
-        self.total += n
-        self.times.append(trio.current_time())
-        self.counts.append(self.total)
-
-    def at(self, t: float) -> int:
-        """Bytes received by time ``t``."""
-        import bisect
-
-        i = bisect.bisect_right(self.times, t)
-        return self.counts[i - 1] if i else 0
 
 
 def _bins(hist: list[dict[str, Any]], key: str, start: float, t0: float, t1: float) -> tuple[
@@ -365,7 +344,7 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
                     open_client(b.config.control) as cb:
                 # ---- phase 1: one stream --------------------------------------------
                 block = _pattern(case.seed)
-                arrivals = Arrivals()
+                arrivals = Arrivals(trio.current_time)
                 got = hashlib.sha256()
                 single: dict[str, Any] = {}
 
@@ -414,7 +393,7 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
                     result["fair"] = None  # --single-only
                 else:
                     fair: dict[str, Any] = {}
-                    readers = [Arrivals() for _ in range(4)]
+                    readers = [Arrivals(trio.current_time) for _ in range(4)]
                     stop = trio.Event()
 
                     async def fair_reader(i: int) -> None:

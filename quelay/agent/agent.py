@@ -44,7 +44,7 @@ from ..scheduler import FeedScheduler
 from ..transport.admission import HandshakeAdmission
 from ..transport.connection import APP_ERROR_UNTRUSTED, ConnectionClosed, QuicConn
 from ..transport.endpoint import QuicEndpoint
-from ..transport.pacing import WireGate
+from ..transport.pacing import IPV6_UDP_HEADER, WireGate, minimum_rate
 from ..transport.path_memory import PathMemory
 from ..transport.resumption import TicketStore
 from ..transport.udp import Address, UdpSocket, header_bytes_for, resolve
@@ -639,10 +639,7 @@ class Agent:
         """Change a link's cap at run time (the only link's, or ``peer``'s); the next
         tick and datagram obey it."""
         link = self.link_named(peer)
-        probe = WireGate(0, 0.0, self.config.max_datagram_size,
-                         header_bytes=link.gate.header_bytes,
-                         link_overhead=self.config.link_overhead)
-        probe.set_rate(rate_bps, 0.0)  # validates (a cap below one datagram a second)
+        link.gate.check_rate(rate_bps)  # a cap below one datagram a second is refused
         link.rate = rate_bps
         log.info("%s: rate cap %s", link.label, f"{rate_bps} bit/s" if rate_bps else "off",
                  extra={"event": "rate", "agent": self.label, "link": link.name,
@@ -676,7 +673,8 @@ class Agent:
 
     def _apply_rates(self) -> None:
         """Give every link its rate now: its own cap, or its share of the total."""
-        floor = 8 * (self.config.max_datagram_size + 48 + self.config.link_overhead)
+        floor = minimum_rate(self.config.max_datagram_size,
+                             IPV6_UDP_HEADER + self.config.link_overhead)
         caps = {name: link.rate for name, link in self.links.items()}
         busy = {name for name, link in self.links.items() if link.busy()}
         self._busy = busy

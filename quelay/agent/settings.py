@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..transport.pacing import IPV6_UDP_HEADER, minimum_rate
 from ..transport.udp import Address
 from .exports import parse_exports
 from .peerspec import PeerSpec
@@ -83,7 +84,7 @@ class AgentConfig:
             raise ValueError("link_overhead must be >= 0 bytes")
         if self.rate_total < 0:
             raise ValueError("rate_total must be >= 0 bit/s (0 = no total cap)")
-        floor = 8 * (self.max_datagram_size + 48 + self.link_overhead)
+        floor = minimum_rate(self.max_datagram_size, IPV6_UDP_HEADER + self.link_overhead)
         for what, value in [("rate", self.rate), ("rate_total", self.rate_total)] + [
                 (f"the rate of peer {p.name}", p.rate or 0) for p in self.peers]:
             if 0 < value < floor:  # a cap must let one datagram a second through

@@ -54,13 +54,8 @@ class MemoryNetwork:
         self._queue: list[tuple[float, int, Address, Address, bytes]] = []
         self._seq = itertools.count()
         self._wake = trio.Event()
+        # (time, wire bytes) of each datagram delivered, by (source host, destination host)
         self.carried: dict[tuple[str, str], list[tuple[float, int]]] = {}
-
-    def carried_between(self, a: str, b: str) -> list[tuple[float, int]]:
-        """(time, wire bytes) of every datagram delivered between hosts ``a`` and ``b``
-        (either way), in time order — a link's view of its traffic."""
-        both = self.carried.get((a, b), []) + self.carried.get((b, a), [])
-        return sorted(both)
 
     def socket(self, bind: Address = ("10.0.0.1", 0), **_: object) -> MemorySocket:
         """A new socket (the keyword arguments of ``UdpSocket`` are accepted and ignored)."""

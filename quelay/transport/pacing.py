@@ -47,6 +47,12 @@ def tick_interval(rate_bps: int, max_datagram: int = 1350) -> float:
     return min(0.1, max(0.005, 2 * max_datagram * 8 / rate_bps))
 
 
+def minimum_rate(max_datagram: int, per_datagram: int) -> int:
+    """The lowest cap (bit/s) that lets one full datagram with its headers and link
+    overhead through per second; a cap below it could never send anything."""
+    return 8 * (max_datagram + per_datagram)
+
+
 def payload_bytes_per_second(rate_bps: int, max_datagram: int, per_datagram: int) -> float:
     """The payload rate full-size datagrams can carry under a wire cap of ``rate_bps``
     (what QUIC's own pacer should aim at, so the gate rarely has to hold anything)."""
@@ -83,25 +89,29 @@ class WireGate:
         overhead = self.link_overhead if link_overhead is None else link_overhead
         if header < 0 or overhead < 0:
             raise ValueError("header bytes and link_overhead must be >= 0")
-        if 0 < self.rate_bps < 8 * (self.max_datagram + header + overhead):
-            raise ValueError(self._minimum_message(self.rate_bps, header + overhead))
+        self._check(self.rate_bps, header + overhead)
         self.header_bytes, self.link_overhead = header, overhead
         self.per_datagram = header + overhead
         if self.rate_bps:
             self.burst = max(2 * self.wire_size(self.max_datagram),
                              self.bytes_per_second * BURST_SECONDS)
 
-    def _minimum_message(self, rate_bps: int, per_datagram: int) -> str:
-        minimum = 8 * (self.max_datagram + per_datagram)
-        return (f"a cap of {rate_bps} bit/s is below one {self.max_datagram}-byte datagram"
+    def _check(self, rate_bps: int, per_datagram: int) -> None:
+        minimum = minimum_rate(self.max_datagram, per_datagram)
+        if 0 < rate_bps < minimum:
+            raise ValueError(
+                f"a cap of {rate_bps} bit/s is below one {self.max_datagram}-byte datagram"
                 f" (+{per_datagram} bytes of headers and overhead) per second; the minimum"
                 f" is {minimum} bit/s")
 
-    def set_rate(self, rate_bps: int, now: float) -> None:
+    def check_rate(self, rate_bps: int) -> None:
+        """Raise ``ValueError`` if this gate would refuse ``rate_bps`` (changes nothing)."""
         if rate_bps < 0:
             raise ValueError("rate must be >= 0 (0 = uncapped)")
-        if 0 < rate_bps < 8 * self.wire_size(self.max_datagram):
-            raise ValueError(self._minimum_message(rate_bps, self.per_datagram))
+        self._check(rate_bps, self.per_datagram)
+
+    def set_rate(self, rate_bps: int, now: float) -> None:
+        self.check_rate(rate_bps)
         self.rate_bps = rate_bps
         self.bytes_per_second = rate_bps / 8
         self.burst = max(2 * self.wire_size(self.max_datagram),
