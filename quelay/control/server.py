@@ -557,18 +557,20 @@ class ControlServer:
         # An id names one transfer (whoever sent it); otherwise the link must be known.
         peer = self._link(args, "from").name if tid is None else None
         book = self.book
-        while True:
-            candidates = [book.get(tid)] if tid is not None else book.table.live("in")
-            for t in candidates:
-                if (
-                    t is not None and t.direction == "in" and t.kind == "stream"
+
+        def takes(t: Transfer | None) -> bool:
+            return (t is not None and t.direction == "in" and t.kind == "stream"
                     and not t.claimed and not t.terminal
-                    and (name is None or t.name == name)
-                    and (peer is None or t.peer == peer)
-                ):
-                    t.claimed = True
-                    book.runtime(t).claim = conn
-                    return t.info()
+                    and (name is None or t.name == name) and (peer is None or t.peer == peer))
+
+        while True:
+            # (Not a scan of every live transfer: each arrival wakes this, so with many
+            # streams open that would make every open cost what is already open.)
+            found = book.get(tid) if tid is not None else book.table.first_unattached_stream(takes)
+            if found is not None and takes(found):
+                found.claimed = True
+                book.runtime(found).claim = conn
+                return found.info()
             if tid is not None and tid in book.table:
                 t = book.table.get(tid)
                 assert t is not None

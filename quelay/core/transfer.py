@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 import time
 from bisect import bisect_left, insort
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -281,6 +281,10 @@ class TransferTable:
         self._order: dict[str, int] = {}  # id -> when it was added (the registry's order)
         self._added = itertools.count()
         self._live: dict[Direction, dict[str, Transfer]] = {"out": {}, "in": {}}
+        self._live_all: dict[str, Transfer] = {}  # both directions, in the order added
+        # Live incoming streams no reader was attached to yet, oldest first: what
+        # accept_incoming offers (attached ones are dropped as a scan meets them).
+        self._streams_in: OrderedDict[str, Transfer] = OrderedDict()
         self._active_out: dict[str, Transfer] = {}
         self._active_dirs = 0  # directories among them (no bytes of their own)
         self._queue = _Queue()
@@ -314,8 +318,11 @@ class TransferTable:
         t._table = self
         if not t.terminal:
             self._live[t.direction][t.id] = t
+            self._live_all[t.id] = t
             if t.direction == "in":
                 self._live_in_by_peer[t.peer] += 1
+                if t.kind == "stream" and not t.attached:
+                    self._streams_in[t.id] = t
         if t.direction == "out":
             if t.state is State.ACTIVE:
                 self._set_active(t)
@@ -331,8 +338,7 @@ class TransferTable:
             return
         del self._order[transfer_id]
         t._table = None
-        if self._live[t.direction].pop(transfer_id, None) is not None and t.direction == "in":
-            self._live_in_by_peer[t.peer] -= 1
+        self._unset_live(t)
         self._unset_active(t)
         self._queue.remove(t)
         if t.group is not None:
@@ -347,9 +353,8 @@ class TransferTable:
 
     def moved(self, t: Transfer, old: State) -> None:
         """``t`` went from ``old`` to its state now: follow it in the indexes."""
-        if t.terminal and self._live[t.direction].pop(t.id, None) is not None \
-                and t.direction == "in":
-            self._live_in_by_peer[t.peer] -= 1
+        if t.terminal:
+            self._unset_live(t)
         if t.direction != "out":
             return
         if old is State.ACTIVE:
@@ -361,13 +366,39 @@ class TransferTable:
         elif t.state is State.PENDING:
             self._queue.add(t)
 
+    def _unset_live(self, t: Transfer) -> None:
+        if self._live[t.direction].pop(t.id, None) is not None:
+            del self._live_all[t.id]
+            if t.direction == "in":
+                self._live_in_by_peer[t.peer] -= 1
+                self._streams_in.pop(t.id, None)
+
     def live(self, direction: Direction | None = None) -> list[Transfer]:
-        """Transfers not yet ended (in the order they were added)."""
+        """Transfers not yet ended (in the order they were added; a copy, no sort)."""
         if direction is not None:
             return list(self._live[direction].values())
-        both = [*self._live["out"].values(), *self._live["in"].values()]
-        both.sort(key=lambda t: self._order[t.id])
-        return both
+        return list(self._live_all.values())
+
+    def first_unattached_stream(self, accept: Callable[[Transfer], bool]) -> Transfer | None:
+        """The oldest live incoming stream without a reader attached that ``accept``
+        takes (``accept_incoming``), or ``None``.
+
+        It looks only at the streams no reader was attached to when it last looked
+        (an attachment lasts the stream's life: the ones it meets attached are
+        dropped then), so a claim costs what is unclaimed or claimed and not yet
+        attached, not every stream that is open.
+        """
+        stale: list[str] = []
+        found = None
+        for t in self._streams_in.values():
+            if t.attached:
+                stale.append(t.id)
+            elif accept(t):
+                found = t
+                break
+        for tid in stale:
+            del self._streams_in[tid]
+        return found
 
     def pending_fetches(self) -> list[Transfer]:
         return [t for t in self._live["in"].values()

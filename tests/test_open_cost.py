@@ -1,0 +1,146 @@
+"""Opening a transfer costs the same with ten or ten thousand open (issue 15).
+
+Counted, not timed: records stand in for transfers and count how often the
+fields a scan must read are read. A claim of an incoming stream
+(``accept_incoming``) is woken by every arrival; if it looked at every live
+transfer, each open at a receiver with a reader waiting would cost what is
+already open (10,000 opens: 50 million looks).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import trio
+
+from quelay.agent import Agent
+from quelay.client import open_client
+from quelay.core.transfer import State, Transfer, TransferTable
+from quelay.transport.memory import MemoryNetwork
+
+from .conftest import site_config
+
+_IDS = itertools.count()
+
+
+class _Counted(Transfer):
+    """A transfer that counts reads of ``claimed`` and ``attached`` (what a claim
+    must look at in each record it considers)."""
+
+    reads = 0
+
+    @property  # type: ignore[override]
+    def claimed(self) -> bool:
+        _Counted.reads += 1
+        return self._claimed
+
+    @claimed.setter
+    def claimed(self, value: bool) -> None:
+        self._claimed = value
+
+    @property  # type: ignore[override]
+    def attached(self) -> bool:
+        _Counted.reads += 1
+        return self._attached
+
+    @attached.setter
+    def attached(self, value: bool) -> None:
+        self._attached = value
+
+
+def _incoming(name: str) -> _Counted:
+    t = _Counted(f"c{next(_IDS)}", "in", "stream", name, None, 4)
+    t.move_to(State.ACTIVE)  # (as the protocol adds an incoming stream)
+    return t
+
+
+def _takes(t: Transfer) -> bool:
+    return not t.claimed and not t.terminal
+
+
+def _claims(table: TransferTable, arrivals: int) -> list[int]:
+    """Reads per claim while ``arrivals`` streams arrive one by one, each claimed and
+    attached by a reader before the next arrives."""
+    costs = []
+    for i in range(arrivals):
+        t = _incoming(f"new{i}")
+        table.add(t)
+        before = _Counted.reads
+        assert table.first_unattached_stream(_takes) is t
+        costs.append(_Counted.reads - before)
+        t.claimed = t.attached = True
+    return costs
+
+
+def test_a_claim_looks_at_what_waits_for_a_reader_not_at_what_is_open() -> None:
+    costs = {}
+    for open_before in (10, 10_000):
+        table = TransferTable()
+        for i in range(open_before):  # open and read: each has its reader
+            t = _incoming(f"old{i}")
+            table.add(t)
+            t.claimed = t.attached = True
+        first, *rest = _claims(table, 200)
+        # The first claim meets the attached streams once (and drops them)...
+        assert open_before <= first <= 2 * open_before + 2
+        costs[open_before] = rest
+    # ...then each claim reads the previous (now attached) stream and the new one.
+    assert costs[10] == costs[10_000] == [3] * 199
+
+
+def test_a_claim_still_finds_a_stream_whose_claim_was_given_back() -> None:
+    """Claimed, never attached, claim released (its control connection left): it is
+    offered again, oldest first, and a stream that ended is not."""
+    table = TransferTable()
+    a, b, c = _incoming("a"), _incoming("b"), _incoming("c")
+    for t in (a, b, c):
+        table.add(t)
+    assert table.first_unattached_stream(_takes) is a
+    a.claimed = True
+    assert table.first_unattached_stream(_takes) is b
+    b.claimed = b.attached = True
+    a.claimed = False  # (TransferBook.unclaim)
+    assert table.first_unattached_stream(_takes) is a
+    a.fail("canceled", "gone", canceled=True)
+    assert table.first_unattached_stream(_takes) is c
+    table.remove(c.id)
+    assert table.first_unattached_stream(_takes) is None
+
+
+async def test_accept_incoming_over_the_control_socket_costs_the_same_with_many_open(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The control server's claim goes through the index: the reads per
+    ``accept_incoming`` do not grow with the incoming streams already open and read."""
+    net = MemoryNetwork()
+    nursery.start_soon(net.run)
+    agent = Agent(site_config(tmp_path / "a", peer=("10.0.0.9", 4433), trust=[]),
+                  socket_factory=net.socket)
+    await nursery.start(agent.run)
+    book = agent.book
+
+    def arrive(name: str) -> _Counted:
+        t = _incoming(name)
+        book.table.add(t)
+        book.add_incoming(t)
+        return t
+
+    async def claim_arrivals(count: int) -> list[int]:
+        costs = []
+        for i in range(count):
+            t = arrive(f"new{i}")
+            before = _Counted.reads
+            assert (await client.request("accept_incoming"))["id"] == t.id
+            costs.append(_Counted.reads - before)
+            t.attached = True  # (its reader attached)
+        return costs
+
+    async with open_client(agent.config.control) as client:
+        few = await claim_arrivals(20)
+        for i in range(5000):
+            arrive(f"old{i}").claimed = True
+        for t in book.table.live("in"):
+            t.attached = True
+        many = await claim_arrivals(20)
+    assert few[1:] == many[1:]
+    assert max(many[1:]) <= 5
