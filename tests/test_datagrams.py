@@ -234,6 +234,7 @@ class _HeldConn:
     def __init__(self) -> None:
         self.quic = _HeldQuic()
         self.closed: str | None = None
+        self.silent = False
         self.kicks = 0
         self.before_build: Any = None
         self.after_build: Any = None

@@ -14,6 +14,7 @@ book and — with ``rate_total`` — one total cap, divided by
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -524,6 +525,7 @@ class Agent:
             label=link.label if link is not None else self.label,
             gate=gate,
             dead_after=self.config.dead_after,
+            hold_for=self.config.idle_timeout,
         )
         return conn
 
@@ -588,6 +590,14 @@ class Agent:
                     return
                 link = self._identified.pop(conn, link)
                 assert link is not None  # an authenticated connection has passed verify
+                if dialer and await link.prefer_held(conn):
+                    # Dialled while the session's connection was held silent, and that
+                    # one is heard again: it carries on, this one goes (before our
+                    # hello, so the peer never switches to it).
+                    reason = "the held connection answered"
+                    conn.close(reason)
+                    return
+                conn.on_silence = functools.partial(link.connection_silent, conn)
                 self.book.stats.handshake.observe(trio.current_time() - started)
                 self.book.stats.handshakes[("resumed" if conn.resumed else "full")] += 1
                 session = Session(link, self.book, link.feed, conn, dialer=dialer,

@@ -43,6 +43,11 @@ _KEEP_PARTIAL = frozenset({Failure.NO_SPACE.value, Failure.INBOX_UNAVAILABLE.val
 class LinkPort(Protocol):
     """What the book needs from the session that is up (if any)."""
 
+    @property
+    def ready(self) -> bool:
+        """Whether new transfers may start on it: not while its connection is held
+        through an outage (the queue keeps its order for the link's return)."""
+
     def transfer_started(self, t: Transfer) -> None:
         """Announce an outbound transfer to the peer and start its bytes."""
 
@@ -147,7 +152,7 @@ class TransferBook:
         directory takes no slot) the walk stops at once; positions are the queue's
         own (``Transfer.queue_position``)."""
         table = self.table
-        links = self.links
+        links = {peer: link for peer, link in self.links.items() if link.ready}
         if links and table.queued():
             now = self._clock()
             limit = self.max_concurrent  # per link

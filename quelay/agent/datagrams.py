@@ -75,9 +75,10 @@ class DatagramService:
 
     def capacity(self) -> int | None:
         """The most bytes of name, payload and header one datagram may have now
-        (None: no session, so no datagram can go)."""
+        (None: no session, or its connection is held through an outage, so no
+        datagram can go now)."""
         conn = self._conn
-        if conn is None or conn.closed is not None:
+        if conn is None or conn.closed is not None or conn.silent:
             return None
         return conn.quic.datagram_capacity()
 
@@ -167,6 +168,21 @@ class DatagramService:
         self._conn = conn
         conn.before_build = self._before_build
         conn.after_build = self._after_build
+
+    def link_silent(self) -> None:
+        """The link is reported down while its connection is held through the outage:
+        what waits is dropped (``link_down``), as when a session ends — a datagram
+        is for now, and sending it resumes when the link is back."""
+        conn = self._conn
+        if conn is not None:
+            self._account(conn)
+            for msg in self._handed:  # never written into a packet
+                self.counters.dropped(msg.name, "link_down")
+            self._handed.clear()
+            conn.quic.withdraw_datagrams()
+        n = self.queue.drop_all("link_down")
+        if n:
+            log.info("%s: %d datagrams dropped: the link is down", self.label, n)
 
     def _detach(self, conn: QuicConn) -> None:
         """Stop using ``conn``; what aioquic still holds for it is dropped (``link_down``)."""

@@ -36,6 +36,7 @@ log = logging.getLogger("quelay.agent")
 RESUME_GRACE = 30.0  # after a peer restart, how long an incoming file waits to be resumed
 RATE_SMOOTHING = 2.0  # seconds: the time constant of a transfer's reported rate
 BUSY_HOLD = 1.0  # seconds a link stays busy (for the total cap's division) after demand
+HELD_ANSWER = 1.5  # round trips a held connection gets to answer when a dial attempt did
 
 
 class HubPort(Protocol):
@@ -88,6 +89,8 @@ class PeerLink:
         self.last_rtt = 0.0
         self.last_attempt_heard = True
         self.link_ups = 0  # sessions established since start (a flapping link shows here)
+        self.revivals = 0  # held connections that heard the peer again (no new session)
+        self._changed = trio.Event()  # the session came, went, fell silent or was heard
         self._sampled: dict[str, tuple[float, int]] = {}
 
     @property
@@ -117,6 +120,48 @@ class PeerLink:
         self.set_link(LinkState.UP)
         self.feed.wake()
         self.hub.links_changed()
+        self._changed.set()
+
+    def held(self) -> bool:
+        """Whether the session's connection is held through an outage (silent, kept)."""
+        return self.session is not None and self.session.conn.silent
+
+    async def prefer_held(self, conn: QuicConn) -> bool:
+        """``conn``, dialled while the session's connection was held silent, has just
+        been answered: the path is back. Whether the held one should carry on instead
+        (it keeps every stream where it was; the new one would resume them all):
+        tell it to probe now and give it a round trip to be heard. It cannot be if
+        the peer restarted meanwhile; then ``conn`` replaces it."""
+        session = self.session
+        if session is None or session.conn is conn:
+            return False
+        held = session.conn
+        if held.silent:
+            held.quic.path_is_back(trio.current_time())
+            held.kick()
+            rtt = held.path_stats().min_rtt or self.last_rtt or self.probe_interval
+            with trio.move_on_after(HELD_ANSWER * rtt):
+                while self.session is session and held.silent and held.closed is None:
+                    await self.wait_changed()
+        return self.session is session and not held.silent and held.closed is None
+
+    def connection_silent(self, conn: QuicConn, reason: str | None) -> None:
+        """The session's connection fell silent past the dead-link bound (``reason``),
+        or heard the peer again (``None``). Held, it keeps its streams: the link is
+        reported down, the dialler tries a fresh connection meanwhile (the peer may
+        have restarted), and whichever answers first carries on."""
+        if self.session is None or self.session.conn is not conn:
+            return
+        if reason is not None:
+            self.set_link(LinkState.DOWN, reason)
+            self.datagrams.link_silent()
+        else:
+            self.revivals += 1
+            self.set_link(LinkState.UP)
+            self.feed.wake()
+            self.book.fill()  # what was queued during the outage starts now, in order
+        self.hub.links_changed()
+        self._changed.set()
 
     def peer_identified(self, session: Session) -> None:
         """The peer's hello arrived: a new boot epoch means it restarted."""
@@ -184,6 +229,7 @@ class PeerLink:
         self.book.links.pop(self.name, None)
         self.set_link(LinkState.DOWN, reason)
         self.hub.links_changed()
+        self._changed.set()
         live = sum(1 for t in self.book.table.live() if t.peer == self.name
                    and (t.direction == "in" or t.state is State.ACTIVE))
         if live:
@@ -195,21 +241,51 @@ class PeerLink:
         """How long a dial attempt may go unanswered before a fresh one replaces it."""
         return max(self.probe_interval, 1.2 * self.last_rtt)
 
+    async def wait_changed(self) -> None:
+        """Until the session comes, goes, falls silent or is heard again."""
+        await self._changed.wait()
+        self._changed = trio.Event()
+
     async def dial_loop(self) -> None:
+        """Dial whenever the link has no session, or its connection is held silent.
+
+        Each attempt runs in its own task: one that becomes the session lives on
+        there, and the loop waits for the next time a connection is needed."""
         endpoint = self.hub.endpoint
         assert endpoint is not None and self.address is not None
         # The first dial after a restart waits as long as the path needs (path memory).
         self.last_rtt = endpoint.remembered_rtt(self.address) or self.last_rtt
-        while True:
-            if self.link_state is not LinkState.DOWN:
-                self.set_link(LinkState.CONNECTING)
-            conn = endpoint.connect(self.address, link=self)
-            try:
-                await self.hub.run_connection(conn, dialer=True, link=self)
-            finally:
-                endpoint.forget(conn)
-            if self.link_state is not LinkState.DOWN or self.last_attempt_heard:
-                await trio.sleep(self.reconnect_interval)
+        async with trio.open_nursery() as nursery:
+            while True:
+                if self.session is not None and not self.held():
+                    while self.session is not None and not self.held():
+                        await self.wait_changed()
+                    if self.session is None:  # it ended (not held): pause, as after any
+                        await trio.sleep(self.reconnect_interval)
+                        continue
+                if self.link_state is not LinkState.DOWN:
+                    self.set_link(LinkState.CONNECTING)
+                conn = endpoint.connect(self.address, link=self)
+                ended = trio.Event()
+                nursery.start_soon(self._attempt, conn, ended)
+                # Until it ends, or it is the session (then wait for the next need above).
+                while not ended.is_set() and (self.session is None
+                                              or self.session.conn is not conn):
+                    await self.wait_changed()
+                if not ended.is_set():
+                    continue
+                if self.link_state is not LinkState.DOWN or self.last_attempt_heard:
+                    await trio.sleep(self.reconnect_interval)
+
+    async def _attempt(self, conn: QuicConn, ended: trio.Event) -> None:
+        endpoint = self.hub.endpoint
+        assert endpoint is not None
+        try:
+            await self.hub.run_connection(conn, dialer=True, link=self)
+        finally:
+            endpoint.forget(conn)
+            ended.set()
+            self._changed.set()
 
     # -- the cap -----------------------------------------------------------------------
 
@@ -233,8 +309,8 @@ class PeerLink:
         transfer waits for bytes, QUIC holds unsent bulk, or one waited within the last
         :data:`BUSY_HOLD` seconds — so a link between two grants, or whose QUIC buffer
         just drained, keeps its share instead of flapping to idle and back."""
-        if self.session is None:
-            return False
+        if self.session is None or self.held():
+            return False  # a held connection's link is down: it reserves nothing
         if self.feed.has_demand() or self.session.unsent_bulk():
             return True
         now = trio.current_time() if now is None else now

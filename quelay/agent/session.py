@@ -180,6 +180,11 @@ class Session:
 
     # -- LinkPort (called by the book) --------------------------------------------------
 
+    @property
+    def ready(self) -> bool:
+        """New transfers start here unless the connection is held through an outage."""
+        return not self.conn.silent
+
     def transfer_started(self, t: Transfer) -> None:
         self.perform(self.protocol.announce(t))
 

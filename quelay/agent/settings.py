@@ -42,7 +42,7 @@ class AgentConfig:
     keepalive: float = 1.0
     dead_after: float = 3.0  # silence (or 4 RTTs) after which the link is declared dead
     probe_interval: float = 1.0  # a dial attempt nobody answers is replaced this often
-    idle_timeout: float = 30.0
+    idle_timeout: float = 300.0  # a silent connection is held this long for the link's return
     handshake_timeout: float = 10.0
     reconnect_interval: float = 1.0
     congestion: str = "allotted"  # see docs/performance.md for the measurements

@@ -97,7 +97,8 @@ HELP: dict[str, str] = {
     "keepalive": "Seconds between keep-alive PINGs (0 = off).",
     "dead_after": "Seconds of silence (or 4 RTTs) after which the link is declared dead.",
     "probe_interval": "Seconds before an unanswered dial attempt is replaced by a new one.",
-    "idle_timeout": "Seconds of silence before the link is declared lost.",
+    "idle_timeout": "Seconds a silent connection is held for the link's return "
+                    "(then it is given up and redialled).",
     "handshake_timeout": "Seconds a connection attempt may take.",
     "reconnect_interval": "Seconds between reconnect attempts.",
     "congestion": "Congestion control: allotted (default), cubic or reno.",

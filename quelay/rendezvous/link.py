@@ -309,6 +309,7 @@ async def _client_loop(agent: Any, link: RendezvousLink) -> None:
         if agent.link_state is not LinkState.DOWN:
             agent._set_link(LinkState.CONNECTING)
         conn = endpoint.connect(link._dst(target))
+        conn.hold_for = 0.0  # one connection at a time here: a held one would block the redial
         link.current, link.current_direct = conn, direct
         ups = agent.link_ups
         try:

@@ -122,6 +122,7 @@ class QuicConn:
         label: str = "agent",
         gate: WireGate | None = None,
         dead_after: float = 3.0,
+        hold_for: float = 0.0,
     ) -> None:
         self.quic = quic
         self.sock = sock
@@ -134,6 +135,13 @@ class QuicConn:
         self._outbox: deque[tuple[bytes, Address]] = deque()
         self._gate_at: float | None = None
         self.liveness = Liveness(dead_after)
+        # Through an outage the connection is held (its streams, windows and RTT kept,
+        # probing at a bounded interval) for up to ``hold_for`` seconds of silence, so
+        # the link's return costs one probe, not a new handshake and a resume. 0: the
+        # connection is abandoned at the dead-link bound.
+        self.hold_for = hold_for
+        self.silent = False  # past the dead-link bound, held: the link is reported down
+        self.on_silence: Callable[[str | None], None] | None = None  # reason, None: heard again
         self.first_rx = trio.Event()
         self.authenticated = trio.Event()
         self.terminated = trio.Event()
@@ -171,6 +179,8 @@ class QuicConn:
 
     def datagram_received(self, data: bytes, addr: Address, now: float) -> None:
         self.liveness.heard(now)
+        if self.silent:
+            self._set_silent(None)
         if not self.first_rx.is_set():
             self.first_rx.set()
         self.quic.receive_datagram(data, addr, now)
@@ -254,7 +264,8 @@ class QuicConn:
         self._terminate(closing)
 
     async def _keepalive_loop(self) -> None:
-        """PING every interval; declare the link dead when nothing comes back in time."""
+        """PING every interval; declare the link dead when nothing comes back in time,
+        and give the connection up when the silence outlasts what it is held for."""
         await self.authenticated.wait()
         self.liveness.heard(trio.current_time())
         while self.closed is None:
@@ -262,12 +273,24 @@ class QuicConn:
             now = trio.current_time()
             rtt = self.quic.path_stats().rtt
             if self.liveness.is_dead(now, rtt):
-                self.abandon(f"link dead: nothing heard from the peer for "
-                             f"{now - self.liveness.last_heard:.1f}s")
-                return
+                silence = now - self.liveness.last_heard
+                if silence > self.hold_for:
+                    self.abandon(f"link dead: nothing heard from the peer for {silence:.1f}s")
+                    return
+                if not self.silent:
+                    self._set_silent(f"nothing heard from the peer for {silence:.1f}s; "
+                                     f"the connection is held for {self.hold_for:.0f}s")
             self._ping_seq += 1
             self.quic.send_ping(self._ping_seq)
             self.kick()
+
+    def _set_silent(self, reason: str | None) -> None:
+        """Past the dead-link bound (``reason``) or heard again (``None``): tell the owner."""
+        self.silent = reason is not None
+        if reason is not None:
+            log.info("%s: link silent: %s", self.label, reason)
+        if self.on_silence is not None:
+            self.on_silence(reason)
 
     def abandon(self, reason: str, *, quiet: bool = False) -> None:
         """Give up on a connection we cannot reach: no close handshake, it is gone."""

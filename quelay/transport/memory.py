@@ -155,3 +155,5 @@ class MemorySocket:
     def close(self) -> None:
         self.closed = True
         self._readable.set()
+        if self.network._sockets.get(self._address) is self:  # the address is free again
+            del self.network._sockets[self._address]

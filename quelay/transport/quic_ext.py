@@ -841,9 +841,16 @@ class QuelayQuicConnection(QuicConnection):
         rec = self._recovery
         silent = self._handshake_confirmed and rec._pto_count > 0
         super().receive_datagram(data, addr, now)
-        if silent and rec._pto_count > 0 and rec.return_probe_due():
-            # A probe carrying the oldest unacknowledged data: it is the first new byte
-            # the receiver gets, half an RTT from now.
+        if silent:
+            self.path_is_back(now)
+
+    def path_is_back(self, now: float) -> None:
+        """The peer was heard (here, or on another connection: a dial attempt made
+        while this one was held through an outage): if our probes go unanswered,
+        probe now with data — the first new byte the receiver gets, half an RTT
+        from now — instead of at the next probe timer."""
+        rec = self._recovery
+        if self._handshake_confirmed and rec._pto_count > 0 and rec.return_probe_due():
             rec.reschedule_data(now=now)
 
     # -- path statistics ----------------------------------------------------------

@@ -1,0 +1,112 @@
+"""A connection held through an outage: reported down, kept, and replaced only when a
+fresh one is really needed (the peer restarted meanwhile). Mock time, in-memory link."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from quelay.agent import Agent
+from quelay.core import messages as wire
+from quelay.core.codes import LinkState
+from quelay.core.transfer import State, Transfer
+from quelay.identity import load_or_create_identity
+from quelay.transport.memory import MemoryNetwork
+
+from .conftest import make_file, sha256_file, site_config, wait_for, wait_stopped
+
+A_ADDRESS = ("10.0.0.1", 4433)
+
+
+async def start_killable(nursery: trio.Nursery, agent: Agent) -> trio.CancelScope:
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await agent.run(task_status=task_status)
+
+    await nursery.start(run)
+    return scope
+
+
+def listener(root: Path, fp_b: str, net: MemoryNetwork, **overrides: Any) -> Agent:
+    return Agent(site_config(root, listen=A_ADDRESS, trust=[fp_b], **overrides),
+                 socket_factory=net.socket)
+
+
+async def test_a_listener_restarted_during_the_outage_is_redialled(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    """The held connection can never answer again (its peer forgot it): the dial
+    attempts made while it is held reach the new listener, and that session replaces
+    it; the file resumes from the listener's journal and arrives byte-exact."""
+    net = MemoryNetwork(delay=0.1)
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    fp_a = load_or_create_identity(root_a / "state").fingerprint
+    fp_b = load_or_create_identity(root_b / "state").fingerprint
+    nursery.start_soon(net.run)
+    a = listener(root_a, fp_b, net, rate=2_000_000)
+    scope_a = await start_killable(nursery, a)
+    b = Agent(site_config(root_b, peer=A_ADDRESS, trust=[fp_a], rate=2_000_000),
+              socket_factory=net.socket)
+    await nursery.start(b.run)
+    await wait_for(lambda: a.link_state is LinkState.UP and b.link_state is LinkState.UP)
+
+    src = make_file(tmp_path / "f.bin", 1_000_000, seed=41)
+    t = Transfer(wire.new_transfer_id(), "out", "file", "f.bin", 1_000_000, 4)
+    t.path = str(src)
+    b.book.submit(t)
+    await wait_for(lambda: t.delivered > 200_000)
+    net.down = True
+    await wait_for(lambda: b.link_state is LinkState.DOWN)
+    assert b.default.held()  # reported down, but the connection is kept
+    assert b.default.session is not None and b.default.session.conn.closed is None
+    scope_a.cancel()  # the listener dies meanwhile (nothing reaches B: the link is down)
+    await wait_stopped(a)
+    a2 = listener(root_a, fp_b, net, rate=2_000_000)
+    await start_killable(nursery, a2)
+    await trio.sleep(5.0)
+    net.down = False
+    await wait_for(lambda: t.terminal, timeout=60)
+    assert t.state is State.DONE, t.error_message
+    assert sha256_file(a2.config.inbox / "f.bin") == sha256_file(src)
+    assert b.link_ups == 2 and b.default.revivals == 0  # a new session, not a revival
+    assert t.resumes >= 1
+
+
+async def test_nothing_starts_on_a_held_connection_and_the_queue_keeps_its_order(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    """Submitted while the connection is held: the transfers stay queued (so priority
+    decides on the link's return), then start on the same connection."""
+    net = MemoryNetwork(delay=0.1)
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    fp_a = load_or_create_identity(root_a / "state").fingerprint
+    fp_b = load_or_create_identity(root_b / "state").fingerprint
+    nursery.start_soon(net.run)
+    a = listener(root_a, fp_b, net)
+    await start_killable(nursery, a)
+    b = Agent(site_config(root_b, peer=A_ADDRESS, trust=[fp_a], max_concurrent=1),
+              socket_factory=net.socket)
+    await nursery.start(b.run)
+    await wait_for(lambda: b.link_state is LinkState.UP)
+    net.down = True
+    await wait_for(lambda: b.link_state is LinkState.DOWN and a.link_state is LinkState.DOWN)
+    assert b.default.held() and a.default.held()
+    sent = []
+    for name, priority in (("low", 1), ("high", 7)):
+        src = make_file(tmp_path / name, 20_000, seed=priority)
+        t = Transfer(wire.new_transfer_id(), "out", "file", name, 20_000, priority)
+        t.path = str(src)
+        b.book.submit(t)
+        sent.append(t)
+    await trio.sleep(3.0)
+    assert [t.state for t in sent] == [State.PENDING, State.PENDING]
+    net.down = False
+    low, high = sent
+    await wait_for(lambda: high.state is not State.PENDING or low.state is not State.PENDING)
+    assert high.state is State.ACTIVE and low.state is State.PENDING  # priority first
+    await wait_for(lambda: all(t.terminal for t in sent), timeout=60)
+    assert [t.state for t in sent] == [State.DONE, State.DONE]
+    assert b.link_ups == 1 and b.default.revivals == 1
+    assert a.link_ups == 1 and a.default.revivals == 1
