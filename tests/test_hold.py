@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from quelay.agent import Agent
+from quelay.client import ClientError, open_client
 from quelay.core import messages as wire
 from quelay.core.codes import LinkState
 from quelay.core.transfer import State, Transfer
@@ -102,6 +104,11 @@ async def test_nothing_starts_on_a_held_connection_and_the_queue_keeps_its_order
         sent.append(t)
     await trio.sleep(3.0)
     assert [t.state for t in sent] == [State.PENDING, State.PENDING]
+    async with open_client(b.config.control) as client:  # answered now, not after 30 s
+        with pytest.raises(ClientError) as refused:
+            await client.request("ls_remote")
+    assert refused.value.code == "link_down"
+    assert "exports are unknown" in refused.value.message  # refused, not timed out
     net.down = False
     low, high = sent
     await wait_for(lambda: high.state is not State.PENDING or low.state is not State.PENDING)

@@ -610,7 +610,7 @@ class ControlServer:
 
     async def op_ls_remote(self, conn: ClientConnection, args: dict[str, Any]) -> Any:
         link = self.book.links.get(self._link(args, "from", "to").name)
-        if link is None:
+        if link is None or not link.ready:  # no session, or one held through an outage
             raise ControlError(p.LINK_DOWN, "the link is down: the peer's exports are unknown")
         try:
             return {"files": await link.list_remote()}
