@@ -117,3 +117,48 @@ async def test_nothing_starts_on_a_held_connection_and_the_queue_keeps_its_order
     assert [t.state for t in sent] == [State.DONE, State.DONE]
     assert b.link_ups == 1 and b.default.revivals == 1
     assert a.link_ups == 1 and a.default.revivals == 1
+
+
+class InitialCounter(MemoryNetwork):
+    """The in-memory network, noting when each host sent a QUIC Initial (long header,
+    type 0): how many a dial attempt costs."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.initials: list[tuple[float, str]] = []
+
+    def _send(self, src: Any, dst: Any, data: bytes) -> None:
+        if data and data[0] & 0x80 and (data[0] & 0x30) >> 4 == 0:
+            self.initials.append((trio.current_time(), src[0]))
+        super()._send(src, dst, data)
+
+
+async def test_dial_attempts_during_a_hold_send_one_initial_each(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    """While the connection is held, the dialler tries fresh connections (the peer may
+    have restarted). They start from the held connection's RTT: on a 1 s path an
+    attempt is replaced after 1.2 RTT and its handshake timers are longer than that,
+    so each attempt costs one Initial (unseeded, aioquic resends it after 0.2 s and
+    0.6 s; bounded like an established connection's probes, after 1 s)."""
+    net = InitialCounter(delay=0.5)
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    fp_a = load_or_create_identity(root_a / "state").fingerprint
+    fp_b = load_or_create_identity(root_b / "state").fingerprint
+    nursery.start_soon(net.run)
+    a = listener(root_a, fp_b, net)
+    await start_killable(nursery, a)
+    b = Agent(site_config(root_b, peer=A_ADDRESS, trust=[fp_a]), socket_factory=net.socket)
+    await nursery.start(b.run)
+    await wait_for(lambda: b.link_state is LinkState.UP, timeout=60)
+    net.down = True
+    await wait_for(lambda: b.link_state is LinkState.DOWN, timeout=60)
+    start = trio.current_time()
+    await trio.sleep(12.0)
+    end = trio.current_time()
+    net.down = False
+    await wait_for(lambda: b.link_state is LinkState.UP, timeout=60)
+    initials = [t for t, host in net.initials if host == "10.0.0.2" and start <= t < end]
+    wait = b.default.probe_wait()
+    assert wait >= 1.2  # 1.2 × the path's 1 s RTT
+    assert 5 <= len(initials) <= 12.0 / wait + 1, (len(initials), wait)
+    assert b.link_ups == 1 and b.default.revivals == 1  # and the held one carried on

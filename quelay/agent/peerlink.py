@@ -155,6 +155,7 @@ class PeerLink:
         if reason is not None:
             self.set_link(LinkState.DOWN, reason)
             self.datagrams.link_silent()
+            self._remember_path(conn)  # the dial attempts meanwhile start from it
         else:
             self.revivals += 1
             self.set_link(LinkState.UP)
@@ -210,13 +211,24 @@ class PeerLink:
             self.book.fail(t, Failure.PEER_RESTARTED,
                            "the sending agent restarted and did not resume this file")
 
+    def _remember_path(self, conn: QuicConn) -> None:
+        """What the next dial attempt waits for: the path's own round trip (min RTT),
+        not the smoothed one, which includes the queue at the cap (gone by then); and,
+        in the endpoint's path memory, the RTT that seeds its handshake timers (one
+        Initial per attempt, not aioquic's three)."""
+        stats = conn.path_stats()
+        rtt = stats.min_rtt if stats.min_rtt is not None else stats.rtt
+        if rtt is not None:
+            self.last_rtt = rtt
+        endpoint = self.hub.endpoint
+        if endpoint is not None and conn.authenticated.is_set():
+            endpoint.path_memory.remember(endpoint.path_key(conn.peer), stats)
+
     def session_ended(self, conn: QuicConn, reason: str) -> None:
         if self.session is None or self.session.conn is not conn:
             return
         stats = conn.path_stats()
         self.book.stats.connection_ended(stats)
-        # The path's own round trip (min RTT), not the smoothed one, which includes the
-        # queue at the cap: a dial attempt need not wait for a queue that is gone.
         rtt = stats.min_rtt if stats.min_rtt is not None else stats.rtt
         if rtt is not None:
             self.last_rtt = rtt

@@ -423,6 +423,10 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         if self._pto_count == 0:
             return pto
         rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
+        if not self.handshake_confirmed:
+            # A dial attempt's Initial: the agent replaces an unanswered attempt after
+            # 1.2 RTT, so resending within that is waste (the seeded first PTO's rule).
+            rtt *= 1.25
         return min(pto * 2 ** min(self._pto_count, 20), max(PROBE_INTERVAL_FLOOR, rtt))
 
     def get_loss_detection_time(self, *, amplification_limited: bool) -> float | None:
