@@ -1,10 +1,12 @@
 """Opening a transfer costs the same with ten or ten thousand open (issue 15).
 
-Counted, not timed: records stand in for transfers and count how often the
-fields a scan must read are read. A claim of an incoming stream
-(``accept_incoming``) is woken by every arrival; if it looked at every live
-transfer, each open at a receiver with a reader waiting would cost what is
-already open (10,000 opens: 50 million looks).
+Counted, not timed: records stand in for transfers and count how often their
+fields are read. Opening one more must not read the transfers already open —
+not in the book's submit and ``fill`` (with or without ``max_concurrent``),
+not in the table's indexes, not at the receiver's protocol and book. And a
+claim of an incoming stream (``accept_incoming``) is woken by every arrival;
+if it looked at every live transfer, each open at a receiver with a reader
+waiting would cost what is already open (10,000 opens: 50 million looks).
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from pathlib import Path
 import trio
 
 from quelay.agent import Agent
+from quelay.agent.book import TransferBook
+from quelay.agent.events import EventHub
+from quelay.agent.inbox import Inbox
+from quelay.agent.journal import Journal
 from quelay.client import open_client
+from quelay.core import messages as m
+from quelay.core.feed import Feed
+from quelay.core.peer import Created, PeerProtocol
 from quelay.core.transfer import State, Transfer, TransferTable
 from quelay.transport.memory import MemoryNetwork
 
@@ -47,6 +56,92 @@ class _Counted(Transfer):
     @attached.setter
     def attached(self, value: bool) -> None:
         self._attached = value
+
+
+class _Read(Transfer):
+    """A transfer that counts every read of its fields."""
+
+    reads = 0
+
+    def __getattribute__(self, name: str) -> object:
+        _Read.reads += 1
+        return super().__getattribute__(name)
+
+
+class _Link:
+    """A session that is up, as far as the book can tell (announces through the
+    peer protocol, as a session does)."""
+
+    ready = True
+
+    def __init__(self, table: TransferTable) -> None:
+        self.protocol = PeerProtocol(table)
+
+    def transfer_started(self, t: Transfer) -> None:
+        self.protocol.announce(t)
+
+    def transfer_ended(self, t: Transfer) -> None:
+        raise AssertionError("nothing ends here")
+
+    def fetch_requested(self, t: Transfer) -> None:
+        raise AssertionError("nothing is fetched here")
+
+    async def list_remote(self) -> list[dict[str, object]]:
+        raise AssertionError("nothing is listed here")
+
+
+def _book(root: Path, *, up: bool, max_concurrent: int = 0) -> TransferBook:
+    root.mkdir(parents=True)
+    book = TransferBook(journal=Journal(root / "journal.db"), events=EventHub(),
+                        inbox=Inbox(root / "inbox"), feed=Feed(), max_concurrent=max_concurrent,
+                        clock=lambda: 0.0)
+    if up:
+        book.links[""] = _Link(book.table)  # type: ignore[assignment]
+    return book
+
+
+def _reads_of_one_more_open(root: Path, open_before: int, **kw: object) -> int:
+    """Reads of the transfers already submitted while one more is submitted."""
+    book = _book(root, **kw)  # type: ignore[arg-type]
+    for i in range(open_before):
+        book.submit(_Read(f"o{i}", "out", "stream", f"s{i}", None, i % 16))
+    before = _Read.reads
+    book.submit(Transfer("new", "out", "stream", "new", None, 4))
+    return _Read.reads - before
+
+
+def test_submitting_one_more_reads_none_of_the_transfers_already_open(tmp_path: Path) -> None:
+    for open_before in (10, 3000):
+        assert _reads_of_one_more_open(tmp_path / f"up{open_before}", open_before, up=True) == 0
+        # A limit above what is open: how many are active per link is kept, not counted.
+        assert _reads_of_one_more_open(tmp_path / f"lim{open_before}", open_before, up=True,
+                                       max_concurrent=open_before + 10) == 0
+
+
+def test_queueing_one_more_reads_the_head_of_the_queue_only(tmp_path: Path) -> None:
+    """The link is down: the new transfer queues, and queue.status names the first 100."""
+    few = _reads_of_one_more_open(tmp_path / "few", 200, up=False)
+    many = _reads_of_one_more_open(tmp_path / "many", 5000, up=False)
+    assert few == many > 0
+
+
+def test_receiving_one_more_open_reads_none_of_the_transfers_already_open(
+        tmp_path: Path) -> None:
+    for open_before in (10, 3000):
+        book = _book(tmp_path / f"in{open_before}", up=False)
+        protocol = PeerProtocol(book.table, max_incoming=open_before + 1)
+        for i in range(open_before):
+            t = _Read(f"i{i}", "in", "stream", f"s{i}", None, 4)
+            t.move_to(State.ACTIVE)
+            book.table.add(t)
+            book.add_incoming(t)
+        before = _Read.reads
+        actions = protocol.receive(m.Open("new", "stream", None, 4, "new"))
+        created = [a for a in actions if isinstance(a, Created)]
+        assert len(created) == 1
+        book.add_incoming(created[0].transfer)
+        assert _Read.reads - before == 0
+        assert book.table.live_incoming() == open_before + 1
 
 
 def _incoming(name: str) -> _Counted:

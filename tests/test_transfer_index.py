@@ -10,6 +10,7 @@ the scan the table used to do.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -36,12 +37,13 @@ class TableIndexes(RuleBasedStateMachine):
 
     @rule(direction=st.sampled_from(["out", "in"]), kind=st.sampled_from(["file", "stream", "dir"]),
           priority=st.integers(0, 3), in_group=st.booleans(), name=st.sampled_from("abc"),
-          state=st.sampled_from([State.PENDING, State.ACTIVE, State.DONE]))
+          state=st.sampled_from([State.PENDING, State.ACTIVE, State.DONE]),
+          peer=st.sampled_from(["", "p"]))
     def add(self, direction: str, kind: str, priority: int, in_group: bool, name: str,
-            state: State) -> None:
+            state: State, peer: str) -> None:
         group = self.groups[-1] if in_group and self.groups and kind == "file" else None
         t = Transfer(f"t{next(_IDS)}", direction, kind, name, 1, priority,  # type: ignore[arg-type]
-                     group=group)
+                     group=group, peer=peer)
         if state is State.ACTIVE or (state is State.PENDING and direction == "in"):
             t.move_to(State.ACTIVE)  # (only outbound transfers can be pending and re-queue)
         elif state is State.DONE:
@@ -83,6 +85,12 @@ class TableIndexes(RuleBasedStateMachine):
         assert table.active_outbound_count() == len(active)
         assert table.active_outbound_count(bytes_only=True) == sum(1 for t in active
                                                                    if t.kind != "dir")
+        assert table.active_outbound_by_peer() == dict(Counter(t.peer for t in active))
+        assert table.active_outbound_by_peer(bytes_only=True) == dict(
+            Counter(t.peer for t in active if t.kind != "dir"))
+        for peer in ("", "p"):
+            assert table.live_incoming(peer) == sum(1 for t in every if t.direction == "in"
+                                                    and not t.terminal and t.peer == peer)
         queue = _scan_queue(table)
         assert table.queue() == queue == list(table.waiting())
         assert table.queued() == len(queue)

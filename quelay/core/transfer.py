@@ -287,6 +287,10 @@ class TransferTable:
         self._streams_in: OrderedDict[str, Transfer] = OrderedDict()
         self._active_out: dict[str, Transfer] = {}
         self._active_dirs = 0  # directories among them (no bytes of their own)
+        # Per link (the peer each had when it became active): all, and those with bytes.
+        self._active_peer: dict[str, str] = {}
+        self._active_by_peer: Counter[str] = Counter()
+        self._active_bytes_by_peer: Counter[str] = Counter()
         self._queue = _Queue()
         self._members: dict[str, dict[str, Transfer]] = {}  # directory id -> its files
         self._member_names: dict[str, Counter[str]] = {}  # directory id -> their names
@@ -422,19 +426,26 @@ class TransferTable:
         return len(self._active_out) - self._active_dirs
 
     def active_outbound_by_peer(self, *, bytes_only: bool = False) -> dict[str, int]:
-        """:meth:`active_outbound_count` per link (peer name)."""
-        counts: Counter[str] = Counter(t.peer for t in self._active_out.values()
-                                       if not bytes_only or t.kind != "dir")
-        return dict(counts)
+        """:meth:`active_outbound_count` per link (peer name): kept as transfers start
+        and stop, so ``fill`` under a ``max_concurrent`` costs the links, not the
+        active transfers."""
+        counts = self._active_bytes_by_peer if bytes_only else self._active_by_peer
+        return {peer: n for peer, n in counts.items() if n}
 
     def _set_active(self, t: Transfer) -> None:
         if t.id not in self._active_out:
             self._active_out[t.id] = t
             self._active_dirs += t.kind == "dir"
+            self._active_peer[t.id] = t.peer
+            self._active_by_peer[t.peer] += 1
+            self._active_bytes_by_peer[t.peer] += t.kind != "dir"
 
     def _unset_active(self, t: Transfer) -> None:
         if self._active_out.pop(t.id, None) is not None:
             self._active_dirs -= t.kind == "dir"
+            peer = self._active_peer.pop(t.id)
+            self._active_by_peer[peer] -= 1
+            self._active_bytes_by_peer[peer] -= t.kind != "dir"
 
     def members(self, group_id: str) -> list[Transfer]:
         return list(self._members.get(group_id, {}).values())
