@@ -324,7 +324,7 @@ class Profiler:
             role = "receiver" if side == "a" else "sender"
             out = directory / f"{case}-{role}.txt"
             self.procs.append(subprocess.Popen(
-                ["py-spy", "record", "--pid", str(p.pid), "--format", "raw", "--rate", "200",
+                ["py-spy", "record", "--pid", str(p.pid), "--format", "raw", "--rate", "500",
                  "--nonblocking", "--output", str(out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)  # py-spy takes a moment to attach

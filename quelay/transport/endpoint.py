@@ -140,18 +140,22 @@ class QuicEndpoint:
 
     async def run(self, nursery: trio.Nursery) -> None:
         """Receive loop; accepted server connections run as tasks in ``nursery``."""
+        sock, route = self.sock, self._route
         while True:
-            await self.sock.wait_readable()
+            await sock.wait_readable()
             touched: dict[int, QuicConn] = {}
             now = trio.current_time()
-            for data, addr in self.sock.recv_batch():
-                if self.foreign is not None and data and not data[0] & 0x40:
-                    self.foreign(data, addr)
+            foreign = self.foreign
+            last: QuicConn | None = None
+            for data, addr in sock.recv_batch():
+                if foreign is not None and data and not data[0] & 0x40:
+                    foreign(data, addr)
                     continue
-                conn = self._route(data, addr, nursery)
+                conn = route(data, addr, nursery)
                 if conn is not None:
                     conn.datagram_received(data, addr, now)
-                    touched[id(conn)] = conn
+                    if conn is not last:  # (a batch is mostly one connection's)
+                        touched[id(conn)] = last = conn
             for conn in touched.values():
                 conn.process_events()
                 conn.kick()

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -53,7 +54,7 @@ from aioquic.quic.connection import (
     QuicConnection,
     QuicConnectionState,
 )
-from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet import QuicFrameType, QuicStreamFrame
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicSentPacket
 from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import (
@@ -77,6 +78,9 @@ PACER_BURST_DATAGRAMS = 64
 VIEW_MIN_STREAMS = 64
 VIEW_WINDOW = 4  # streams offered to one packet build at a time
 FULL_SCAN_EVERY = 256
+
+# Consecutive data events of one stream are handed out as one, up to this many bytes.
+MERGE_EVENT_BYTES = 64 * 1024
 
 # -- loss recovery knobs --------------------------------------------------------
 MAX_PACKET_THRESHOLD = 256  # reordering deeper than this many packets is still loss
@@ -166,17 +170,30 @@ class _Episode:
 
 
 class RobustStreamSender(QuicStreamSender):
-    """aioquic's stream sender, tolerant of a range being acknowledged or lost twice.
+    """aioquic's stream sender, tolerant of a range being acknowledged or lost twice,
+    and holding what it was given instead of copying it.
 
     aioquic assumes each byte range lives in exactly one tracked packet; tail
     copies and late ACKs of packets already declared lost break that, so
     delivery is clipped to the bytes not yet acknowledged (an ACK also
     withdraws those bytes from the retransmission queue).
+
+    aioquic appends every write to one ``bytearray`` and deletes acknowledged
+    bytes from its front, so the buffer is copied whole each time it grows
+    (~1 GB of copies per 100 MB at a 2 MiB high-water mark). Here written
+    ``bytes`` are kept as they are (a list of chunks, dropped once all their
+    bytes are acknowledged) and a frame slices its bytes out of them.
     """
 
     _copied: RangeSet | None = None  # bytes tail protection already sent an extra time
     _retransmitted: dict[int, int] | None = None  # the connection's count, by stream id
     _activity: StreamActivity | None = None  # told when this stream has work again
+    # The written bytes: chunk i holds the stream's bytes from _starts[i]; the chunks
+    # before _head are acknowledged (dropped in batches). Set up on the first write
+    # (the class is swapped onto aioquic's senders, so __init__ does not run).
+    _chunks: list[bytes] | None = None
+    _starts: list[int] | None = None
+    _head = 0
 
     def _mark(self) -> None:
         if self._activity is not None and self._stream_id is not None:
@@ -186,6 +203,113 @@ class RobustStreamSender(QuicStreamSender):
         if nbytes and self._retransmitted is not None and self._stream_id is not None:
             counts = self._retransmitted
             counts[self._stream_id] = counts.get(self._stream_id, 0) + nbytes
+
+    # -- the buffer -------------------------------------------------------------------
+
+    def write(self, data: bytes, end_stream: bool = False) -> None:
+        if self._buffer_fin is not None:
+            raise RuntimeError("Cannot send data after FIN")
+        if self._reset_error_code is not None:
+            raise RuntimeError("Cannot send data after the stream was reset")
+        chunks, starts = self._chunks, self._starts
+        if chunks is None or starts is None:
+            chunks, starts = [], []
+            self._chunks, self._starts = chunks, starts
+            if self._buffer:  # written before the class was swapped (never, but keep it)
+                chunks.append(bytes(self._buffer))
+                starts.append(self._buffer_start)
+                self._buffer = bytearray()
+        size = len(data)
+        if size:
+            self.buffer_is_empty = False
+            stop = self._buffer_stop
+            self._pending.add(stop, stop + size)
+            chunks.append(data if type(data) is bytes else bytes(data))
+            starts.append(stop)
+            self._buffer_stop = stop + size
+        if end_stream:
+            self.buffer_is_empty = False
+            self._buffer_fin = self._buffer_stop
+            self._pending_eof = True
+
+    @property
+    def next_offset(self) -> int:
+        pending = _ranges(self._pending)
+        return pending[0].start if pending else self._buffer_stop
+
+    def _bytes(self, start: int, stop: int) -> bytes:
+        """The stream's bytes ``[start, stop)`` (written, not yet all acknowledged)."""
+        chunks, starts = self._chunks, self._starts
+        assert chunks is not None and starts is not None
+        i = bisect_right(starts, start, self._head) - 1
+        chunk = chunks[i]
+        offset = start - starts[i]
+        end = offset + stop - start
+        if end <= len(chunk):
+            return chunk if offset == 0 and end == len(chunk) else chunk[offset:end]
+        parts = [chunk[offset:]]
+        got = len(chunk) - offset
+        want = stop - start
+        while got < want:
+            i += 1
+            chunk = chunks[i]
+            piece = chunk if got + len(chunk) <= want else chunk[:want - got]
+            parts.append(piece)
+            got += len(piece)
+        return b"".join(parts)
+
+    def reset(self, error_code: int) -> None:
+        super().reset(error_code)
+        if self._reset_error_code is not None and self._chunks is not None:
+            self._chunks, self._starts, self._head = [], [], 0  # never sent again
+
+    def _trim(self) -> None:
+        """Drop the chunks whose bytes are all acknowledged."""
+        chunks, starts = self._chunks, self._starts
+        if chunks is None or starts is None:
+            return
+        head, n, acked = self._head, len(chunks), self._buffer_start
+        while head < n and starts[head] + len(chunks[head]) <= acked:
+            chunks[head] = b""
+            head += 1
+        if head >= 64 or head == n:
+            del chunks[:head], starts[:head]
+            head = 0
+        self._head = head
+
+    def get_frame(self, max_size: int, max_offset: int | None = None) -> QuicStreamFrame | None:
+        """aioquic's, with the data sliced out of the written chunks."""
+        assert self._reset_error_code is None, "cannot call get_frame() after reset()"
+        if max_size < 0:
+            return None
+        pending = self._pending
+        ranges = _ranges(pending)
+        if not ranges:
+            if self._pending_eof:
+                self._pending_eof = False
+                return QuicStreamFrame(fin=True, offset=cast(int, self._buffer_fin))
+            self.buffer_is_empty = True
+            return None
+        r = ranges[0]
+        start = r.start
+        stop = min(r.stop, start + max_size)
+        if max_offset is not None and stop > max_offset:
+            stop = max_offset
+        if stop <= start:
+            return None
+        frame = QuicStreamFrame(data=self._bytes(start, stop), offset=start)
+        if stop == r.stop:
+            del ranges[0]  # the common case of RangeSet.subtract, without its loop
+        else:
+            pending.subtract(start, stop)
+        if stop > self.highest_offset:
+            self.highest_offset = stop
+        if self._buffer_fin == stop:
+            frame.fin = True
+            self._pending_eof = False
+        return frame
+
+    # -- delivery ---------------------------------------------------------------------
 
     def _unacked(self, start: int, stop: int) -> RangeSet:
         left = RangeSet([range(start, stop)]) if stop > start else RangeSet()
@@ -197,27 +321,57 @@ class RobustStreamSender(QuicStreamSender):
             left.subtract(r.start, r.stop)
         return left
 
+    def _unacked_parts(self, start: int, stop: int) -> Iterable[range]:
+        """``_unacked`` as ranges; without building range sets in the common case (the
+        range lies beyond the acknowledged prefix and outside every acknowledged range)."""
+        acked = _ranges(self._acked)
+        if start >= self._buffer_start and (
+                not acked or stop <= acked[0].start or start >= acked[-1].stop):
+            return (range(start, stop),) if stop > start else ()
+        return list(self._unacked(start, stop))
+
     def on_data_delivery(
         self, delivery: QuicDeliveryState, start: int, stop: int, fin: bool
     ) -> None:
         if self._reset_error_code is not None:
             return
-        parts = list(self._unacked(start, stop))
+        if delivery == QuicDeliveryState.ACKED and start == self._buffer_start \
+                and stop > start and not fin and not _ranges(self._acked):
+            # In order (nearly every ACK): aioquic's delivery without its range sets.
+            waiting = _ranges(self._pending)
+            if waiting and start < waiting[-1].stop and stop > waiting[0].start:
+                self._pending.subtract(start, stop)
+            self._buffer_start = stop
+            if self._chunks:
+                self._trim()
+            if stop == self._buffer_fin and self._acked_fin:  # the FIN's ACK came first
+                self.is_finished = True
+                self._mark()
+            return
+        parts = self._unacked_parts(start, stop)
+        deliver = QuicStreamSender.on_data_delivery
         if delivery == QuicDeliveryState.ACKED:
+            pending = self._pending
+            waiting = _ranges(pending)
             for r in parts:
-                self._pending.subtract(r.start, r.stop)
-                super().on_data_delivery(delivery, r.start, r.stop, False)
+                if waiting and r.start < waiting[-1].stop and r.stop > waiting[0].start:
+                    pending.subtract(r.start, r.stop)
+                deliver(self, delivery, r.start, r.stop, False)
             if fin and self._buffer_fin is not None:
                 self._pending_eof = False
-                super().on_data_delivery(delivery, self._buffer_fin, self._buffer_fin, True)
+                deliver(self, delivery, self._buffer_fin, self._buffer_fin, True)
                 self._mark()  # all acknowledged: the stream may be finished (discarded)
+            if self._chunks:
+                self._trim()
         else:
+            n = 0
             for r in parts:
-                super().on_data_delivery(delivery, r.start, r.stop, False)
-            self._count_retransmit(sum(r.stop - r.start for r in parts))
+                deliver(self, delivery, r.start, r.stop, False)
+                n += r.stop - r.start
+            self._count_retransmit(n)
             self._mark()
             if fin and self._buffer_fin is not None and not self._acked_fin:
-                super().on_data_delivery(delivery, self._buffer_fin, self._buffer_fin, True)
+                deliver(self, delivery, self._buffer_fin, self._buffer_fin, True)
 
     def uncopied(self, start: int, stop: int) -> RangeSet:
         """The unacknowledged part of ``[start, stop)`` not yet sent an extra time."""
@@ -267,6 +421,55 @@ def _unsent(stream: QuicStream) -> int:
     return max(0, int(sender._buffer_stop - sender.highest_offset))
 
 
+def _ranges(ranges: RangeSet) -> list[range]:
+    """A RangeSet's sorted list of ranges (read in hot paths without its Python-level
+    ``__len__`` / ``__getitem__``; changed only through the RangeSet)."""
+    return ranges._RangeSet__ranges  # type: ignore[attr-defined,no-any-return]
+
+
+def _regroup(queue: Any) -> None:
+    """Join the data events of each stream in aioquic's event queue (see ``next_event``).
+
+    A stream's data events are joined (in order, up to :data:`MERGE_EVENT_BYTES`) into
+    the position of the first of them; any other event of that stream (a reset, a
+    STOP_SENDING) ends the run, so it still comes after all the data before it.
+    Events of other streams and of the connection keep their order.
+    """
+    out: list[Any] = []  # events, or lists of a stream's data events to join
+    runs: dict[int, tuple[list[events.StreamDataReceived], list[int]]] = {}
+    for event in queue:
+        if type(event) is events.StreamDataReceived:
+            sid = event.stream_id
+            run = runs.get(sid)
+            if run is None:
+                run = ([event], [len(event.data)])
+                out.append(run[0])
+                runs[sid] = run
+            else:
+                run[0].append(event)
+                run[1][0] += len(event.data)
+            if event.end_stream or run[1][0] >= MERGE_EVENT_BYTES:
+                del runs[sid]
+        else:
+            other = getattr(event, "stream_id", None)
+            if other is not None:
+                runs.pop(other, None)
+            out.append(event)
+    if len(out) == len(queue):
+        return  # nothing to join
+    queue.clear()
+    for item in out:
+        if type(item) is not list:
+            queue.append(item)
+        elif len(item) == 1:
+            queue.append(item[0])
+        else:
+            last = item[-1]
+            queue.append(events.StreamDataReceived(
+                data=b"".join([e.data for e in item]), end_stream=last.end_stream,
+                stream_id=last.stream_id))
+
+
 def _sid(stream: QuicStream) -> int:
     return cast(int, stream.stream_id)  # None only for aioquic's crypto streams
 
@@ -287,8 +490,13 @@ class StreamActivity:
         self._streams = streams
         self.busy: dict[int, QuicStream] = {}
         self.unsettled: dict[int, QuicStream] = {}
+        # Packets are built over ``busy`` only while viewing (many streams); until then
+        # marks are not kept (a switch to viewing rescans every stream first).
+        self.viewing = False
 
     def mark_id(self, stream_id: int) -> None:
+        if not self.viewing:
+            return
         stream = self._streams.get(stream_id)
         if stream is not None:
             self.busy[stream_id] = stream
@@ -800,7 +1008,6 @@ class QuelayQuicConnection(QuicConnection):
         # protection): per-transfer statistics (quelay get).
         self.retransmitted_by_stream: dict[int, int] = {}
         self._activity = StreamActivity(self._streams)
-        self._viewing = False  # packets are built over the busy streams only
         self._builds_since_scan = 0
         self.view_builds = 0  # packet builds done over a view (many streams)
         # Streams served before all others in every packet (the control stream: an open,
@@ -809,6 +1016,7 @@ class QuelayQuicConnection(QuicConnection):
         self._connection_window = connection_window
         self._consumed: dict[int, int] = {}
         self._consumed_total = 0
+        self._grouped_tail: events.QuicEvent | None = None  # see next_event
         self._local_max_data.value = self._local_max_data.sent = connection_window
         self._local_max_stream_data_bidi_local = stream_window
         self._local_max_stream_data_bidi_remote = stream_window
@@ -834,6 +1042,15 @@ class QuelayQuicConnection(QuicConnection):
         self._recovery.app_idle = self._app_idle
         if remembered_rtt is not None:
             self._recovery.seed(remembered_rtt, remembered_rtt_var or 0.0)
+
+    @property
+    def _viewing(self) -> bool:
+        """Packets are built over the busy streams only (many streams)."""
+        return self._activity.viewing
+
+    @_viewing.setter
+    def _viewing(self, viewing: bool) -> None:
+        self._activity.viewing = viewing
 
     # -- fast return after an outage ---------------------------------------------
 
@@ -1062,9 +1279,22 @@ class QuelayQuicConnection(QuicConnection):
         self._activity.mark_id(stream_id)
 
     def next_event(self) -> events.QuicEvent | None:
+        """aioquic's next event; the data events of a stream that arrived together come
+        as one.
+
+        aioquic makes an event per packet (~1.3 KB); a driver that lets a batch of
+        datagrams in before it takes the events would hand each to the stream's
+        consumer. Joined (see :func:`_regroup`) they cost one hand-off.
+        """
+        queue = self._events
+        if len(queue) > 1 and queue[-1] is not self._grouped_tail:  # new events came
+            _regroup(queue)
+            self._grouped_tail = queue[-1]
         event = super().next_event()
-        if isinstance(event, (events.StreamDataReceived, events.StreamReset)):
+        if type(event) is events.StreamDataReceived:
             self._activity.mark_id(event.stream_id)  # it may have finished
+        elif type(event) is events.StreamReset:
+            self._activity.mark_id(event.stream_id)
         return event
 
     def _on_max_stream_data_delivery(self, delivery: QuicDeliveryState,
@@ -1228,7 +1458,11 @@ class QuelayQuicConnection(QuicConnection):
         # Update in steps of a quarter window so we do not send MAX_DATA per packet.
         if target - max_data.value >= self._connection_window // 4:
             max_data.value = target
-        for limit in (max_data, self._local_max_streams_bidi, self._local_max_streams_uni):
+        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
+        if max_data.value == max_data.sent and bidi.value == bidi.sent \
+                and uni.value == uni.sent:
+            return  # nothing to announce (nearly every packet)
+        for limit in (max_data, bidi, uni):
             if limit is not max_data and limit.sent - limit.used >= limit.value - limit.sent:
                 continue
             if limit.value != limit.sent:
@@ -1250,10 +1484,13 @@ class QuelayQuicConnection(QuicConnection):
         return None
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        if not stream.max_stream_data_local:
+        local = stream.max_stream_data_local
+        if not local:
             return  # our own unidirectional streams: nothing to grant
-        target = self._credit_due(stream)
-        if target is not None:
+        # _credit_due, inline: this runs for every stream in every packet
+        window = self._stream_window
+        target = self._consumed.get(stream.stream_id, 0) + window
+        if target - local >= window // 4:
             stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
             buf = builder.start_frame(

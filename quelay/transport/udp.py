@@ -158,27 +158,31 @@ class UdpSocket:
         return out
 
     async def send_batch(self, datagrams: Iterable[tuple[bytes, Address]]) -> None:
-        """Send datagrams in order, coalescing runs to one address with GSO."""
+        """Send datagrams in order, coalescing runs to one address with GSO (a run:
+        equal sizes, the last one may be shorter)."""
         run: list[bytes] = []
         run_addr: Address | None = None
-        run_bytes = 0
+        run_bytes = size = last = 0
         for data, addr in datagrams:
+            n = len(data)
             if run and (
-                addr != run_addr
-                or len(data) > len(run[0])
-                or len(run[-1]) != len(run[0])
+                n > size
+                or last != size
+                or addr != run_addr
                 or len(run) >= MAX_GSO_SEGMENTS
-                or run_bytes + len(data) > MAX_GSO_BYTES
+                or run_bytes + n > MAX_GSO_BYTES
             ):
-                await self._send_run(run, run_addr)
+                await self._send_run(run, run_addr, run_bytes)
                 run, run_bytes = [], 0
+            if not run:
+                size, run_addr = n, addr
             run.append(data)
-            run_addr = addr
-            run_bytes += len(data)
+            run_bytes += n
+            last = n
         if run:
-            await self._send_run(run, run_addr)
+            await self._send_run(run, run_addr, run_bytes)
 
-    async def _send_run(self, run: list[bytes], addr: Address | None) -> None:
+    async def _send_run(self, run: list[bytes], addr: Address | None, run_bytes: int) -> None:
         assert addr is not None
         if len(run) > 1 and self.gso:
             payload = b"".join(run)
@@ -190,19 +194,17 @@ class UdpSocket:
                     raise
                 self.gso = False  # the NIC/kernel refused segmentation: plain sends from now on
             else:
-                self._count_sent(run, addr)
+                self._count_sent(len(run), run_bytes, addr)
                 return
         for data in run:
             await self._retry_send(lambda data=data: self.sock.sendto(data, addr))  # type: ignore[misc]
-            self._count_sent((data,), addr)
+            self._count_sent(1, len(data), addr)
 
-    def _count_sent(self, run: Iterable[bytes], addr: Address) -> None:
+    def _count_sent(self, datagrams: int, nbytes: int, addr: Address) -> None:
         counters = self.counters
-        per = self.per_datagram(addr[0])
-        for data in run:
-            counters.bytes_sent += len(data)
-            counters.wire_bytes_sent += len(data) + per
-            counters.datagrams_sent += 1
+        counters.bytes_sent += nbytes
+        counters.wire_bytes_sent += nbytes + datagrams * self.per_datagram(addr[0])
+        counters.datagrams_sent += datagrams
 
     async def _retry_send(self, send: object) -> None:
         assert callable(send)
