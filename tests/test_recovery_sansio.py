@@ -314,3 +314,33 @@ def test_peer_heard_after_a_silence_triggers_a_probe_at_once(tmp_path: Path) -> 
     assert rec._pto_count > 0  # the probe is on its way; its ACK is half an RTT off
     pair.run(lambda: rec._pto_count == 0, 6.0 + 1.0 + 2e-3)
     assert rec._pto_count == 0 and rec.probes == before
+
+
+def test_a_short_outage_ends_at_the_peers_first_keepalive(tmp_path: Path) -> None:
+    """An outage shorter than the first probe timeout (a jittery path's is long): no
+    probe is pending when the link returns. The server's keep-alive carries an ACK of
+    what it got before the outage, so the client knows the first packet missing and
+    resends it at once: the server's in-order bytes grow one one-way delay later, with
+    no probe timer involved."""
+    outage = (3.0, 5.0)
+    link = Link(rtt=0.5, seed=5, down=lambda now: outage[0] <= now < outage[1])
+    pair = _connected(tmp_path, link, cap_bps=CAP)
+    client, server = pair.client.quic, pair.server.quic
+    assert client is not None and server is not None
+    sid = client.get_next_available_stream_id(is_unidirectional=True)
+    client.send_stream_data(sid, random.Random(5).randbytes(2_000_000), end_stream=True)
+    rec = client._recovery
+    pair.run(lambda: False, outage[0] + 0.6)  # the last ACKs before the outage are in
+    assert rec._pto_count == 0
+    rec._rtt_variance = 0.5  # a jittery path: the first PTO is ~2.5 s off
+    pair.run(lambda: False, outage[1])
+    assert rec._pto_count == 0 and rec.silent(pair.now)  # an ACK-silence, no probe yet
+    probes, returns = rec.probes, rec.return_probes
+    have = len(pair.server.received.get(sid, b""))
+    server.send_keepalive(7, pair.now)  # the link is back; the server's keep-alive
+    heard = pair.now + 0.25
+    pair.run(lambda: rec.return_probes > returns, heard + 1e-3)
+    assert rec.return_probes == returns + 1 and rec._last_ack_at == pytest.approx(heard)
+    pair.run(lambda: len(pair.server.received.get(sid, b"")) > have, heard + 0.25 + 0.01)
+    assert len(pair.server.received.get(sid, b"")) > have  # the probe was the missing data
+    assert rec.probes == probes  # no probe timer fired

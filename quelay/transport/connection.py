@@ -281,7 +281,7 @@ class QuicConn:
                     self._set_silent(f"nothing heard from the peer for {silence:.1f}s; "
                                      f"the connection is held for {self.hold_for:.0f}s")
             self._ping_seq += 1
-            self.quic.send_ping(self._ping_seq)
+            self.quic.send_keepalive(self._ping_seq, now)
             self.kick()
 
     def _set_silent(self, reason: str | None) -> None:

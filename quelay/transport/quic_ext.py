@@ -558,7 +558,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         self.tail_copy_bytes = 0
         self.probes = 0
         self.return_probes = 0  # immediate probes when the peer was heard after a silence
-        self._return_probe_at = -1
+        self._return_probe_at: tuple[int, float | None] | None = None
         self._last_ack_at: float | None = None
         # Set by the connection: "no stream has anything queued" and "the wire has room".
         self.app_idle: Callable[[], bool] = lambda: False
@@ -594,14 +594,17 @@ class QuelayPacketRecovery(QuicPacketRecovery):
 
     # -- timers ---------------------------------------------------------------------
 
-    def reschedule_data(self, *, now: float, speed_up_handshake: bool = False) -> None:
+    def reschedule_data(self, *, now: float, speed_up_handshake: bool = False,
+                        fresh_ack: bool = False) -> None:
         """A probe's data. aioquic resends the oldest unacknowledged packet; after a
         silence that one has most likely arrived (its ACK was what the outage ate),
         so its copy is no news to the receiver. We resend the oldest one sent after
-        half an RTT before the last ACK we got: the first one the outage likely ate."""
+        half an RTT before the last ACK we got: the first one the outage likely ate.
+        Unless an ACK just came with the peer's return (``fresh_ack``: its keep-alive
+        carries one): then the oldest unacknowledged packet is really missing."""
         space = self._app_space()
         if not self.handshake_confirmed or speed_up_handshake or space is None \
-                or self._last_ack_at is None:
+                or self._last_ack_at is None or fresh_ack:
             super().reschedule_data(now=now, speed_up_handshake=speed_up_handshake)
             return
         rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
@@ -616,11 +619,38 @@ class QuelayPacketRecovery(QuicPacketRecovery):
                 return
         super().reschedule_data(now=now, speed_up_handshake=speed_up_handshake)
 
-    def return_probe_due(self) -> bool:
-        """A datagram arrived during a silence: one immediate probe per silent PTO."""
-        if self._return_probe_at == self._pto_count:
+    def silent(self, now: float) -> bool:
+        """Whether our probes go unanswered, or data has been in flight with no ACK for
+        longer than a probe interval (an outage shorter than the first probe timeout
+        shows only this way)."""
+        if self._pto_count > 0:
+            return True
+        last = self._last_ack_at
+        return last is not None and now - last > self._quiet() and self.stale(now)
+
+    def _quiet(self) -> float:
+        """How long without an ACK is a silence: a probe interval."""
+        rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
+        return max(PROBE_INTERVAL_FLOOR, rtt)
+
+    def stale(self, now: float) -> bool:
+        """Whether unacknowledged data is older than a silence (after an idle spell the
+        last ACK is old too, but the data in flight is new)."""
+        if not self.bytes_in_flight:
             return False
-        self._return_probe_at = self._pto_count
+        space = self._app_space()
+        if space is None or not space.sent_packets:
+            return False
+        oldest = next(iter(space.sent_packets.values())).sent_time
+        return oldest is not None and now - oldest > self._quiet()
+
+    def return_probe_due(self) -> bool:
+        """A datagram arrived during a silence: one immediate probe per silent PTO (and
+        one per ACK-silence)."""
+        key = (self._pto_count, self._last_ack_at)
+        if self._return_probe_at == key:
+            return False
+        self._return_probe_at = key
         self.return_probes += 1
         return True
 
@@ -1056,23 +1086,41 @@ class QuelayQuicConnection(QuicConnection):
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         """Like aioquic's; and if this is the first sign of the peer after a silence
-        (probes unanswered) and it did not acknowledge anything, probe at once:
-        the path is back, and our data (stuck behind a full congestion window, and
-        the next probe up to max(1 s, SRTT) away) should not wait for the timer."""
+        (probes unanswered, or old data unacknowledged for a probe interval), probe
+        at once unless its ACK shows the path flowing: the path is back, and our data
+        (stuck behind a full congestion window, the next probe up to max(1 s, SRTT)
+        away) should not wait for the timer."""
         rec = self._recovery
-        silent = self._handshake_confirmed and rec._pto_count > 0
+        if not (self._handshake_confirmed and rec.silent(now)):
+            super().receive_datagram(data, addr, now)
+            return
+        last_ack = rec._last_ack_at
         super().receive_datagram(data, addr, now)
-        if silent:
-            self.path_is_back(now)
+        fresh_ack = rec._last_ack_at != last_ack
+        if fresh_ack and not rec.stale(now):
+            return  # the ACK shows the path flowing: nothing old is missing
+        self.path_is_back(now, fresh_ack=fresh_ack)
 
-    def path_is_back(self, now: float) -> None:
+    def path_is_back(self, now: float, *, fresh_ack: bool = False) -> None:
         """The peer was heard (here, or on another connection: a dial attempt made
-        while this one was held through an outage): if our probes go unanswered,
-        probe now with data — the first new byte the receiver gets, half an RTT
-        from now — instead of at the next probe timer."""
+        while this one was held through an outage): if we are in a silence, probe
+        now with data — the first new byte the receiver gets, half an RTT from now —
+        instead of at the next probe timer. ``fresh_ack``: the datagram that ended
+        the silence acknowledged something (so we know what arrived)."""
         rec = self._recovery
-        if self._handshake_confirmed and rec._pto_count > 0 and rec.return_probe_due():
-            rec.reschedule_data(now=now)
+        if self._handshake_confirmed and (rec._pto_count > 0 or fresh_ack
+                                          or rec.silent(now)) and rec.return_probe_due():
+            rec.reschedule_data(now=now, fresh_ack=fresh_ack)
+
+    def send_keepalive(self, uid: int, now: float) -> None:
+        """A keep-alive PING that also carries an ACK of whatever the peer has not
+        confirmed hearing: after an outage that ate our ACKs, the first keep-alive
+        that gets through tells the sender which of its packets arrived, so it
+        resends the first one missing at once (not one we already have)."""
+        self.send_ping(uid)
+        space = self._spaces[tls.Epoch.ONE_RTT]
+        if len(space.ack_queue) and (space.ack_at is None or space.ack_at > now):
+            space.ack_at = now
 
     # -- path statistics ----------------------------------------------------------
 
