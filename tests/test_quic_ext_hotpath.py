@@ -173,3 +173,41 @@ def test_sender_finishes_when_the_data_is_acknowledged_after_its_fin() -> None:
     assert not sender.is_finished
     sender.on_data_delivery(QuicDeliveryState.ACKED, 0, 1000, False)  # in order now
     assert sender.is_finished and sender._buffer_start == 2000
+
+
+def test_unsent_total_is_the_sum_over_the_streams_through_writes_frames_and_resets(
+        tmp_path: Path) -> None:
+    pair = Pair(tmp_path, Link(rtt=0.01))
+    pair.run(lambda: pair.server.handshake_done is not None
+             and pair.client.handshake_done is not None, 10)
+    quic = pair.client.quic
+    assert quic is not None
+    rng = random.Random(11)
+
+    def by_stream(excluded: set[int]) -> int:
+        return sum(quic_ext._unsent(s) for sid, s in quic._streams.items()
+                   if sid not in excluded and s.sender._reset_error_code is None)
+
+    sids: list[int] = []
+    now = pair.now
+    for step in range(300):
+        now += 0.001
+        if len(sids) < 40 and rng.random() < 0.3:
+            sid = quic.get_next_available_stream_id(is_unidirectional=True)
+            quic.send_stream_data(sid, rng.randbytes(rng.randint(1, 9000)))
+            sids.append(sid)
+        elif sids and rng.random() < 0.5:
+            sid = rng.choice(sids)
+            stream = quic._streams.get(sid)
+            if stream is not None and stream.sender._reset_error_code is None \
+                    and stream.sender._buffer_fin is None:
+                if rng.random() < 0.1:
+                    quic.reset_stream(sid, 1)
+                else:
+                    quic.send_stream_data(sid, rng.randbytes(rng.randint(0, 5000)),
+                                          end_stream=rng.random() < 0.2)
+        if step % 3 == 0:
+            quic.datagrams_to_send(now)  # frames some of it (the peer never hears it)
+        excluded = set(sids[:2])
+        assert quic.unsent_except(excluded) == by_stream(excluded)
+    assert quic.unsent_except(set()) > 0
