@@ -211,3 +211,21 @@ def test_unsent_total_is_the_sum_over_the_streams_through_writes_frames_and_rese
         excluded = set(sids[:2])
         assert quic.unsent_except(excluded) == by_stream(excluded)
     assert quic.unsent_except(set()) > 0
+
+
+def test_tail_copies_below_the_acknowledged_offset_are_forgotten() -> None:
+    # A control stream: small messages, each copied once at the tail, then acknowledged.
+    sender = RobustStreamSender(stream_id=0, writable=True)
+    offset = 0
+    for _ in range(500):
+        sender.write(b"m" * 40)
+        frame = sender.get_frame(1200)
+        assert frame is not None
+        assert sender.requeue(offset, offset + 40, False) == 40  # the tail copy
+        copy = sender.get_frame(1200)
+        assert copy is not None and copy.data == frame.data
+        sender.on_data_delivery(QuicDeliveryState.ACKED, offset, offset + 40, False)
+        sender.on_data_delivery(QuicDeliveryState.ACKED, offset, offset + 40, False)
+        offset += 40
+        assert sender._copied is not None and len(sender._copied) == 0
+    assert len(sender.uncopied(0, offset)) == 0  # all acknowledged

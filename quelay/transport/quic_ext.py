@@ -272,7 +272,14 @@ class RobustStreamSender(QuicStreamSender):
             self._chunks, self._starts, self._head = [], [], 0
 
     def _trim(self) -> None:
-        """Drop the chunks whose bytes are all acknowledged."""
+        """Drop the chunks whose bytes are all acknowledged, and forget the tail copies
+        below the acknowledged offset (on a long-lived control stream they would pile
+        up, a range per copy, and ``uncopied`` walks them all)."""
+        copied = self._copied
+        if copied is not None:
+            ranges = _ranges(copied)
+            if ranges and ranges[0].start < self._buffer_start:
+                copied.subtract(ranges[0].start, self._buffer_start)
         chunks, starts = self._chunks, self._starts
         if chunks is None or starts is None:
             return
@@ -352,7 +359,7 @@ class RobustStreamSender(QuicStreamSender):
             if waiting and start < waiting[-1].stop and stop > waiting[0].start:
                 self._pending.subtract(start, stop)
             self._buffer_start = stop
-            if self._chunks:
+            if self._chunks or self._copied is not None:
                 self._trim()
             if stop == self._buffer_fin and self._acked_fin:  # the FIN's ACK came first
                 self.is_finished = True
@@ -371,7 +378,7 @@ class RobustStreamSender(QuicStreamSender):
                 self._pending_eof = False
                 deliver(self, delivery, self._buffer_fin, self._buffer_fin, True)
                 self._mark()  # all acknowledged: the stream may be finished (discarded)
-            if self._chunks:
+            if self._chunks or self._copied is not None:
                 self._trim()
         else:
             n = 0
