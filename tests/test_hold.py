@@ -162,3 +162,37 @@ async def test_dial_attempts_during_a_hold_send_one_initial_each(
     assert wait >= 1.2  # 1.2 × the path's 1 s RTT
     assert 5 <= len(initials) <= 12.0 / wait + 1, (len(initials), wait)
     assert b.link_ups == 1 and b.default.revivals == 1  # and the held one carried on
+
+
+async def test_keepalives_only_while_the_link_is_quiet(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    """While a transfer flows each agent hears the other all the time (data one way,
+    ACKs the other): no keep-alive PING is sent (each would cost the capped link its
+    bytes and an ACK). Idle, they come back, about one per interval and side."""
+    net = MemoryNetwork(delay=0.1)
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    fp_a = load_or_create_identity(root_a / "state").fingerprint
+    fp_b = load_or_create_identity(root_b / "state").fingerprint
+    nursery.start_soon(net.run)
+    a = listener(root_a, fp_b, net, rate=400_000)
+    await start_killable(nursery, a)
+    b = Agent(site_config(root_b, peer=A_ADDRESS, trust=[fp_a], rate=400_000),
+              socket_factory=net.socket)
+    await nursery.start(b.run)
+    await wait_for(lambda: b.link_state is LinkState.UP and a.link_state is LinkState.UP)
+    conns = [a.default.session.conn, b.default.session.conn]  # type: ignore[union-attr]
+    src = make_file(tmp_path / "f.bin", 600_000, seed=51)  # 12 s at the cap
+    t = Transfer(wire.new_transfer_id(), "out", "file", "f.bin", 600_000, 4)
+    t.path = str(src)
+    b.book.submit(t)
+    await wait_for(lambda: t.delivered > 50_000)
+    pings = [c.pings_sent for c in conns]
+    await wait_for(lambda: t.delivered > 500_000, timeout=60)  # ~9 s of flow
+    assert [c.pings_sent for c in conns] == pings  # none while it flowed
+    await wait_for(lambda: t.terminal, timeout=60)
+    assert t.state is State.DONE
+    idle = [c.pings_sent for c in conns]
+    await trio.sleep(10.0)
+    sent = [c.pings_sent - n for c, n in zip(conns, idle, strict=True)]
+    assert sum(sent) >= 5 and all(n <= 10 for n in sent)  # about one a second between them
+    assert a.link_state is LinkState.UP and b.link_state is LinkState.UP

@@ -168,6 +168,11 @@ class QuicConn:
         # Tail protection spends only spare cap: none while datagrams wait for the gate.
         quic.set_spare_cap(lambda: not self._outbox)
 
+    @property
+    def pings_sent(self) -> int:
+        """Keep-alive PINGs sent (none while traffic flows both ways)."""
+        return self._ping_seq
+
     def path_stats(self) -> PathStats:
         """RTT, window, losses and recovery state of this connection's path."""
         return self.quic.path_stats()
@@ -280,6 +285,11 @@ class QuicConn:
                 if not self.silent:
                     self._set_silent(f"nothing heard from the peer for {silence:.1f}s; "
                                      f"the connection is held for {self.hold_for:.0f}s")
+            elif now - self.liveness.last_heard < self.keepalive:
+                # Traffic flows: the peer was just heard, and what we send it elicits
+                # or carries ACKs. A PING (and the ACK it elicits) would only take
+                # the link's bytes: 1 % of a 100 kbit/s one.
+                continue
             self._ping_seq += 1
             self.quic.send_keepalive(self._ping_seq, now)
             self.kick()
