@@ -44,7 +44,9 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from aioquic import tls
+from aioquic.quic import connection as _aioquic_connection
 from aioquic.quic import events
+from aioquic.quic import recovery as _aioquic_recovery
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import K_GRANULARITY
 from aioquic.quic.connection import (
@@ -83,6 +85,14 @@ FULL_SCAN_EVERY = 256
 MERGE_EVENT_BYTES = 64 * 1024
 
 # -- loss recovery knobs --------------------------------------------------------
+# ACK ranges a receiver keeps, and twice that, the window of packet numbers it tells
+# apart from duplicates. aioquic keeps 64 ranges and a 128-packet window: with
+# reordering at high packet rates (±25 ms at 50 Mbit/s: ~230 places) a late packet
+# falls below the window and is dropped as a "duplicate" (or its range, the oldest,
+# is dropped from the ACK queue at once): never acknowledged, it is declared lost and
+# sent again on a link that lost nothing. As many as the packet threshold adapts to.
+ACK_RANGES = 256
+_aioquic_connection.MAX_ACK_RANGES = _aioquic_recovery.MAX_ACK_RANGES = ACK_RANGES
 MAX_PACKET_THRESHOLD = 256  # reordering deeper than this many packets is still loss
 MAX_TIME_THRESHOLD = 2.0  # loss delay at most 2 RTTs (RACK: reordering window <= SRTT)...
 MAX_REORDER_DELAY = 0.1  # ...or RTT + 100 ms on a short path with long jitter
