@@ -25,7 +25,9 @@ Three measurements in the same run, with the same datagram size:
 Reported: MB/s (10^6 bytes), the ratio of each full-path case to bare, and
 the CPU seconds per 100 MB of each side's process (utime + stime from
 ``/proc/PID/stat`` before and after; for bare, read by each process at its
-end, from the handshake or first byte on). Target (issue 12): file and
+end, from the handshake or first byte on), and of this process during each
+full-path case (``client cpu``: the stream's writer and reader, a third
+process on the same cores that bare does not have). Target (issue 12): file and
 stream ≥ 0.8 × bare. ``--profile DIR`` attaches ``py-spy record`` (raw
 collapsed stacks) to both agents during each full-path case; ``--cprofile
 DIR`` runs the agents under cProfile instead (call counts; the figures are
@@ -40,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -336,6 +339,12 @@ class Profiler:
             p.wait(timeout=30)
 
 
+def _own_cpu() -> float:
+    """CPU seconds of this process (the stream case's writer and reader run here)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_full(size: int, datagram: int, root: Path, cases: list[str],
              profile: Path | None, cprofile: Path | None = None,
              extra: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -354,6 +363,7 @@ def run_full(size: int, datagram: int, root: Path, cases: list[str],
         for case in cases:
             prof = Profiler(profile, pair, case)
             before = pair.cpu()
+            client0 = _own_cpu()
             start = time.perf_counter()
             if case == "file":
                 final = trio.run(_send_file, pair, src)
@@ -362,12 +372,14 @@ def run_full(size: int, datagram: int, root: Path, cases: list[str],
                 moved = trio.run(_send_stream, pair, size)
             seconds = time.perf_counter() - start
             after = pair.cpu()
+            client = _own_cpu() - client0
             prof.stop()
             if moved != size:
                 raise RuntimeError(f"{case}: moved {moved} of {size} bytes")
             results[case] = {"mbps": size / seconds / MB, "seconds": seconds,
                              "cpu_sender": after["b"] - before["b"],
-                             "cpu_receiver": after["a"] - before["a"]}
+                             "cpu_receiver": after["a"] - before["a"],
+                             "cpu_client": client}
     except BaseException:
         print(pair.tails(), file=sys.stderr)
         raise
@@ -410,15 +422,17 @@ def main() -> None:
     bare = results.get("bare", {}).get("mbps")
     per = 100 * MB / size
     print(f"size {size} bytes, datagram {args.datagram} bytes")
-    print(f"{'case':<8} {'MB/s':>7} {'ratio':>6} {'tx cpu s/100MB':>15} {'rx cpu s/100MB':>15}")
+    print(f"{'case':<8} {'MB/s':>7} {'ratio':>6} {'tx cpu s/100MB':>15} {'rx cpu s/100MB':>15}"
+          f" {'client cpu':>11}")
     for case, r in results.items():
         r["ratio"] = r["mbps"] / bare if bare else None
         r["cpu_sender_per_100MB"] = r["cpu_sender"] * per
         r["cpu_receiver_per_100MB"] = r["cpu_receiver"] * per
+        client = f"{r['cpu_client'] * per:>11.2f}" if "cpu_client" in r else f"{'-':>11}"
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
         miss = "" if case == "bare" or r["ratio"] is None or r["ratio"] >= TARGET else "  MISS"
         print(f"{case:<8} {r['mbps']:>7.1f} {ratio:>6} {r['cpu_sender_per_100MB']:>15.2f}"
-              f" {r['cpu_receiver_per_100MB']:>15.2f}{miss}", flush=True)
+              f" {r['cpu_receiver_per_100MB']:>15.2f} {client}{miss}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"size": size, "datagram": args.datagram,
                                          "results": results}, indent=2))
