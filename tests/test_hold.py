@@ -3,6 +3,7 @@ fresh one is really needed (the peer restarted meanwhile). Mock time, in-memory 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +39,39 @@ def listener(root: Path, fp_b: str, net: MemoryNetwork, **overrides: Any) -> Age
                  socket_factory=net.socket)
 
 
+@dataclass
+class Pair:
+    a: Agent
+    b: Agent
+    scope_a: trio.CancelScope  # cancel it to kill A (kill -9: nothing is closed)
+    root_a: Path
+    fp_b: str
+
+
+async def start_pair(nursery: trio.Nursery, tmp_path: Path, net: MemoryNetwork, *,
+                     a: dict[str, Any] | None = None, b: dict[str, Any] | None = None) -> Pair:
+    """A listening at A_ADDRESS (killable), B dialling it, both on ``net``."""
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    fp_a = load_or_create_identity(root_a / "state").fingerprint
+    fp_b = load_or_create_identity(root_b / "state").fingerprint
+    nursery.start_soon(net.run)
+    agent_a = listener(root_a, fp_b, net, **(a or {}))
+    scope_a = await start_killable(nursery, agent_a)
+    agent_b = Agent(site_config(root_b, peer=A_ADDRESS, trust=[fp_a], **(b or {})),
+                    socket_factory=net.socket)
+    await nursery.start(agent_b.run)
+    return Pair(agent_a, agent_b, scope_a, root_a, fp_b)
+
+
 async def test_a_listener_restarted_during_the_outage_is_redialled(
         nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
     """The held connection can never answer again (its peer forgot it): the dial
     attempts made while it is held reach the new listener, and that session replaces
     it; the file resumes from the listener's journal and arrives byte-exact."""
     net = MemoryNetwork(delay=0.1)
-    root_a, root_b = tmp_path / "a", tmp_path / "b"
-    fp_a = load_or_create_identity(root_a / "state").fingerprint
-    fp_b = load_or_create_identity(root_b / "state").fingerprint
-    nursery.start_soon(net.run)
-    a = listener(root_a, fp_b, net, rate=2_000_000)
-    scope_a = await start_killable(nursery, a)
-    b = Agent(site_config(root_b, peer=A_ADDRESS, trust=[fp_a], rate=2_000_000),
-              socket_factory=net.socket)
-    await nursery.start(b.run)
+    pair = await start_pair(nursery, tmp_path, net, a={"rate": 2_000_000},
+                            b={"rate": 2_000_000})
+    a, b = pair.a, pair.b
     await wait_for(lambda: a.link_state is LinkState.UP and b.link_state is LinkState.UP)
 
     src = make_file(tmp_path / "f.bin", 1_000_000, seed=41)
@@ -64,9 +83,9 @@ async def test_a_listener_restarted_during_the_outage_is_redialled(
     await wait_for(lambda: b.link_state is LinkState.DOWN)
     assert b.default.held()  # reported down, but the connection is kept
     assert b.default.session is not None and b.default.session.conn.closed is None
-    scope_a.cancel()  # the listener dies meanwhile (nothing reaches B: the link is down)
+    pair.scope_a.cancel()  # the listener dies meanwhile (nothing reaches B: the link is down)
     await wait_stopped(a)
-    a2 = listener(root_a, fp_b, net, rate=2_000_000)
+    a2 = listener(pair.root_a, pair.fp_b, net, rate=2_000_000)
     await start_killable(nursery, a2)
     await trio.sleep(5.0)
     net.down = False
@@ -82,15 +101,8 @@ async def test_nothing_starts_on_a_held_connection_and_the_queue_keeps_its_order
     """Submitted while the connection is held: the transfers stay queued (so priority
     decides on the link's return), then start on the same connection."""
     net = MemoryNetwork(delay=0.1)
-    root_a, root_b = tmp_path / "a", tmp_path / "b"
-    fp_a = load_or_create_identity(root_a / "state").fingerprint
-    fp_b = load_or_create_identity(root_b / "state").fingerprint
-    nursery.start_soon(net.run)
-    a = listener(root_a, fp_b, net)
-    await start_killable(nursery, a)
-    b = Agent(site_config(root_b, peer=A_ADDRESS, trust=[fp_a], max_concurrent=1),
-              socket_factory=net.socket)
-    await nursery.start(b.run)
+    pair = await start_pair(nursery, tmp_path, net, b={"max_concurrent": 1})
+    a, b = pair.a, pair.b
     await wait_for(lambda: b.link_state is LinkState.UP)
     net.down = True
     await wait_for(lambda: b.link_state is LinkState.DOWN and a.link_state is LinkState.DOWN)
@@ -141,14 +153,7 @@ async def test_dial_attempts_during_a_hold_send_one_initial_each(
     so each attempt costs one Initial (unseeded, aioquic resends it after 0.2 s and
     0.6 s; bounded like an established connection's probes, after 1 s)."""
     net = InitialCounter(delay=0.5)
-    root_a, root_b = tmp_path / "a", tmp_path / "b"
-    fp_a = load_or_create_identity(root_a / "state").fingerprint
-    fp_b = load_or_create_identity(root_b / "state").fingerprint
-    nursery.start_soon(net.run)
-    a = listener(root_a, fp_b, net)
-    await start_killable(nursery, a)
-    b = Agent(site_config(root_b, peer=A_ADDRESS, trust=[fp_a]), socket_factory=net.socket)
-    await nursery.start(b.run)
+    b = (await start_pair(nursery, tmp_path, net)).b
     await wait_for(lambda: b.link_state is LinkState.UP, timeout=60)
     net.down = True
     await wait_for(lambda: b.link_state is LinkState.DOWN, timeout=60)
@@ -170,15 +175,8 @@ async def test_keepalives_only_while_the_link_is_quiet(
     ACKs the other): no keep-alive PING is sent (each would cost the capped link its
     bytes and an ACK). Idle, they come back, about one per interval and side."""
     net = MemoryNetwork(delay=0.1)
-    root_a, root_b = tmp_path / "a", tmp_path / "b"
-    fp_a = load_or_create_identity(root_a / "state").fingerprint
-    fp_b = load_or_create_identity(root_b / "state").fingerprint
-    nursery.start_soon(net.run)
-    a = listener(root_a, fp_b, net, rate=400_000)
-    await start_killable(nursery, a)
-    b = Agent(site_config(root_b, peer=A_ADDRESS, trust=[fp_a], rate=400_000),
-              socket_factory=net.socket)
-    await nursery.start(b.run)
+    pair = await start_pair(nursery, tmp_path, net, a={"rate": 400_000}, b={"rate": 400_000})
+    a, b = pair.a, pair.b
     await wait_for(lambda: b.link_state is LinkState.UP and a.link_state is LinkState.UP)
     conns = [a.default.session.conn, b.default.session.conn]  # type: ignore[union-attr]
     src = make_file(tmp_path / "f.bin", 600_000, seed=51)  # 12 s at the cap
