@@ -358,3 +358,28 @@ def test_late_packets_are_acknowledged_at_high_rates(tmp_path: Path) -> None:
     stats = pair.client.quic.path_stats()
     assert stats.spurious_losses > 0  # the reordering was seen...
     assert stats.lost_packets == stats.spurious_losses  # ...and every "loss" was one
+
+
+def test_a_probe_timeout_waits_for_its_probe_to_leave(tmp_path: Path) -> None:
+    """The driver holds datagrams for its wire gate (up to a second after a burst at
+    100 kbit/s). A probe timeout whose probe has not left yet must not fire again:
+    with the interval bounded at max(1 s, SRTT) the timer would stay in the past and
+    the driver would spin, counting millions of probes (seen on this lossy, jittery
+    750-ms link at 100 kbit/s during its first seconds)."""
+    link = Link(rtt=0.75, jitter=0.05, loss=0.05, seed=3)
+    pair = _connected(tmp_path, link, cap_bps=100_000)
+    quic = pair.client.quic
+    assert quic is not None
+    sid = quic.get_next_available_stream_id(is_unidirectional=True)
+    quic.send_stream_data(sid, random.Random(3).randbytes(400_000), end_stream=True)
+    pair.run(lambda: False, 14.0)  # stalls (no progress) if the timer spins
+    assert quic._recovery._pto_count < 10
+    # Directly: a timeout fired, the probe held back: the next one is not due yet.
+    rec = quic._recovery
+    now = pair.now + 30.0  # long silence: the probe timer is due
+    timer = quic.get_timer_held()
+    assert timer is not None and timer <= now
+    quic.handle_timer(now)
+    assert rec._pto_count >= 1
+    timer = quic.get_timer_held()  # no datagrams_to_send: the probe is still queued
+    assert timer is None or timer > now

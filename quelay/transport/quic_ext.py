@@ -596,6 +596,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         self.tail_copy_bytes = 0
         self.probes = 0
         self.return_probes = 0  # immediate probes when the peer was heard after a silence
+        self._probe_armed = -1.0  # the last send before the latest probe timeout
         self._return_probe_at: tuple[int, float | None] | None = None
         self._last_ack_at: float | None = None
         # Set by the connection: "no stream has anything queued" and "the wire has room".
@@ -718,6 +719,11 @@ class QuelayPacketRecovery(QuicPacketRecovery):
             for space in self.spaces
             if self.handshake_confirmed or not space.is_application_data
         )
+        if self._pto_count and self._probe_armed == self._time_of_last_sent_ack_eliciting_packet:
+            # The last probe has not left yet (the wire gate holds the driver's
+            # datagrams): another timeout now would only count probes, and with the
+            # bounded interval the timer would stay in the past (a busy loop).
+            return tail
         if not self.peer_completed_address_validation or ack_eliciting_in_flight:
             at = self._time_of_last_sent_ack_eliciting_packet + self.probe_interval()
             return at if tail is None else min(at, tail)
@@ -737,6 +743,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
             return  # woken early (the tail timer moved): nothing is due yet
         self._pto_count += 1
         self.probes += 1
+        self._probe_armed = self._time_of_last_sent_ack_eliciting_packet
         if self.handshake_confirmed and self._pto_count > SILENT_PROBES:
             # A long silence: a bare PING finds out when the path is back; data would
             # only be lost again (and cost the cap). The first ACK brings retransmission.
