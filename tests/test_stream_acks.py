@@ -72,8 +72,8 @@ async def test_many_streams_are_acknowledged_by_interval_not_by_chunk(
     for t, data in zip(sent, payloads, strict=True):
         assert t.state is State.DONE
         assert digests[t.id] == hashlib.sha256(data).hexdigest()  # byte-exact
-    # Each stream: one ack per ACK_EVERY bytes, plus the pauses of its data (DRR gives
-    # each stream its turn) and the last one; a packet is ~1.3 KB, so acking at every
-    # drained buffer would be far more.
+    # Each stream: one ack per ACK_EVERY bytes, plus at most one per ACK_LINGER while its
+    # buffer runs dry between DRR turns, and the last one. Acking at every drained
+    # buffer gave 160-170 per stream here (about one per 1.3-KB packet).
     per_stream = max(acks[t.id] for t in sent)
-    assert per_stream <= SIZE // session_module.ACK_EVERY + 12, acks
+    assert per_stream <= SIZE // session_module.ACK_EVERY + 20, acks
