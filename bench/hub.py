@@ -115,7 +115,7 @@ from quelay.core.codes import LinkState  # noqa: E402
 from quelay.core.share import max_min_shares  # noqa: E402
 from quelay.identity import load_or_create_identity  # noqa: E402
 from quelay.linksim import LinkSim, open_linksim  # noqa: E402
-from quelay.linksim.measure import Arrivals, max_window_bytes  # noqa: E402
+from quelay.linksim.measure import Arrivals, max_window_bytes, run_isolated  # noqa: E402
 from quelay.linksim.profiles import Profile, parse_profile  # noqa: E402
 
 CYCLE = ["BLOS-750ms", "LOS-250ms", "Degraded-BLOS"]
@@ -781,26 +781,9 @@ def print_result(res: dict[str, Any]) -> None:
 
 def _spawn(case: Case, timeout: float) -> dict[str, Any]:
     """One case in its own process group (the hub's process included)."""
-    cmd = [sys.executable, __file__, "--_case", json.dumps(case.__dict__)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {"case": case.__dict__, "errors": [f"timed out after {timeout:.0f} s"]}
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (err or out).strip().splitlines()[-5:]
-        return {"case": case.__dict__, "errors": [f"exit {proc.returncode}: " + " / ".join(tail)]}
-    return json.loads(lines[-1])  # type: ignore[no-any-return]
+    res, error = run_isolated([sys.executable, __file__, "--_case", json.dumps(case.__dict__)],
+                              timeout)
+    return res if res is not None else {"case": case.__dict__, "errors": [error]}
 
 
 def main() -> None:

@@ -75,7 +75,6 @@ figures depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -85,7 +84,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -102,7 +100,7 @@ from quelay.client import open_client  # noqa: E402
 from quelay.identity import load_or_create_identity  # noqa: E402
 from quelay.linksim import BIN_S, open_linksim  # noqa: E402
 from quelay.linksim import parse_profile as get_profile  # noqa: E402  (names and specs)
-from quelay.linksim.measure import Arrivals, max_window_bytes  # noqa: E402
+from quelay.linksim.measure import Arrivals, max_window_bytes, run_isolated  # noqa: E402
 from quelay.linksim.profiles import Profile  # noqa: E402
 
 BASE_PROFILES = ["clean", "LOS-250ms", "BLOS-750ms", "Degraded-BLOS"]
@@ -537,33 +535,10 @@ def _one(case: Case) -> dict[str, Any]:
 
 
 def _spawn(case: Case, timeout: float) -> dict[str, Any]:
-    """Run one case in its own process group (the simulator process included), so a
-    stalled case, or the driver being stopped, leaves nothing behind."""
-    cmd = [sys.executable, __file__, "--_case", json.dumps(case.__dict__)]
-    t = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {**_ident(case), "errors": [f"timed out after {timeout:.0f} s"]}
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the simulator, if the case left it behind
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        text = (err or out).strip().splitlines()
-        last = [ln.strip(" |") for ln in text if "Error" in ln or "error" in ln][-2:]
-        return {**_ident(case),
-                "errors": [f"exit {proc.returncode}: " + " / ".join(last or text[-3:])]}
-    res: dict[str, Any] = json.loads(lines[-1])
-    res["wall"] = time.monotonic() - t
-    return res
+    """Run one case in its own process group (the simulator process included)."""
+    res, error = run_isolated([sys.executable, __file__, "--_case", json.dumps(case.__dict__)],
+                              timeout)
+    return res if res is not None else {**_ident(case), "errors": [error]}
 
 
 def _ident(case: Case) -> dict[str, Any]:

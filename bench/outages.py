@@ -75,10 +75,8 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +91,7 @@ from quelay.core import messages as wire  # noqa: E402
 from quelay.framing import encode_frame  # noqa: E402
 from quelay.identity import load_or_create_identity  # noqa: E402
 from quelay.linksim import get_profile, open_linksim  # noqa: E402
+from quelay.linksim.measure import run_isolated  # noqa: E402
 from quelay.units import parse_size  # noqa: E402
 
 PROFILES = ["BLOS-750ms", "Degraded-BLOS", "BLOS-750ms+reorder"]  # "+reorder": netem-like
@@ -453,22 +452,13 @@ def _one(case: Case) -> dict[str, Any]:
 
 
 def _spawn(case: Case) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--_case", json.dumps(asdict(case))]
     timeout = 4 * case.size * len(case.kinds) * 8 / 85_000 + case.outage + 400
-    t = time.monotonic()
-    ident = {"profile": get_profile(case.profile).name, "outage": case.outage,
-             "target": case.target(), "kinds": case.kinds}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**ident, "errors": [f"process timed out after {timeout:.0f} s"]}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
-        return {**ident, "errors": [f"exit {proc.returncode}: " + " | ".join(tail)]}
-    res: dict[str, Any] = json.loads(lines[-1])
-    res["wall"] = time.monotonic() - t
-    return res
+    res, error = run_isolated([sys.executable, __file__, "--_case", json.dumps(asdict(case))],
+                              timeout)
+    if res is not None:
+        return res
+    return {"profile": get_profile(case.profile).name, "outage": case.outage,
+            "target": case.target(), "kinds": case.kinds, "errors": [error]}
 
 
 def _s(x: float | None) -> str:

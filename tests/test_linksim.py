@@ -465,3 +465,18 @@ def test_wire_counters_count_headers_per_datagram() -> None:
         assert [e[2] for e in model.events].count("out") == 10
     with pytest.raises(ValueError):
         LinkModel(CLEAN, header_bytes=-1)
+
+
+def test_a_benchmark_case_runs_in_a_process_of_its_own() -> None:
+    """``run_isolated`` (the benchmarks' case runner): the case's last JSON line, or why
+    there is none — its error line, or the timeout (its process group is killed)."""
+    import sys
+
+    from quelay.linksim.measure import run_isolated
+
+    ok, error = run_isolated([sys.executable, "-c", "print('noise'); print('{\"n\": 3}')"], 30)
+    assert error is None and ok is not None and ok["n"] == 3 and ok["wall"] >= 0
+    failed, error = run_isolated([sys.executable, "-c", "raise ValueError('boom')"], 30)
+    assert failed is None and error == "exit 1: ValueError: boom"
+    slow, error = run_isolated([sys.executable, "-c", "import time; time.sleep(30)"], 0.2)
+    assert slow is None and error is not None and error.startswith("timed out")

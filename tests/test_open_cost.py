@@ -33,29 +33,27 @@ from .conftest import site_config
 _IDS = itertools.count()
 
 
+class _CountedField:
+    """A field whose every read is counted in ``_Counted.reads``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: object, owner: type | None = None) -> bool:
+        _Counted.reads += 1
+        return getattr(obj, self.slot)  # type: ignore[no-any-return]
+
+    def __set__(self, obj: object, value: bool) -> None:
+        setattr(obj, self.slot, value)
+
+
 class _Counted(Transfer):
     """A transfer that counts reads of ``claimed`` and ``attached`` (what a claim
     must look at in each record it considers)."""
 
     reads = 0
-
-    @property  # type: ignore[override]
-    def claimed(self) -> bool:
-        _Counted.reads += 1
-        return self._claimed
-
-    @claimed.setter
-    def claimed(self, value: bool) -> None:
-        self._claimed = value
-
-    @property  # type: ignore[override]
-    def attached(self) -> bool:
-        _Counted.reads += 1
-        return self._attached
-
-    @attached.setter
-    def attached(self, value: bool) -> None:
-        self._attached = value
+    claimed = _CountedField()  # type: ignore[assignment]
+    attached = _CountedField()  # type: ignore[assignment]
 
 
 class _Read(Transfer):

@@ -173,13 +173,8 @@ class DatagramService:
         """The link is reported down while its connection is held through the outage:
         what waits is dropped (``link_down``), as when a session ends — a datagram
         is for now, and sending it resumes when the link is back."""
-        conn = self._conn
-        if conn is not None:
-            self._account(conn)
-            for msg in self._handed:  # never written into a packet
-                self.counters.dropped(msg.name, "link_down")
-            self._handed.clear()
-            conn.quic.withdraw_datagrams()
+        if self._conn is not None:
+            self._take_back(self._conn)
         n = self.queue.drop_all("link_down")
         if n:
             log.info("%s: %d datagrams dropped: the link is down", self.label, n)
@@ -187,13 +182,18 @@ class DatagramService:
     def _detach(self, conn: QuicConn) -> None:
         """Stop using ``conn``; what aioquic still holds for it is dropped (``link_down``)."""
         conn.before_build = conn.after_build = None
+        self._take_back(conn)
+        self._conn = None
+        self._wake.set()  # the pump of ``conn`` sees it is no longer wanted
+
+    def _take_back(self, conn: QuicConn) -> None:
+        """What aioquic holds of ours and has not written into a packet: taken back
+        and dropped (``link_down``); what it wrote counts as sent."""
         self._account(conn)
-        for msg in self._handed:  # never written into a packet
+        for msg in self._handed:
             self.counters.dropped(msg.name, "link_down")
         self._handed.clear()
         conn.quic.withdraw_datagrams()
-        self._conn = None
-        self._wake.set()  # the pump of ``conn`` sees it is no longer wanted
 
     def _account(self, conn: QuicConn) -> None:
         """Count as sent what aioquic has written into packets since the last look

@@ -23,7 +23,7 @@ from ..core.codes import Failure, LinkState
 from ..core.transfer import State, Transfer
 from ..identity import TrustStore
 from ..scheduler import FeedScheduler
-from ..transport.connection import QuicConn
+from ..transport.connection import PathStats, QuicConn
 from ..transport.endpoint import QuicEndpoint
 from ..transport.pacing import WireGate
 from ..transport.udp import Address
@@ -137,8 +137,7 @@ class PeerLink:
             return False
         held = session.conn
         if held.silent:
-            held.quic.path_is_back(trio.current_time())
-            held.kick()
+            held.peer_heard_elsewhere()
             rtt = held.path_stats().min_rtt or self.last_rtt or self.probe_interval
             with trio.move_on_after(HELD_ANSWER * rtt):
                 while self.session is session and held.silent and held.closed is None:
@@ -217,21 +216,23 @@ class PeerLink:
         in the endpoint's path memory, the RTT that seeds its handshake timers (one
         Initial per attempt, not aioquic's three)."""
         stats = conn.path_stats()
-        rtt = stats.min_rtt if stats.min_rtt is not None else stats.rtt
-        if rtt is not None:
-            self.last_rtt = rtt
+        self._note_rtt(stats)
         endpoint = self.hub.endpoint
         if endpoint is not None and conn.authenticated.is_set():
             endpoint.path_memory.remember(endpoint.path_key(conn.peer), stats)
+
+    def _note_rtt(self, stats: PathStats) -> None:
+        """The path's own round trip (min RTT) is what the next dial attempt waits for."""
+        rtt = stats.min_rtt if stats.min_rtt is not None else stats.rtt
+        if rtt is not None:
+            self.last_rtt = rtt
 
     def session_ended(self, conn: QuicConn, reason: str) -> None:
         if self.session is None or self.session.conn is not conn:
             return
         stats = conn.path_stats()
         self.book.stats.connection_ended(stats)
-        rtt = stats.min_rtt if stats.min_rtt is not None else stats.rtt
-        if rtt is not None:
-            self.last_rtt = rtt
+        self._note_rtt(stats)
         session, self.session = self.session, None
         for tid, (_, retransmitted) in session.stats_of_all().items():  # fold into totals
             t = self.book.table.get(tid)

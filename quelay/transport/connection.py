@@ -158,7 +158,7 @@ class QuicConn:
         self._discarded: set[int] = set()
         self._new_streams: deque[InboundStream] = deque()
         self._new_lot = trio.lowlevel.ParkingLot()
-        self._ping_seq = 0
+        self.pings_sent = 0  # keep-alive PINGs (none while traffic flows both ways)
         self.cid_listeners: list[Callable[[events.QuicEvent], None]] = []
         # Best-effort datagrams (quelay.agent.datagrams): a DATAGRAM frame from the
         # authenticated peer; queued ones join the packets built in transmit().
@@ -167,11 +167,6 @@ class QuicConn:
         self.after_build: Callable[[], None] | None = None
         # Tail protection spends only spare cap: none while datagrams wait for the gate.
         quic.set_spare_cap(lambda: not self._outbox)
-
-    @property
-    def pings_sent(self) -> int:
-        """Keep-alive PINGs sent (none while traffic flows both ways)."""
-        return self._ping_seq
 
     def path_stats(self) -> PathStats:
         """RTT, window, losses and recovery state of this connection's path."""
@@ -290,9 +285,15 @@ class QuicConn:
                 # or carries ACKs. A PING (and the ACK it elicits) would only take
                 # the link's bytes: 1 % of a 100 kbit/s one.
                 continue
-            self._ping_seq += 1
-            self.quic.send_keepalive(self._ping_seq, now)
+            self.pings_sent += 1
+            self.quic.send_keepalive(self.pings_sent, now)
             self.kick()
+
+    def peer_heard_elsewhere(self) -> None:
+        """The peer answered another connection of ours (a dial attempt made while this
+        one is held): the path is back, so probe now, not at the next probe timer."""
+        self.quic.path_is_back(trio.current_time())
+        self.kick()
 
     def _set_silent(self, reason: str | None) -> None:
         """Past the dead-link bound (``reason``) or heard again (``None``): tell the owner."""

@@ -1123,15 +1123,6 @@ class QuelayQuicConnection(QuicConnection):
         if remembered_rtt is not None:
             self._recovery.seed(remembered_rtt, remembered_rtt_var or 0.0)
 
-    @property
-    def _viewing(self) -> bool:
-        """Packets are built over the busy streams only (many streams)."""
-        return self._activity.viewing
-
-    @_viewing.setter
-    def _viewing(self, viewing: bool) -> None:
-        self._activity.viewing = viewing
-
     # -- fast return after an outage ---------------------------------------------
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
@@ -1158,8 +1149,8 @@ class QuelayQuicConnection(QuicConnection):
         instead of at the next probe timer. ``fresh_ack``: the datagram that ended
         the silence acknowledged something (so we know what arrived)."""
         rec = self._recovery
-        if self._handshake_confirmed and (rec._pto_count > 0 or fresh_ack
-                                          or rec.silent(now)) and rec.return_probe_due():
+        if self._handshake_confirmed and (fresh_ack or rec.silent(now)) \
+                and rec.return_probe_due():
             rec.reschedule_data(now=now, fresh_ack=fresh_ack)
 
     def send_keepalive(self, uid: int, now: float) -> None:
@@ -1267,7 +1258,7 @@ class QuelayQuicConnection(QuicConnection):
                 space.ack_at = ack_at
 
     def _app_idle(self) -> bool:
-        if self._viewing:
+        if self._activity.viewing:  # packets built over the busy streams only
             return not self._activity.not_at_tail()
         for stream in self._streams.values():
             sender = stream.sender
@@ -1292,15 +1283,15 @@ class QuelayQuicConnection(QuicConnection):
         streams = self._streams
         activity = self._activity
         if len(streams) <= VIEW_MIN_STREAMS:
-            if self._viewing:  # back to aioquic's own order over every stream
-                self._viewing = False
+            if activity.viewing:  # back to aioquic's own order over every stream
+                activity.viewing = False
                 self._streams_queue = list(streams.values())
             activity.busy.clear()  # marks matter only while viewing
             self._urgent_first()
             super()._write_application(builder, network_path, now)
             return
-        if not self._viewing or self._builds_since_scan >= FULL_SCAN_EVERY:
-            self._viewing = True
+        if not activity.viewing or self._builds_since_scan >= FULL_SCAN_EVERY:
+            activity.viewing = True
             self._builds_since_scan = 0
             activity.busy.clear()
             activity.rescan(streams.values(), self._stream_has_work)
