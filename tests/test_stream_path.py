@@ -22,7 +22,7 @@ from quelay.core.transfer import State, Transfer
 from quelay.transport.connection import QuicConn
 from quelay.transport.memory import MemoryNetwork
 
-from .conftest import attach_reader, start_memory_pair
+from .conftest import attach_reader, start_memory_pair, wait_for
 
 
 async def test_spool_pump_sends_a_full_spool_in_spool_chunks(
@@ -59,3 +59,43 @@ async def test_spool_pump_sends_a_full_spool_in_spool_chunks(
     assert t.state is State.DONE and t_in.state is State.DONE
     assert bytes(got) == payload
     assert sizes == [session_module.SPOOL_CHUNK] * 4
+
+
+async def test_spool_pump_overshoots_the_send_high_water_mark_by_a_chunk_at_most(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Larger pieces must not loosen QUIC's per-stream bound: with the receiver's window
+    closed (no reader yet), what QUIC holds stays within send_high_water + CHUNK."""
+    high_water = 300 * 1024
+    held: list[int] = []
+    genuine_send = QuicConn.send
+
+    async def send(self: QuicConn, stream_id: int, data: bytes, end_stream: bool = False
+                   ) -> None:
+        await genuine_send(self, stream_id, data, end_stream)
+        held.append(self.stream_buffered(stream_id))
+
+    monkeypatch.setattr(QuicConn, "send", send)
+    net = MemoryNetwork(delay=0.01)
+    a, b = await start_memory_pair(nursery, tmp_path, net, send_high_water=high_water,
+                                   stream_window=128 * 1024)
+    payload = random.Random(5).randbytes(1024 * 1024)
+    pipe = OutboundPipe(1024 * 1024)
+    assert await pipe.write(memoryview(payload)) == len(payload)
+    pipe.end()
+    t = Transfer(wire.new_transfer_id(), "out", "stream", "held", None, 4)
+    b.book.submit(t, pipe)
+    # Nobody reads: the pump fills QUIC up to the mark and waits there.
+    await wait_for(lambda: b.session is not None and pipe.spool.queued > 0
+                   and b.session.conn.stream_buffered(b.session.data_stream_of(t.id) or 0)
+                   >= high_water)
+    assert max(held) <= high_water + session_module.CHUNK
+    assert pipe.spool.queued < len(payload)  # the rest waits in the spool
+    t_in, reader = await attach_reader(a, t.id)
+    got = bytearray()
+    with trio.fail_after(60):
+        while len(got) < len(payload) and (chunk := await reader.receive_some(1 << 20)):
+            got += chunk
+        await b.book.wait_finished(t)
+    assert t.state is State.DONE and bytes(got) == payload
+    assert max(held) <= high_water + session_module.CHUNK

@@ -46,7 +46,8 @@ log = logging.getLogger("quelay.session")
 CHUNK = 64 * 1024
 #: The most a stream's pump hands QUIC in one call. Larger than CHUNK: the spool already
 #: holds the bytes, and each call costs a grant, a copy out of the ring, a send and a
-#: transmit wake-up whatever its size (a 1 MiB spool drains in 4 calls, not 16).
+#: transmit wake-up whatever its size (a 1 MiB spool drains in 4 calls, not 16). Near
+#: the send high-water mark the piece shrinks, so the mark is overshot by a CHUNK at most.
 SPOOL_CHUNK = 256 * 1024
 HELLO_TIMEOUT = 10.0
 OPEN_WAIT = 30.0
@@ -460,8 +461,11 @@ class Session:
         pipe = rt.out
         while True:
             if pipe.pending:
-                allowed = await self.feed.acquire(rt.feed_key,
-                                                  min(pipe.pending, SPOOL_CHUNK), pipe.pending)
+                # Up to SPOOL_CHUNK, but no further past QUIC's high-water mark than a
+                # CHUNK (conn.send waits below the mark, then takes the whole piece).
+                room = self.conn.send_high_water - self.conn.stream_buffered(sid)
+                want = min(pipe.pending, max(CHUNK, min(SPOOL_CHUNK, room)))
+                allowed = await self.feed.acquire(rt.feed_key, want, pipe.pending)
                 chunk = pipe.read(allowed)
                 await self.conn.send(sid, chunk)
                 t.sent += len(chunk)
