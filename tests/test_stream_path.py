@@ -9,20 +9,82 @@ order (SHA-256), and that the promise of an ack stays "the reader has it".
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
 import pytest
 import trio
 
+from quelay.agent import pipes as pipes_module
 from quelay.agent import session as session_module
 from quelay.agent.pipes import OutboundPipe
+from quelay.client import open_client
+from quelay.control import server as server_module
 from quelay.core import messages as wire
 from quelay.core.transfer import State, Transfer
 from quelay.transport.connection import QuicConn
 from quelay.transport.memory import MemoryNetwork
 
 from .conftest import attach_reader, start_memory_pair, wait_for
+
+SIZE = 3 * 1024 * 1024 + 12_345  # not a multiple of any piece size
+
+
+async def test_stream_moves_in_large_pieces_and_arrives_byte_exact(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the control sockets of two agents on the memory network: the server takes
+    the writer's bytes in gulps of more than 64 KiB, the pump hands QUIC more than 64 KiB
+    per call but never more than SPOOL_CHUNK, and the reader gets every byte once."""
+    pipe_writes: list[int] = []
+    quic_sends: list[int] = []
+    genuine_write = pipes_module.OutboundPipe.write
+    genuine_send = QuicConn.send
+
+    async def write(self: pipes_module.OutboundPipe, data: memoryview) -> int:
+        taken = await genuine_write(self, data)
+        pipe_writes.append(taken)
+        return taken
+
+    async def send(self: QuicConn, stream_id: int, data: bytes, end_stream: bool = False
+                   ) -> None:
+        if data:  # (control frames and the data header go by send_nowait)
+            quic_sends.append(len(data))
+        await genuine_send(self, stream_id, data, end_stream)
+
+    monkeypatch.setattr(pipes_module.OutboundPipe, "write", write)
+    monkeypatch.setattr(QuicConn, "send", send)
+    payload = random.Random(7).randbytes(SIZE)
+    net = MemoryNetwork(delay=0.01)
+    a, b = await start_memory_pair(nursery, tmp_path, net)
+    got = hashlib.sha256()
+    received = 0
+    async with open_client(a.config.control) as ca, open_client(b.config.control) as cb:
+
+        async def reader() -> None:
+            nonlocal received
+            incoming = await ca.accept_incoming(name="big")
+            async for chunk in incoming:
+                got.update(chunk)
+                received += len(chunk)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(reader)
+            out = await cb.open_stream(name="big", spool=1024 * 1024)
+            view = memoryview(payload)
+            while view:  # 1 MiB per send_all: the socket holds what its buffer allows
+                await out.send_all(view[:1024 * 1024])
+                view = view[1024 * 1024:]
+            final = await out.finish()
+    assert final["state"] == State.DONE.value
+    assert received == SIZE
+    assert got.digest() == hashlib.sha256(payload).digest()
+    assert sum(pipe_writes) == SIZE and sum(quic_sends) == SIZE
+    assert max(pipe_writes) > server_module.READ_CHUNK  # gulps, not 64-KiB reads
+    assert max(pipe_writes) <= server_module.RAW_READ_CHUNK
+    assert max(quic_sends) > session_module.CHUNK  # the pump's pieces are larger...
+    assert max(quic_sends) <= session_module.SPOOL_CHUNK  # ...and bounded
 
 
 async def test_spool_pump_sends_a_full_spool_in_spool_chunks(

@@ -47,6 +47,9 @@ log = logging.getLogger("quelay.control")
 
 DEFAULT_PRIORITY = 4
 READ_CHUNK = 64 * 1024
+#: A stream writer's bytes are read this much at a time: whatever the client has queued
+#: in the socket goes into the spool in one pass (one hash update, one wake of the pump).
+RAW_READ_CHUNK = 256 * 1024
 LISTEN_BACKLOG = 512  # simultaneous clients connecting at once
 MAX_UNSENT = 1024 * 1024  # a client's unread replies and events; past this it is dropped
 LS_DEFAULT_LIMIT = 100
@@ -297,7 +300,7 @@ class ClientConnection:
         while not t.terminal:
             if not pending:
                 try:
-                    data = await self.stream.receive_some(READ_CHUNK)
+                    data = await self.stream.receive_some(RAW_READ_CHUNK)
                 except trio.BrokenResourceError:
                     data = b""
                 if not data:
