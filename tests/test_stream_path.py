@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import random
+import socket
 from pathlib import Path
 
 import pytest
 import trio
 
+from quelay import client as client_module
 from quelay.agent import pipes as pipes_module
 from quelay.agent import session as session_module
 from quelay.agent.pipes import OutboundPipe
-from quelay.client import open_client
+from quelay.client import IncomingStream, open_client
 from quelay.control import server as server_module
 from quelay.core import messages as wire
 from quelay.core.transfer import State, Transfer
@@ -161,3 +163,36 @@ async def test_spool_pump_overshoots_the_send_high_water_mark_by_a_chunk_at_most
         await b.book.wait_finished(t)
     assert t.state is State.DONE and bytes(got) == payload
     assert max(held) <= high_water + session_module.CHUNK
+
+
+async def test_iterating_an_incoming_stream_reads_iter_read_at_a_time() -> None:
+    """``async for`` asks the socket for ITER_READ bytes per call; ``receive_some``
+    keeps its explicit maximum. Chunks come out in order, and the end is clean."""
+    asked: list[int] = []
+    parts = [b"a" * 300_000, b"b" * 10, b""]
+
+    class Fake:
+        async def receive_some(self, max_bytes: int) -> bytes:
+            asked.append(max_bytes)
+            return parts.pop(0)[:max_bytes]
+
+    incoming = IncomingStream(Fake(), {"id": "x"}, b"first")  # type: ignore[arg-type]
+    chunks = [chunk async for chunk in incoming]
+    assert chunks == [b"first", b"a" * client_module.ITER_READ, b"b" * 10]
+    assert asked == [client_module.ITER_READ] * 3
+    assert incoming.received == 5 + client_module.ITER_READ + 10
+
+
+async def test_writer_socket_asks_for_a_large_send_buffer(tmp_path: Path) -> None:
+    """The writer's send buffer is raised to WRITE_BUFFER (as far as the kernel allows)."""
+    left, right = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = trio.SocketStream(left)
+    before = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    client_module._grow_send_buffer(stream)
+    after = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    # Linux doubles the value asked for (bookkeeping), capped at wmem_max.
+    assert after == 2 * min(client_module.WRITE_BUFFER, wmem_max)
+    assert after >= before
+    await stream.aclose()
+    right.close()
