@@ -137,6 +137,7 @@ class Case:
     file_size: int = 0  # > 0: issue 11's file test instead of the two phases
     label: str = ""  # the file test's row name
     target: float = 0.0  # the file test's whole-transfer target
+    max_datagram: int = 0  # both agents' max_datagram_size; 0 = the agent's default
 
     def probe_interval(self, rtt: float) -> float:
         return self.probe if self.probe > 0 else max(1.0, 4 * rtt)
@@ -150,6 +151,17 @@ class Case:
 
     def agent_rate(self) -> int:
         return 0 if self.factor == 0 else self.cap()
+
+
+def _path_stats(agent: Agent) -> dict[str, Any] | None:
+    """Everything the agent's loss recovery counted (the JSON result keeps it, so a
+    goodput miss can be traced to losses, spurious losses, probes or tail copies)."""
+    session = agent.default.session
+    if session is None:
+        return None
+    stats = dataclasses.asdict(session.conn.path_stats())
+    stats["return_probes"] = session.conn.quic._recovery.return_probes
+    return stats
 
 
 def _pattern(seed: int) -> bytes:
@@ -297,6 +309,8 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
     fp_b = load_or_create_identity(root / "b" / "state").fingerprint
 
     def config(side: str, **kw: Any) -> AgentConfig:
+        if case.max_datagram:
+            kw["max_datagram_size"] = case.max_datagram
         return AgentConfig(name=side, state_dir=root / side / "state",
                            inbox=root / side / "inbox", control=root / side / "c.sock",
                            congestion=case.congestion, reconnect_interval=0.2, **kw)
@@ -384,6 +398,8 @@ async def run_case(case: Case, root: Path) -> dict[str, Any]:
                 st_bytes, st_span = _bins(hist, "up_in", start, t_a - owd, t_last - owd)
                 single["wire_steady"] = st_bytes * 8 / st_span if st_span else 0.0
                 single["lost_packets"] = b.status()["link"].get("lost_packets")
+                single["path"] = _path_stats(b)
+                single["peer_path"] = _path_stats(a)
                 result["single"] = single
 
                 # ---- phase 2: four concurrent equal-priority streams -----------------
@@ -630,6 +646,8 @@ def main() -> None:
                    help="issue 11's whole-transfer file test instead (see the docstring)")
     p.add_argument("--file-size", type=int, default=2_000_000,
                    help="the file test's file size in bytes (default 2000000)")
+    p.add_argument("--max-datagram", type=int, default=0,
+                   help="both agents' max_datagram_size (default: the agent's own)")
     p.add_argument("--json", type=Path, help="also write every case's raw result here")
     p.add_argument("--table", type=Path, metavar="JSON",
                    help="print the table of a previous run's --json file and exit")
@@ -660,12 +678,14 @@ def main() -> None:
     factors = [float(f) for f in args.caps.split(",")]
     cases = [Case(prof, cc, f, seconds, args.clean_rate, args.seed,
                   sim_process=not args.inproc_sim, probe=args.probe_interval,
-                  fair_seconds=args.fair_seconds, fair=not args.single_only)
+                  fair_seconds=args.fair_seconds, fair=not args.single_only,
+                  max_datagram=args.max_datagram)
              for prof in profiles for f in factors for cc in ccs]
     if args.file_test:
         cases = [Case(spec, cc, FILE_CAP / 2.4e6, 0.0, args.clean_rate, args.seed,
                       sim_process=not args.inproc_sim, probe=args.probe_interval,
-                      file_size=args.file_size, label=label, target=target)
+                      file_size=args.file_size, label=label, target=target,
+                      max_datagram=args.max_datagram)
                  for label, (spec, target) in FILE_PROFILES.items() for cc in ccs]
     print(f"# bench/links.py: {len(cases)} cases, {seconds:g} s per phase, seed {args.seed},"
           f" simulator {'in-process' if args.inproc_sim else 'in its own process'}",

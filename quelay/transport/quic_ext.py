@@ -105,6 +105,11 @@ PROBE_INTERVAL_FLOOR = 1.0  # probes during silence: every max(1 s, SRTT), no fu
 TAIL_SMALL_BYTES = 4096  # an open stream with this little unacknowledged is at a tail
 TAIL_RECENT = 1 / 8  # at a tail, packets sent in the last RTT/8 are copied at once
 SILENT_PROBES = 4  # after this many unanswered probes, probes are bare PINGs
+# Datagrams per probe once the handshake is confirmed (RFC 9002 6.2.4 allows two): on a
+# link that loses 6 % of datagrams, one lost probe costs a whole probe interval (1 s or
+# more) after an outage; with a twin carrying the same bytes, both are lost 0.4 % of
+# the time. The twin costs one datagram per probe.
+PROBE_DATAGRAMS = 2
 OUTAGE_PROBES = 2  # losses found after this many unanswered probes are an outage's
 DECLARED_MEMORY = 512  # packets declared lost that we remember, to spot spurious losses
 MAX_SEED_RTT = 5.0  # a remembered RTT beyond this is not believed
@@ -602,6 +607,10 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         self.return_probes = 0  # immediate probes when the peer was heard after a silence
         self._probe_armed = -1.0  # the last send before the latest probe timeout
         self._return_probe_at: tuple[int, float | None] | None = None
+        # A probe's twin still to build: the stream ranges the probe carries again
+        # (None: no twin due; empty: a bare one).
+        self.twin: list[tuple[RobustStreamSender, tuple[Any, ...]]] | None = None
+        self.twins = 0  # probes sent twice
         self._last_ack_at: float | None = None
         # Set by the connection: "no stream has anything queued" and "the wire has room".
         self.app_idle: Callable[[], bool] = lambda: False
@@ -646,21 +655,39 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         Unless an ACK just came with the peer's return (``fresh_ack``: its keep-alive
         carries one): then the oldest unacknowledged packet is really missing."""
         space = self._app_space()
-        if not self.handshake_confirmed or speed_up_handshake or space is None \
-                or self._last_ack_at is None or fresh_ack:
+        if not self.handshake_confirmed or speed_up_handshake or space is None:
             super().reschedule_data(now=now, speed_up_handshake=speed_up_handshake)
+            return
+        if self._last_ack_at is None or fresh_ack:
+            self._resend_oldest(now, space)
             return
         rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
         cutoff = self._last_ack_at - rtt / 2
         for packet in space.sent_packets.values():
             assert packet.sent_time is not None
-            if packet.is_ack_eliciting and packet.sent_time >= cutoff \
-                    and _stream_handlers(packet):
+            handlers = _stream_handlers(packet) if packet.is_ack_eliciting \
+                and packet.sent_time >= cutoff else []
+            if handlers:
                 self._on_packets_lost(congestion_event=False, now=now, packets=[packet],
                                       space=space)
-                self._send_probe()
+                self._probe(handlers)
                 return
-        super().reschedule_data(now=now, speed_up_handshake=speed_up_handshake)
+        self._resend_oldest(now, space)
+
+    def _resend_oldest(self, now: float, space: QuicPacketSpace) -> None:
+        """aioquic's probe (the oldest ack-eliciting packet again), with a twin."""
+        oldest = next((p for p in space.sent_packets.values() if p.is_ack_eliciting), None)
+        super().reschedule_data(now=now)
+        self._twin_due(_stream_handlers(oldest) if oldest is not None else [])
+
+    def _probe(self, carries: list[tuple[RobustStreamSender, tuple[Any, ...]]]) -> None:
+        """Send a probe (its datagram carries ``carries``' ranges first) and its twin."""
+        self._send_probe()
+        self._twin_due(carries)
+
+    def _twin_due(self, carries: list[tuple[RobustStreamSender, tuple[Any, ...]]]) -> None:
+        if self.handshake_confirmed and PROBE_DATAGRAMS > 1:
+            self.twin = carries
 
     def silent(self, now: float) -> bool:
         """Whether our probes go unanswered, or data has been in flight with no ACK for
@@ -754,7 +781,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
             # The first probes carry data, so that if the path is back the receiver's
             # first new byte is the probe itself (the dead-link bound ends most
             # connections within these: 3 s, or 4 RTTs).
-            self._send_probe()
+            self._probe([])
         else:
             self.reschedule_data(now=now)
 
@@ -1236,6 +1263,27 @@ class QuelayQuicConnection(QuicConnection):
         n = len(self._datagrams_pending)
         self._datagrams_pending.clear()
         return n
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        """aioquic's; and once a probe has left, its twin (the probe's stream bytes
+        again, or a bare PING), under its own one-datagram allowance."""
+        for space in self._loss.spaces:
+            if space.ack_at == now:
+                # aioquic sends an ACK past the pacer only once its deadline is in the
+                # past; one due exactly now would wait for the pacer while get_timer()
+                # keeps returning now: a busy loop on a clock that only moves when
+                # every task sleeps (MockClock), a short spin on a real one.
+                space.ack_at = math.nextafter(now, -math.inf)
+        out = super().datagrams_to_send(now)
+        rec = self._recovery
+        if rec.twin is None or self._probe_pending or not out:
+            return out
+        twin, rec.twin = rec.twin, None
+        for sender, args in twin:
+            sender.requeue(*args)
+        self._probe_pending = True  # the pacer may hold it a moment: it stays pending
+        rec.twins += 1
+        return out + super().datagrams_to_send(now)
 
     def get_timer_held(self) -> float | None:
         """``get_timer()`` for a driver that holds datagrams for its wire gate.
