@@ -50,13 +50,14 @@ from aioquic.quic import recovery as _aioquic_recovery
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import K_GRANULARITY
 from aioquic.quic.connection import (
+    ACK_FRAME_CAPACITY,
     CONNECTION_LIMIT_FRAME_CAPACITY,
     MAX_STREAM_DATA_FRAME_CAPACITY,
     Limit,
     QuicConnection,
     QuicConnectionState,
 )
-from aioquic.quic.packet import QuicFrameType, QuicStreamFrame
+from aioquic.quic.packet import QuicFrameType, QuicStreamFrame, push_ack_frame
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicSentPacket
 from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import (
@@ -1284,6 +1285,40 @@ class QuelayQuicConnection(QuicConnection):
         self._probe_pending = True  # the pacer may hold it a moment: it stays pending
         rec.twins += 1
         return out + super().datagrams_to_send(now)
+
+    def _write_ack_frame(self, builder: Any, space: QuicPacketSpace, now: float) -> None:
+        """aioquic's ACK frame, except for what its ACK-of-ACK forgets.
+
+        aioquic forgets every packet number up to the frame's largest once the frame is
+        acknowledged, including packets that arrived late (reordered) after the frame
+        left and were never reported: they are never acknowledged, and the sender
+        declares them lost and sends them again on a link that lost nothing (clean
+        with ±25 ms of reordering at 20 Mbit/s: ~900 such packets in 15 s each way).
+        Here the ACK-of-ACK forgets only the ranges the frame reported.
+        """
+        assert space.largest_received_time is not None
+        ack_delay = now - space.largest_received_time
+        ack_delay_encoded = int(ack_delay * 1000000) >> self._local_ack_delay_exponent
+        reported: list[range] = []
+        buf = builder.start_frame(QuicFrameType.ACK, capacity=ACK_FRAME_CAPACITY,
+                                  handler=self._on_ack_frame_delivery,
+                                  handler_args=(space, reported))
+        queue = space.ack_queue
+        ranges = push_ack_frame(buf, queue, ack_delay_encoded, builder.remaining_buffer_space)
+        reported.extend(queue[i] for i in range(len(queue) - ranges, len(queue)))
+        space.ack_at = None
+        if self._quic_logger is not None:
+            builder.quic_logger_frames.append(
+                self._quic_logger.encode_ack_frame(ranges=reported, delay=ack_delay))
+        if ranges > 1 and builder.packet_number % 8 == 0:
+            self._write_ping_frame(builder, comment="ACK-of-ACK trigger")
+
+    @staticmethod
+    def _on_ack_frame_delivery(delivery: QuicDeliveryState, space: QuicPacketSpace,
+                               reported: list[range]) -> None:
+        if delivery == QuicDeliveryState.ACKED:
+            for r in reported:
+                space.ack_queue.subtract(r.start, r.stop)
 
     def get_timer_held(self) -> float | None:
         """``get_timer()`` for a driver that holds datagrams for its wire gate.
