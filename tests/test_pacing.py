@@ -17,6 +17,7 @@ from quelay.transport.pacing import (
     WireGate,
     payload_bytes_per_second,
     tick_interval,
+    tiled_datagram,
 )
 from quelay.transport.udp import header_bytes_for
 
@@ -87,14 +88,15 @@ def test_no_one_second_window_exceeds_the_cap_with_headers(
 def test_gate_uses_the_allotment_on_the_wire(overhead: int) -> None:
     rate = 2_000_000
     gate = WireGate(rate, 0.0, MDS, link_overhead=overhead)
+    size = gate.datagram_size
     now = 0.0
     while now < 10.0:
-        now = gate.ready_at(MDS, now)
-        assert gate.try_send(MDS, now)
+        now = gate.ready_at(size, now)
+        assert gate.try_send(size, now)
     wire_rate = gate.total_bytes * 8 / now
     assert 0.98 * rate <= wire_rate <= rate * 1.001
     # The payload share is what full-size datagrams leave after their headers.
-    expected = payload_bytes_per_second(rate, MDS, 28 + overhead) * 8
+    expected = payload_bytes_per_second(rate, size, 28 + overhead) * 8
     assert gate.total_payload * 8 / now == pytest.approx(expected, rel=0.02)
     assert gate.payload_bytes_per_second * 8 == pytest.approx(expected)
 
@@ -144,3 +146,43 @@ def test_tick_interval_is_clamped() -> None:
     assert tick_interval(10_000_000_000) == 0.005
     assert tick_interval(100_000) == 0.1
     assert 0.005 < tick_interval(2_000_000) < 0.1
+
+
+def test_tiled_datagrams_divide_the_allotment() -> None:
+    # 100 kbit/s: 12,500 bytes a second; 1378-byte datagrams fit nine times (12,402).
+    assert tiled_datagram(100_000, MDS, 28) == 1222  # ten of 1250 on the wire: 12,500
+    assert tiled_datagram(500_000, MDS, 28) == 1330  # 46 of 1358 (62,468); 45 whole ones
+    assert tiled_datagram(100_000, 1472, 28) == 1360
+    assert tiled_datagram(0, MDS, 28) == MDS  # uncapped: as configured
+    assert tiled_datagram(12_000, MDS, 28) == MDS  # 750 bytes: below QUIC's 1200
+    for rate in (20_000, 100_000, 333_333, 2_000_000, 20_000_000):
+        for per in (28, 48, 108):
+            size = tiled_datagram(rate, MDS, per)
+            assert 1200 <= size <= MDS
+            if size == MDS and rate / 8 % (MDS + per):
+                continue  # tiling would go below 1200 bytes: the configured size stays
+            count = int(rate / 8 // (size + per))
+            # As many datagrams as it takes whole full-size ones to cover the allotment,
+            # and together within a byte each of it.
+            assert count == -(-rate / 8 // (MDS + per))
+            assert rate / 8 - count * (size + per) < count + 1
+
+
+@pytest.mark.parametrize("rate", [100_000, 500_000])
+def test_tiled_datagrams_use_the_whole_window_whole_ones_do_not(rate: int) -> None:
+    """Back to back at the gate's pace for 30 s: full-size datagrams leave a fraction
+    of one unsent every second (the window admits only whole ones); tiled ones use
+    all of it but the 5-ms guard."""
+
+    def share(size: int) -> float:
+        gate = WireGate(rate, 0.0, MDS)
+        now = 0.0
+        while now < 30.0:
+            now = gate.ready_at(size, now)
+            assert gate.try_send(size, now)
+        return gate.total_bytes * 8 / now / rate
+
+    tiled = WireGate(rate, 0.0, MDS).datagram_size
+    assert tiled < MDS
+    assert share(tiled) >= 0.994
+    assert share(MDS) <= 0.988

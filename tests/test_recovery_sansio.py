@@ -363,6 +363,25 @@ def test_late_packets_are_acknowledged_after_an_ack_of_ack(tmp_path: Path) -> No
         assert stats.lost_packets == stats.spurious_losses, side.name
 
 
+def test_datagrams_are_cut_to_the_size_that_fills_the_cap(tmp_path: Path) -> None:
+    """At 100 kbit/s the agent asks for 1222-byte datagrams (ten fill a second's
+    allotment; nine 1350-byte ones leave 8 % of it unsent): the connection builds no
+    larger ones, and the transfer runs at the cap."""
+    cap = 100_000
+    pair = _connected(tmp_path, Link(rtt=0.1, seed=7), cap_bps=cap)
+    client, gate = pair.client.quic, pair.client.gate
+    assert client is not None
+    size = gate.datagram_size
+    assert size == 1222
+    client.set_cap(gate.payload_bytes_per_second, size)
+    first = len(pair.client.sent)
+    took, _ = _transfer(pair, 120_000, seed=7)
+    wire = [n for _, n in pair.client.sent[first:]]
+    assert max(wire) == gate.wire_size(size)
+    assert sum(n == gate.wire_size(size) for n in wire) >= 0.9 * len(wire)
+    assert 120_000 * 8 / took >= 0.9 * cap  # headers, slow start and the last RTT
+
+
 class DropFirstAfter(Link):
     """A link that also loses the first datagram to ``dst`` sent at or after ``at``."""
 

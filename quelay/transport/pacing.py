@@ -53,6 +53,27 @@ def minimum_rate(max_datagram: int, per_datagram: int) -> int:
     return 8 * (max_datagram + per_datagram)
 
 
+MIN_TILED_DATAGRAM = 1200  # QUIC's smallest max datagram size: never tile below it
+
+
+def tiled_datagram(rate_bps: int, max_datagram: int, per_datagram: int) -> int:
+    """The UDP payload size (at most ``max_datagram``) whose datagrams fill the cap's
+    one-second allotment exactly.
+
+    The sliding window admits only whole datagrams: at 100 kbit/s a second holds
+    12,500 bytes, nine 1378-byte datagrams (1350 + 28 bytes of headers) and 9 % of a
+    tenth that never goes. Ten datagrams of 1250 bytes use all of it (the datagram
+    count, which sets the header cost, is the same as the whole-datagram minimum).
+    Below :data:`MIN_TILED_DATAGRAM` the configured size is kept.
+    """
+    if rate_bps <= 0:
+        return max_datagram
+    allotment = rate_bps / 8
+    count = math.ceil(allotment / (max_datagram + per_datagram))
+    size = min(max_datagram, int(allotment / count) - per_datagram)
+    return size if size >= MIN_TILED_DATAGRAM else max_datagram
+
+
 def payload_bytes_per_second(rate_bps: int, max_datagram: int, per_datagram: int) -> float:
     """The payload rate full-size datagrams can carry under a wire cap of ``rate_bps``
     (what QUIC's own pacer should aim at, so the gate rarely has to hold anything)."""
@@ -126,9 +147,14 @@ class WireGate:
         return self.rate_bps > 0 or (self.parent is not None and self.parent.capped)
 
     @property
+    def datagram_size(self) -> int:
+        """The UDP payload size to send at: :func:`tiled_datagram` for this cap."""
+        return tiled_datagram(self.rate_bps, self.max_datagram, self.per_datagram)
+
+    @property
     def payload_bytes_per_second(self) -> float:
         """Payload rate of full-size datagrams under the cap (0 = uncapped)."""
-        return payload_bytes_per_second(self.rate_bps, self.max_datagram, self.per_datagram)
+        return payload_bytes_per_second(self.rate_bps, self.datagram_size, self.per_datagram)
 
     def wire_size(self, payload: int, datagrams: int = 1) -> int:
         """Bytes the link carries for ``datagrams`` datagrams of ``payload`` bytes in all."""

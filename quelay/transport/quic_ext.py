@@ -1585,8 +1585,16 @@ class QuelayQuicConnection(QuicConnection):
         self._consumed_total += nbytes
         self._activity.mark_id(stream_id)  # credit to announce; maybe finished
 
-    def set_cap(self, bytes_per_second: float) -> None:
-        """Tell pacing (and an allotment-aware congestion control) the operator's cap."""
+    def set_cap(self, bytes_per_second: float, datagram_size: int | None = None) -> None:
+        """Tell pacing (and an allotment-aware congestion control) the operator's cap;
+        and send datagrams of ``datagram_size`` UDP bytes at most (never more than
+        configured): the size whose datagrams fill the cap's window
+        (:func:`~quelay.transport.pacing.tiled_datagram`)."""
+        if datagram_size is not None:
+            size = min(datagram_size, self._configuration.max_datagram_size)
+            self._max_datagram_size = size
+            # The pacer spends one packet time per packet: it must know their size.
+            self._loss._pacer._max_datagram_size = size
         pacer = self._loss._pacer
         if isinstance(pacer, CoarsePacer):
             pacer.cap_bytes_per_second = bytes_per_second
