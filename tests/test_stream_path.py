@@ -3,8 +3,9 @@
 A stream's bytes cross the writer's Unix socket, the spool, QUIC, the
 receiver's sink and the reader's socket. Each hop costs a wake-up and some
 Python per piece whatever the piece's size, so each hop moves large pieces:
-these tests count the pieces and check every byte still arrives once, in
-order (SHA-256), and that the promise of an ack stays "the reader has it".
+these tests count the pieces and check that every byte still arrives once,
+in order (SHA-256), and that larger pieces loosen no bound (QUIC's high-water
+mark per stream).
 """
 
 from __future__ import annotations
