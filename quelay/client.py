@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -90,11 +89,6 @@ T = TypeVar("T")
 log = logging.getLogger("quelay.client")
 
 TERMINAL_STATES = frozenset({"done", "failed", "canceled"})
-#: Kernel buffer of a stream writer's socket (SO_SNDBUF; Linux caps it at wmem_max). The
-#: agent reads the socket in large gulps; a writer blocked on a full buffer wakes when
-#: half of it has drained, so a larger buffer is fewer wake-ups on both sides per byte.
-#: It holds bytes the writer has given away but no ack covers yet, like the spool does.
-WRITE_BUFFER = 1024 * 1024
 #: What iterating an incoming stream reads per call (``receive_some`` keeps its own max).
 ITER_READ = 256 * 1024
 MAX_DATAGRAM_REQUEST = MAX_CONTROL_FRAME - 1024  # payload bytes a datagram_send may carry
@@ -156,14 +150,6 @@ async def _attach(path: str | Path, transfer_id: str, mode: str) -> tuple[
         err = reply.get("error") or {}
         raise ClientError(err.get("code", "unknown"), err.get("message", ""))
     return stream, reply["result"], decoder.take_rest()
-
-
-def _grow_send_buffer(stream: trio.SocketStream) -> None:
-    """Ask for a :data:`WRITE_BUFFER` send buffer; the kernel's default still works."""
-    try:
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WRITE_BUFFER)
-    except OSError as exc:
-        log.debug("SO_SNDBUF not raised (%s); the default buffer is used", exc)
 
 
 def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -470,7 +456,6 @@ class Client:
                 except (ClientError, AgentUnavailable) as exc:
                     log.debug("could not cancel unattached stream %s: %s", info["id"], exc)
             raise
-        _grow_send_buffer(stream)
         return OutgoingStream(stream, info, self)
 
     async def accept_incoming(self, *, name: str | None = None, transfer_id: str | None = None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -182,18 +181,3 @@ async def test_iterating_an_incoming_stream_reads_iter_read_at_a_time() -> None:
     assert chunks == [b"first", b"a" * client_module.ITER_READ, b"b" * 10]
     assert asked == [client_module.ITER_READ] * 3
     assert incoming.received == 5 + client_module.ITER_READ + 10
-
-
-async def test_writer_socket_asks_for_a_large_send_buffer(tmp_path: Path) -> None:
-    """The writer's send buffer is raised to WRITE_BUFFER (as far as the kernel allows)."""
-    left, right = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    stream = trio.SocketStream(left)
-    before = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
-    client_module._grow_send_buffer(stream)
-    after = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-    # Linux doubles the value asked for (bookkeeping), capped at wmem_max.
-    assert after == 2 * min(client_module.WRITE_BUFFER, wmem_max)
-    assert after >= before
-    await stream.aclose()
-    right.close()
