@@ -181,3 +181,40 @@ async def test_iterating_an_incoming_stream_reads_iter_read_at_a_time() -> None:
     assert chunks == [b"first", b"a" * client_module.ITER_READ, b"b" * 10]
     assert asked == [client_module.ITER_READ] * 3
     assert incoming.received == 5 + client_module.ITER_READ + 10
+
+
+async def test_writer_is_held_back_where_its_spool_is_full() -> None:
+    """The control server reads a writer's socket in gulps up to RAW_READ_CHUNK while the
+    spool has room, but once it is full, what it has read and not yet put in the spool
+    stays within a READ_CHUNK (the rest waits in the writer's socket: back-pressure)."""
+    capacity = 1024 * 1024
+    source = random.Random(9).randbytes(4 * capacity)
+    asked: list[int] = []
+
+    class Writer:  # the writer's socket, always ready with more
+        taken = 0
+
+        async def receive_some(self, max_bytes: int) -> bytes:
+            asked.append(max_bytes)
+            data = source[self.taken:self.taken + max_bytes]
+            self.taken += len(data)
+            return data
+
+    sock = Writer()
+    conn = object.__new__(server_module.ClientConnection)
+    conn.stream = sock  # type: ignore[assignment]
+    pipe = OutboundPipe(capacity)
+    t = Transfer(wire.new_transfer_id(), "out", "stream", "w", None, 4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn._pump_writer, t, pipe, b"")
+        await trio.testing.wait_all_tasks_blocked()
+        assert pipe.accepted == capacity  # the spool is full; nobody sends from it
+        assert sock.taken - pipe.accepted <= server_module.READ_CHUNK
+        assert asked[0] == server_module.RAW_READ_CHUNK  # gulps while there is room
+        taken = pipe.read(300_000)  # the pump sends some; their space frees on the ack
+        pipe.acked(len(taken))
+        await trio.testing.wait_all_tasks_blocked()
+        assert pipe.accepted == capacity + len(taken)
+        assert sock.taken - pipe.accepted <= server_module.READ_CHUNK
+        nursery.cancel_scope.cancel()
+    assert pipe.spool.read(capacity) == source[len(taken):pipe.accepted]  # in order

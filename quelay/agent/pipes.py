@@ -63,6 +63,11 @@ class OutboundPipe:
                 return taken
             await self._changed.park()
 
+    @property
+    def room(self) -> int:
+        """Bytes the writer may add before it waits (0 once aborted)."""
+        return 0 if self.aborted else self.spool.free
+
     def end(self) -> None:
         """The writer half-closed: everything it wrote is the whole stream."""
         if not self.aborted:

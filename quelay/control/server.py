@@ -47,8 +47,9 @@ log = logging.getLogger("quelay.control")
 
 DEFAULT_PRIORITY = 4
 READ_CHUNK = 64 * 1024
-#: A stream writer's bytes are read this much at a time: whatever the client has queued
-#: in the socket goes into the spool in one pass (one hash update, one wake of the pump).
+#: A stream writer's bytes are read up to this much at a time, as far as the spool has
+#: room: what the client has queued goes into the spool in one pass (one hash update,
+#: one wake of the pump).
 RAW_READ_CHUNK = 256 * 1024
 LISTEN_BACKLOG = 512  # simultaneous clients connecting at once
 MAX_UNSENT = 1024 * 1024  # a client's unread replies and events; past this it is dropped
@@ -299,8 +300,12 @@ class ClientConnection:
         pending = memoryview(first)
         while not t.terminal:
             if not pending:
+                # Up to what the spool has room for: bytes read but not yet in the spool
+                # stay within a READ_CHUNK, so a writer is held back where its spool
+                # says, not a RAW_READ_CHUNK later.
+                want = min(RAW_READ_CHUNK, max(READ_CHUNK, pipe.room))
                 try:
-                    data = await self.stream.receive_some(RAW_READ_CHUNK)
+                    data = await self.stream.receive_some(want)
                 except trio.BrokenResourceError:
                     data = b""
                 if not data:
