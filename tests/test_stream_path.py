@@ -218,3 +218,56 @@ async def test_writer_is_held_back_where_its_spool_is_full() -> None:
         assert sock.taken - pipe.accepted <= server_module.READ_CHUNK
         nursery.cancel_scope.cancel()
     assert pipe.spool.read(capacity) == source[len(taken):pipe.accepted]  # in order
+
+
+class _CountingSpool:
+    """A spool that counts the writer's attempts (each one is a wake-up of the writer)."""
+
+    def __init__(self, spool: object) -> None:
+        self._spool = spool
+        self.writes = 0
+
+    def write(self, data: memoryview) -> int:
+        self.writes += 1
+        return self._spool.write(data)  # type: ignore[attr-defined, no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._spool, name)
+
+
+async def test_a_writer_waiting_for_space_wakes_on_acks_not_on_reads() -> None:
+    """The pump's reads free no space (an ack does): they must not wake a writer that
+    waits on a full spool, and an ack must. The pump, waiting for bytes, wakes on a
+    write and on the end. Bytes leave in the order they came."""
+    capacity = 64 * 1024
+    pipe = OutboundPipe(capacity)
+    spool = _CountingSpool(pipe.spool)
+    pipe.spool = spool  # type: ignore[assignment]
+    payload = random.Random(11).randbytes(3 * capacity)
+    sent = bytearray()
+
+    async def writer() -> None:
+        view = memoryview(payload)
+        while view:
+            view = view[await pipe.write(view):]
+        pipe.end()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pipe.accepted == capacity  # full: the writer waits
+        attempts = spool.writes
+        for _ in range(4):
+            sent += pipe.read(capacity // 4)
+            await trio.testing.wait_all_tasks_blocked()
+        assert spool.writes == attempts  # four reads, no wake-up of the writer
+        pipe.acked(len(sent))
+        await trio.testing.wait_all_tasks_blocked()
+        assert spool.writes > attempts and pipe.accepted == 2 * capacity  # the ack did
+        while not pipe.eof:
+            if not pipe.pending:
+                await pipe.wait_readable()  # woken by the writer's bytes, then its end
+                continue
+            sent += pipe.read(capacity)
+            pipe.acked(len(sent))
+    assert bytes(sent) == payload

@@ -37,7 +37,10 @@ class OutboundPipe:
         self.hasher = hashlib.sha256()
         self.accepted = 0  # bytes taken from the writer
         self.aborted = False
-        self._changed = trio.lowlevel.ParkingLot()
+        # Two waits, each woken only by what can end it: the writer waits for space
+        # (an ack frees it; the pump's reads do not), the pump for bytes or the end.
+        self._space = trio.lowlevel.ParkingLot()
+        self._data = trio.lowlevel.ParkingLot()
 
     # -- writer side (control server) ----------------------------------------------
 
@@ -59,9 +62,9 @@ class OutboundPipe:
             if taken:
                 self.hasher.update(data[:taken])
                 self.accepted += taken
-                self._changed.unpark_all()
+                self._data.unpark_all()
                 return taken
-            await self._changed.park()
+            await self._space.park()
 
     @property
     def room(self) -> int:
@@ -72,7 +75,7 @@ class OutboundPipe:
         """The writer half-closed: everything it wrote is the whole stream."""
         if not self.aborted:
             self.spool.close()
-            self._changed.unpark_all()
+            self._data.unpark_all()
 
     # -- pump side (session) -----------------------------------------------------------
 
@@ -85,14 +88,13 @@ class OutboundPipe:
         return not self.aborted and self.spool.eof
 
     def read(self, max_bytes: int) -> bytes:
-        chunk = self.spool.read(max_bytes)
-        self._changed.unpark_all()
-        return chunk
+        """Up to ``max_bytes`` bytes to send (their space stays taken until acknowledged)."""
+        return self.spool.read(max_bytes)
 
     async def wait_readable(self) -> None:
         """Until there are bytes to send or the writer ended (raises once aborted)."""
         while not self.aborted and not self.spool.pending and not self.spool.eof:
-            await self._changed.park()
+            await self._data.park()
         if self.aborted:
             raise PipeAborted
 
@@ -100,7 +102,8 @@ class OutboundPipe:
         """The receiver has ``offset`` bytes: their spool space is free for the writer."""
         if not self.aborted:
             self.spool.ack(offset)
-            self._changed.unpark_all()
+            # (Not the pump: it waits only with Q at T, which no ack moves.)
+            self._space.unpark_all()
 
     def rewind(self) -> None:
         """A new session replays from the last acknowledged byte."""
@@ -116,7 +119,8 @@ class OutboundPipe:
             return
         self.aborted = True
         self.spool.release()
-        self._changed.unpark_all()
+        self._space.unpark_all()
+        self._data.unpark_all()
 
 
 class InboundPipe:
