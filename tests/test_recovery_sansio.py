@@ -426,6 +426,28 @@ def test_a_lost_return_probe_is_covered_by_its_twin(tmp_path: Path) -> None:
     assert rec.probes == probes  # no probe timer fired
 
 
+def test_probes_go_in_pairs_only_once_the_link_is_silent(tmp_path: Path) -> None:
+    """A first probe timeout (a lost tail on a lossy link; the next ACK answers it)
+    sends one probe; from the second unanswered one on, the link is silent and each
+    probe has a twin."""
+    link = Link(rtt=0.5, seed=8, down=lambda now: now >= 3.0)
+    pair = _connected(tmp_path, link, cap_bps=CAP)
+    client = pair.client.quic
+    assert client is not None
+    sid = client.get_next_available_stream_id(is_unidirectional=True)
+    client.send_stream_data(sid, random.Random(8).randbytes(2_000_000), end_stream=True)
+    rec = client._recovery
+    pair.run(lambda: False, 3.5)  # the outage began; what was in flight has landed
+    assert rec._pto_count == 0
+    twins = rec.twins
+    pair.run(lambda: rec._pto_count >= 1, 30.0)
+    pair.run(lambda: False, pair.now + 0.5)  # the probe has left (the gate held some)
+    assert rec._pto_count == 1 and rec.twins == twins
+    pair.run(lambda: rec._pto_count >= 3, 60.0)
+    pair.run(lambda: False, pair.now + 0.5)
+    assert rec._pto_count == 3 and rec.twins == twins + 2
+
+
 def test_an_ack_due_now_is_not_held_by_the_pacer(tmp_path: Path) -> None:
     """aioquic sends an ACK past the pacer only once its deadline is in the past. An ACK
     due exactly now, with the pacer holding, would leave get_timer() at now for ever

@@ -106,10 +106,10 @@ PROBE_INTERVAL_FLOOR = 1.0  # probes during silence: every max(1 s, SRTT), no fu
 TAIL_SMALL_BYTES = 4096  # an open stream with this little unacknowledged is at a tail
 TAIL_RECENT = 1 / 8  # at a tail, packets sent in the last RTT/8 are copied at once
 SILENT_PROBES = 4  # after this many unanswered probes, probes are bare PINGs
-# Datagrams per probe once the handshake is confirmed (RFC 9002 6.2.4 allows two): on a
-# link that loses 6 % of datagrams, one lost probe costs a whole probe interval (1 s or
-# more) after an outage; with a twin carrying the same bytes, both are lost 0.4 % of
-# the time. The twin costs one datagram per probe.
+# Datagrams per probe once the handshake is confirmed, when the link has been silent
+# (RFC 9002 6.2.4 allows two): on a link that loses 6 % of datagrams, one lost probe
+# costs a whole probe interval (1 s or more) after an outage; with a twin carrying the
+# same bytes, both are lost 0.4 % of the time. The twin costs one datagram per probe.
 PROBE_DATAGRAMS = 2
 OUTAGE_PROBES = 2  # losses found after this many unanswered probes are an outage's
 DECLARED_MEMORY = 512  # packets declared lost that we remember, to spot spurious losses
@@ -612,6 +612,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         # (None: no twin due; empty: a bare one).
         self.twin: list[tuple[RobustStreamSender, tuple[Any, ...]]] | None = None
         self.twins = 0  # probes sent twice
+        self._returning = False  # within return_probe()
         self._last_ack_at: float | None = None
         # Set by the connection: "no stream has anything queued" and "the wire has room".
         self.app_idle: Callable[[], bool] = lambda: False
@@ -687,8 +688,21 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         self._twin_due(carries)
 
     def _twin_due(self, carries: list[tuple[RobustStreamSender, tuple[Any, ...]]]) -> None:
-        if self.handshake_confirmed and PROBE_DATAGRAMS > 1:
+        # Only where a lost probe costs a probe interval of a silent link: the return
+        # probe, and probes once one went unanswered. An ordinary first PTO (a lost
+        # tail on a lossy link) is answered by the next ACK anyway; a twin there
+        # would only spend the cap (1-2 % of a 100 kbit/s Degraded-BLOS link).
+        if self.handshake_confirmed and PROBE_DATAGRAMS > 1 \
+                and (self._returning or self._pto_count >= OUTAGE_PROBES):
             self.twin = carries
+
+    def return_probe(self, now: float, *, fresh_ack: bool) -> None:
+        """The probe sent when the peer is heard after a silence (with its twin)."""
+        self._returning = True
+        try:
+            self.reschedule_data(now=now, fresh_ack=fresh_ack)
+        finally:
+            self._returning = False
 
     def silent(self, now: float) -> bool:
         """Whether our probes go unanswered, or data has been in flight with no ACK for
@@ -1179,7 +1193,7 @@ class QuelayQuicConnection(QuicConnection):
         rec = self._recovery
         if self._handshake_confirmed and (fresh_ack or rec.silent(now)) \
                 and rec.return_probe_due():
-            rec.reschedule_data(now=now, fresh_ack=fresh_ack)
+            rec.return_probe(now, fresh_ack=fresh_ack)
 
     def send_keepalive(self, uid: int, now: float) -> None:
         """A keep-alive PING that also carries an ACK of whatever the peer has not
