@@ -12,7 +12,9 @@ for long, jittery, intermittent links (see docs/performance.md):
 * **Reordering is not loss.** A packet declared lost and then acknowledged
   is a *spurious* loss: the packet threshold grows past the reordering seen
   and the time threshold past the delay seen (both bounded, RFC 9002 §6.1 /
-  Linux RACK style), and the congestion response to it is undone.
+  Linux RACK style), and the congestion response to it is undone. On the
+  receiving side, an acknowledged ACK frame retires only the ranges it
+  reported, so a packet that arrives late is still acknowledged.
 * **Short tails.** When no stream has new data to send and the wire has room,
   an unacknowledged stream packet older than the loss delay is sent again
   (its data is re-queued, the original stays tracked), at most once per
@@ -22,6 +24,7 @@ for long, jittery, intermittent links (see docs/performance.md):
   max(1 s, smoothed RTT); the first four probes of a silence carry data, later
   ones are bare PINGs (they only have to find out that the link is back); a
   datagram from the peer during a silence triggers a data probe at once;
+  probes into a silent link go in pairs, so one loss does not cost an interval;
   losses found by the first ACK after such a silence are an outage's, not
   congestion's.
 * **Quick handshakes.** A remembered RTT (``seed``) sets the probe timeout
