@@ -122,7 +122,14 @@ async def test_status_rate_cancel_and_errors(pair: Pair, tmp_path: Path) -> None
             raise
         assert await client.set_rate("2Mbps") == 2_000_000
         assert await client.get_rate() == 2_000_000
+        # The live connection sends datagrams cut to fill the new cap's window.
+        session = pair.b.agent.default.session
+        assert session is not None
+        quic = session.conn.quic
+        assert await client.set_rate("100kbps") == 100_000
+        assert quic._max_datagram_size == pair.b.agent.default.gate.datagram_size == 1222
         assert await client.set_rate(0) == 0
+        assert quic._max_datagram_size == pair.b.agent.config.max_datagram_size
         with pytest.raises(ValueError, match="did you mean 10Mbps"):
             await client.set_rate("10")  # refused before it reaches the agent
 
