@@ -192,6 +192,18 @@ def _connected(tmp: Path, link: Link, **kw: object) -> Pair:
     return pair
 
 
+def _sending(tmp: Path, link: Link, seed: int) -> tuple[
+        Pair, QuelayQuicConnection, QuelayQuicConnection, int]:
+    """A pair connected at CAP whose client has just written 2 MB on a new stream:
+    (pair, client, server, the stream's id)."""
+    pair = _connected(tmp, link, cap_bps=CAP)
+    client, server = pair.client.quic, pair.server.quic
+    assert client is not None and server is not None
+    sid = client.get_next_available_stream_id(is_unidirectional=True)
+    client.send_stream_data(sid, random.Random(seed).randbytes(2_000_000), end_stream=True)
+    return pair, client, server, sid
+
+
 def _transfer(pair: Pair, size: int, seed: int, t_max: float = 120) -> tuple[float, bytes]:
     quic = pair.client.quic
     assert quic is not None
@@ -325,11 +337,7 @@ def test_a_short_outage_ends_at_the_peers_first_keepalive(tmp_path: Path) -> Non
     no probe timer involved."""
     outage = (3.0, 5.0)
     link = Link(rtt=0.5, seed=5, down=lambda now: outage[0] <= now < outage[1])
-    pair = _connected(tmp_path, link, cap_bps=CAP)
-    client, server = pair.client.quic, pair.server.quic
-    assert client is not None and server is not None
-    sid = client.get_next_available_stream_id(is_unidirectional=True)
-    client.send_stream_data(sid, random.Random(5).randbytes(2_000_000), end_stream=True)
+    pair, client, server, sid = _sending(tmp_path, link, seed=5)
     rec = client._recovery
     pair.run(lambda: False, outage[0] + 0.6)  # the last ACKs before the outage are in
     assert rec._pto_count == 0
@@ -405,11 +413,7 @@ def test_a_lost_return_probe_is_covered_by_its_twin(tmp_path: Path) -> None:
     outage = (3.0, 5.0)
     link = DropFirstAfter(dst="server", at=outage[1], rtt=0.5, seed=5,
                           down=lambda now: outage[0] <= now < outage[1])
-    pair = _connected(tmp_path, link, cap_bps=CAP)
-    client, server = pair.client.quic, pair.server.quic
-    assert client is not None and server is not None
-    sid = client.get_next_available_stream_id(is_unidirectional=True)
-    client.send_stream_data(sid, random.Random(5).randbytes(2_000_000), end_stream=True)
+    pair, client, server, sid = _sending(tmp_path, link, seed=5)
     rec = client._recovery
     pair.run(lambda: False, outage[0] + 0.6)
     rec._rtt_variance = 0.5  # no probe timer before the return (as in the test above)
@@ -431,11 +435,7 @@ def test_probes_go_in_pairs_only_once_the_link_is_silent(tmp_path: Path) -> None
     sends one probe; from the second unanswered one on, the link is silent and each
     probe has a twin."""
     link = Link(rtt=0.5, seed=8, down=lambda now: now >= 3.0)
-    pair = _connected(tmp_path, link, cap_bps=CAP)
-    client = pair.client.quic
-    assert client is not None
-    sid = client.get_next_available_stream_id(is_unidirectional=True)
-    client.send_stream_data(sid, random.Random(8).randbytes(2_000_000), end_stream=True)
+    pair, client, _, _ = _sending(tmp_path, link, seed=8)
     rec = client._recovery
     pair.run(lambda: False, 3.5)  # the outage began; what was in flight has landed
     assert rec._pto_count == 0

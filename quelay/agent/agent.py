@@ -501,7 +501,7 @@ class Agent:
             link = self.default
         gate = link.gate if link is not None else self._handshake_gate()
         gate.set_link(header_bytes=header_bytes_for(sock.family, peer[0]))
-        quic.set_cap(gate.payload_bytes_per_second, gate.datagram_size)
+        quic.follow_cap(gate)
 
         def verify(der: bytes | None) -> str | None:
             problem, found = self._verify_peer(der, quic.peer_certificate_chain(), peer, link)
@@ -510,7 +510,7 @@ class Agent:
                 if found.gate is not conn.gate:  # an accepted hub connection: now its link's
                     found.gate.set_link(header_bytes=gate.header_bytes)
                     conn.gate = found.gate
-                    quic.set_cap(found.gate.payload_bytes_per_second, found.gate.datagram_size)
+                    quic.follow_cap(found.gate)
                 conn.label = found.label
                 conn.on_datagram = found.datagrams.received  # best-effort datagrams
             return problem

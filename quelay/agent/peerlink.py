@@ -309,8 +309,7 @@ class PeerLink:
         self.gate.set_rate(rate_bps, trio.current_time())  # validates
         self.effective_rate = rate_bps
         if self.session is not None:
-            gate = self.gate
-            self.session.conn.quic.set_cap(gate.payload_bytes_per_second, gate.datagram_size)
+            self.session.conn.quic.follow_cap(self.gate)
         self.feed.rate_bps = rate_bps
         self.feed.wake()
 

@@ -114,8 +114,12 @@ class WireGate:
         self.header_bytes, self.link_overhead = header, overhead
         self.per_datagram = header + overhead
         if self.rate_bps:
-            self.burst = max(2 * self.wire_size(self.max_datagram),
-                             self.bytes_per_second * BURST_SECONDS)
+            self._set_burst()
+
+    def _set_burst(self) -> None:
+        """The bucket's depth: 10 ms at the cap, and at least two full datagrams."""
+        self.burst = max(2 * self.wire_size(self.max_datagram),
+                         self.bytes_per_second * BURST_SECONDS)
 
     def _check(self, rate_bps: int, per_datagram: int) -> None:
         minimum = minimum_rate(self.max_datagram, per_datagram)
@@ -135,8 +139,7 @@ class WireGate:
         self.check_rate(rate_bps)
         self.rate_bps = rate_bps
         self.bytes_per_second = rate_bps / 8
-        self.burst = max(2 * self.wire_size(self.max_datagram),
-                         self.bytes_per_second * BURST_SECONDS)
+        self._set_burst()
         # A new cap starts with an empty bucket: a lowered cap takes effect at once.
         self._tokens = 0.0
         self._last = now

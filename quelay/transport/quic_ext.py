@@ -73,6 +73,7 @@ from aioquic.quic.recovery import (
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 from . import allotted  # noqa: F401  (registers the "allotted" congestion control)
+from .pacing import WireGate
 from .resumption import ProvenIdentity, TicketStore
 
 PACER_BURST_DATAGRAMS = 64
@@ -378,9 +379,7 @@ class RobustStreamSender(QuicStreamSender):
         if delivery == QuicDeliveryState.ACKED and start == self._buffer_start \
                 and stop > start and not fin and not _ranges(self._acked):
             # In order (nearly every ACK): aioquic's delivery without its range sets.
-            waiting = _ranges(self._pending)
-            if waiting and start < waiting[-1].stop and stop > waiting[0].start:
-                self._pending.subtract(start, stop)
+            _withdraw(self._pending, start, stop)
             self._buffer_start = stop
             if self._chunks or self._copied is not None:
                 self._trim()
@@ -391,11 +390,8 @@ class RobustStreamSender(QuicStreamSender):
         parts = self._unacked_parts(start, stop)
         deliver = QuicStreamSender.on_data_delivery
         if delivery == QuicDeliveryState.ACKED:
-            pending = self._pending
-            waiting = _ranges(pending)
             for r in parts:
-                if waiting and r.start < waiting[-1].stop and r.stop > waiting[0].start:
-                    pending.subtract(r.start, r.stop)
+                _withdraw(self._pending, r.start, r.stop)
                 deliver(self, delivery, r.start, r.stop, False)
             if fin and self._buffer_fin is not None:
                 self._pending_eof = False
@@ -476,6 +472,14 @@ def _ranges(ranges: RangeSet) -> list[range]:
     """A RangeSet's sorted list of ranges (read in hot paths without its Python-level
     ``__len__`` / ``__getitem__``; changed only through the RangeSet)."""
     return ranges._RangeSet__ranges  # type: ignore[attr-defined,no-any-return]
+
+
+def _withdraw(pending: RangeSet, start: int, stop: int) -> None:
+    """Take ``[start, stop)`` out of a retransmission queue (acknowledged after all);
+    nearly always it overlaps nothing there, and the check costs no range set."""
+    waiting = _ranges(pending)
+    if waiting and start < waiting[-1].stop and stop > waiting[0].start:
+        pending.subtract(start, stop)
 
 
 def _regroup(queue: Any) -> None:
@@ -627,6 +631,16 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         self._protected: set[int] = set()
         self._after_silence = False
 
+    def _srtt(self) -> float:
+        """The smoothed RTT, or the initial guess before the first sample."""
+        return self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
+
+    def _loss_rtt(self) -> float:
+        """The RTT loss detection scales by (RFC 9002 6.1.2: the larger of the latest
+        and the smoothed), or the initial guess before the first sample."""
+        return max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized \
+            else self._rtt_initial
+
     @property
     def congestion(self) -> Any:
         """The congestion controller (``allotted``, ``reno`` or ``cubic``)."""
@@ -666,7 +680,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         if self._last_ack_at is None or fresh_ack:
             self._resend_oldest(now, space)
             return
-        rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
+        rtt = self._srtt()
         cutoff = self._last_ack_at - rtt / 2
         for packet in space.sent_packets.values():
             assert packet.sent_time is not None
@@ -718,7 +732,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
 
     def _quiet(self) -> float:
         """How long without an ACK is a silence: a probe interval."""
-        rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
+        rtt = self._srtt()
         return max(PROBE_INTERVAL_FLOOR, rtt)
 
     def stale(self, now: float) -> bool:
@@ -748,7 +762,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         pto = self.get_probe_timeout(include_max_ack_delay=self.handshake_confirmed)
         if self._pto_count == 0:
             return pto
-        rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
+        rtt = self._srtt()
         if not self.handshake_confirmed:
             # A dial attempt's Initial: the agent replaces an unanswered attempt after
             # 1.2 RTT, so resending within that is waste (the seeded first PTO's rule).
@@ -814,8 +828,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
     def _tail_delay(self) -> float:
         """How long a tail packet may go unacknowledged: the loss delay (which grows
         with the reordering seen) or one PTO, whichever is shorter."""
-        rtt = max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized \
-            else self._rtt_initial
+        rtt = self._loss_rtt()
         return min(self.time_threshold * rtt, self.get_probe_timeout())
 
     def _is_candidate(self, packet: QuicSentPacket) -> bool:
@@ -837,7 +850,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
     def _tail_windows(self) -> tuple[float, float]:
         """(newest send time, recent window): packets sent within the window before the
         newest are the very end of the flight, which no later ACK can reveal as lost."""
-        rtt = self._rtt_smoothed if self._rtt_initialized else self._rtt_initial
+        rtt = self._srtt()
         return self._time_of_last_sent_ack_eliciting_packet, rtt * TAIL_RECENT
 
     def _tail_due(self) -> float | None:
@@ -897,8 +910,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
     # -- loss detection ---------------------------------------------------------------
 
     def _detect_loss(self, *, now: float, space: QuicPacketSpace) -> None:
-        rtt = max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized \
-            else self._rtt_initial
+        rtt = self._loss_rtt()
         loss_delay = self.time_threshold * rtt
         packet_threshold = space.largest_acked_packet - self.packet_threshold
 
@@ -987,8 +999,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         declared = self._declared
         key = id(space)
         if declared:
-            rtt = max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized \
-                else self._rtt_initial
+            rtt = self._loss_rtt()
             keep = max(2 * rtt, 0.05) + self.max_ack_delay
             while declared:
                 first_key, first = next(iter(declared.items()))
@@ -1025,8 +1036,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
             wanted = distance + distance // 4 + 1
             self.packet_threshold = min(MAX_PACKET_THRESHOLD, max(self.packet_threshold, wanted))
         if record.by_time:
-            rtt = max(self._rtt_latest, self._rtt_smoothed) if self._rtt_initialized \
-                else self._rtt_initial
+            rtt = self._loss_rtt()
             assert packet.sent_time is not None
             wanted_t = (now - packet.sent_time) / max(rtt, 1e-3) + TIME_THRESHOLD_MARGIN
             self.time_threshold = min(max_time_threshold(rtt),
@@ -1480,10 +1490,8 @@ class QuelayQuicConnection(QuicConnection):
             _regroup(queue)
             self._grouped_tail = queue[-1]
         event = super().next_event()
-        if type(event) is events.StreamDataReceived:
+        if type(event) is events.StreamDataReceived or type(event) is events.StreamReset:
             self._activity.mark_id(event.stream_id)  # it may have finished
-        elif type(event) is events.StreamReset:
-            self._activity.mark_id(event.stream_id)
         return event
 
     def _on_max_stream_data_delivery(self, delivery: QuicDeliveryState,
@@ -1499,7 +1507,6 @@ class QuelayQuicConnection(QuicConnection):
             stream.sender._retransmitted = self.retransmitted_by_stream  # type: ignore[attr-defined]
             stream.sender._activity = self._activity  # type: ignore[attr-defined]
             stream.sender._unsent_total = self._unsent_bytes  # type: ignore[attr-defined]
-            self._unsent_bytes.bytes += _unsent(stream)  # (nothing: no write comes before)
         self._activity.busy[stream_id] = stream
         return stream
 
@@ -1601,6 +1608,10 @@ class QuelayQuicConnection(QuicConnection):
         self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
         self._consumed_total += nbytes
         self._activity.mark_id(stream_id)  # credit to announce; maybe finished
+
+    def follow_cap(self, gate: WireGate) -> None:
+        """Pace at ``gate``'s cap, in datagrams cut to fill its one-second window."""
+        self.set_cap(gate.payload_bytes_per_second, gate.datagram_size)
 
     def set_cap(self, bytes_per_second: float, datagram_size: int | None = None) -> None:
         """Tell pacing (and an allotment-aware congestion control) the operator's cap;
