@@ -32,7 +32,8 @@ for long, jittery, intermittent links (see docs/performance.md):
   every 0.2–0.4 s, and a lost one is resent after about one RTT.
 
 These hooks are private aioquic API, which is why the dependency is pinned to
-``aioquic<2`` and why this is the only module that touches them.
+one minor version (``aioquic>=1.7.2,<1.8``) and why only this module and its
+short receive path (:mod:`.fast_receive`) touch them.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from aioquic.quic.recovery import (
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 from . import allotted  # noqa: F401  (registers the "allotted" congestion control)
+from .fast_receive import OneRttState, receive_one_rtt
 from .pacing import WireGate
 from .resumption import ProvenIdentity, TicketStore
 
@@ -1151,6 +1153,7 @@ class QuelayQuicConnection(QuicConnection):
         self._consumed: dict[int, int] = {}
         self._consumed_total = 0
         self._grouped_tail: events.QuicEvent | None = None  # see next_event
+        self._one_rtt: OneRttState | None = None  # see _receive
         self._unsent_bytes = UnsentBytes()
         self._local_max_data.value = self._local_max_data.sent = connection_window
         self._local_max_stream_data_bidi_local = stream_window
@@ -1188,14 +1191,23 @@ class QuelayQuicConnection(QuicConnection):
         away) should not wait for the timer."""
         rec = self._recovery
         if not (self._handshake_confirmed and rec.silent(now)):
-            super().receive_datagram(data, addr, now)
+            self._receive(data, addr, now)
             return
         last_ack = rec._last_ack_at
-        super().receive_datagram(data, addr, now)
+        self._receive(data, addr, now)
         fresh_ack = rec._last_ack_at != last_ack
         if fresh_ack and not rec.stale(now):
             return  # the ACK shows the path flowing: nothing old is missing
         self.path_is_back(now, fresh_ack=fresh_ack)
+
+    def _receive(self, data: bytes, addr: Any, now: float) -> None:
+        """aioquic's receive_datagram, through the short path for an ordinary 1-RTT
+        datagram once the handshake is confirmed (see :mod:`.fast_receive`)."""
+        one_rtt = self._one_rtt
+        if one_rtt is None and self._handshake_confirmed:
+            one_rtt = self._one_rtt = OneRttState(self)
+        if one_rtt is None or not receive_one_rtt(self, one_rtt, data, addr, now):
+            super().receive_datagram(data, addr, now)
 
     def path_is_back(self, now: float, *, fresh_ack: bool = False) -> None:
         """The peer was heard (here, or on another connection: a dial attempt made

@@ -1,0 +1,196 @@
+"""The short receive path for 1-RTT packets does exactly what aioquic's
+``receive_datagram`` does: the same scenario run through both gives the same
+datagrams, at the same times, on both sides. Explicit time, no sockets (the
+sans-IO pair of test_recovery_sansio)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from aioquic import tls
+
+from quelay.transport import quic_ext
+from quelay.transport.fast_receive import receive_one_rtt
+
+from .test_recovery_sansio import CLIENT, Link, Pair, _connected
+
+SIZE = 600_000
+MOVED = ("10.0.0.9", 40001)  # the client after a NAT rebinding
+
+
+class RoughLink(Link):
+    """Delay, jitter and loss as :class:`Link`, and also duplicates and corrupted
+    datagrams (one byte flipped anywhere: in the header or the payload)."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.rough = random.Random(7)
+
+    def send(self, dst: str, data: bytes, now: float) -> None:
+        draw = self.rough.random()
+        if draw < 0.02:
+            data = bytearray(data)
+            data[self.rough.randrange(len(data))] ^= 0x10
+            data = bytes(data)
+        super().send(dst, data, now)
+        if 0.02 <= draw < 0.04:
+            super().send(dst, data, now)  # a duplicate, with its own delay
+
+
+class MovingPair(Pair):
+    """The client's datagrams come from ``MOVED`` once ``moved`` is set (a NAT
+    rebinding: the server sees a new address and migrates)."""
+
+    moved = False
+
+    def _deliver(self, dst: str, data: bytes) -> None:
+        if dst == "server" and self.moved and self.server.quic is not None:
+            self.server.quic.receive_datagram(data, MOVED, self.now)
+            return
+        super()._deliver(dst, data)
+
+
+def _state(quic: object) -> tuple[object, ...]:
+    """What a received packet changes in a connection, beyond the datagrams it sends."""
+    space = quic._spaces[tls.Epoch.ONE_RTT]  # type: ignore[attr-defined]
+    return (list(space.ack_queue), space.largest_received_packet,
+            space.largest_received_time, space.expected_packet_number, space.ack_at,
+            quic._spin_bit, quic._spin_highest_pn, quic._close_at,  # type: ignore[attr-defined]
+            quic._ack_eliciting_sent_since_receipt,  # type: ignore[attr-defined]
+            [p.addr for p in quic._network_paths])  # type: ignore[attr-defined]
+
+
+def _scenario(tmp: Path, taken: list[int]) -> tuple[list[tuple[float, str, int]], bytes, bytes,
+                                                   int, list[tuple[object, ...]]]:
+    """Two transfers over a rough link with a key update and a NAT rebinding between
+    them: (every datagram either side sent, as (time, side, wire bytes); what the
+    server received; what was sent; how many datagrams the short path took; both
+    sides' receive state at the end)."""
+    link = RoughLink(rtt=0.06, jitter=0.01, loss=0.02, seed=5)
+    pair = MovingPair.__new__(MovingPair)
+    Pair.__init__(pair, tmp, link, cap_bps=4_000_000)
+    pair.run(lambda: pair.client.handshake_done is not None
+             and pair.server.handshake_done is not None, 30)
+    client = pair.client.quic
+    assert client is not None
+    payload = random.Random(1).randbytes(SIZE)
+    sids = []
+    for half, step in ((payload[:SIZE // 2], "key update"), (payload[SIZE // 2:], "rebind")):
+        sid = client.get_next_available_stream_id(is_unidirectional=True)
+        sids.append(sid)
+        client.send_stream_data(sid, half, end_stream=True)
+        pair.run(lambda sid=sid: sid in pair.server.ended and client.stream_buffered(sid) == 0,
+                 pair.now + 60)
+        if step == "key update":
+            client.request_key_update()
+        else:
+            pair.moved = True
+    pair.run(lambda: False, pair.now + 1.0)  # the last ACKs
+    sent = sorted([(t, "client", n) for t, n in pair.client.sent]
+                  + [(t, "server", n) for t, n in pair.server.sent])
+    got = b"".join(bytes(pair.server.received.get(s, b"")) for s in sids)
+    states = [_state(pair.client.quic), _state(pair.server.quic)]
+    return sent, got, payload, taken[0], states
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, enabled: bool) -> list[int]:
+    taken = [0]
+    real = receive_one_rtt
+
+    def counted(*args: object) -> bool:
+        if not enabled:
+            return False
+        done = real(*args)  # type: ignore[arg-type]
+        taken[0] += done
+        return done
+
+    monkeypatch.setattr(quic_ext, "receive_one_rtt", counted)
+    return taken
+
+
+def test_short_path_is_aioquic_for_one_rtt_packets(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = {}
+    for enabled in (False, True):
+        runs[enabled] = _scenario(tmp_path / str(enabled), _counting(monkeypatch, enabled))
+    plain, short = runs[False], runs[True]
+    assert plain[1] == plain[2] and short[1] == short[2]  # both delivered every byte
+    assert plain[3] == 0
+    # The short path took nearly every datagram after the handshake...
+    assert short[3] > 0.9 * sum(1 for _, side, _ in short[0])
+    # ...and the two runs sent the same datagrams at the same times, both sides.
+    assert short[0] == plain[0]
+    assert short[4] == plain[4]
+
+
+def test_a_key_update_and_a_new_address_leave_the_short_path_and_come_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The packets the short path must not take go to aioquic, and the next
+    ordinary ones are taken again."""
+    pair = _connected(tmp_path, Link(rtt=0.02))
+    client, server = pair.client.quic, pair.server.quic
+    assert client is not None and server is not None
+    taken: list[bool] = []
+    real = receive_one_rtt
+    monkeypatch.setattr(quic_ext, "receive_one_rtt",
+                        lambda *a: taken.append(real(*a)) or taken[-1])  # type: ignore[arg-type]
+    sid = client.get_next_available_stream_id(is_unidirectional=True)
+    client.send_stream_data(sid, b"x" * 50_000)
+    pair.run(lambda: len(pair.server.received.get(sid, b"")) == 50_000, pair.now + 5)
+    assert taken and all(taken)
+    phase = server._cryptos[tls.Epoch.ONE_RTT].recv.key_phase
+    client.request_key_update()
+    taken.clear()
+    client.send_stream_data(sid, b"y" * 50_000)
+    pair.run(lambda: len(pair.server.received.get(sid, b"")) == 100_000, pair.now + 5)
+    assert server._cryptos[tls.Epoch.ONE_RTT].recv.key_phase != phase
+    assert False in taken and taken[-1]  # the new phase's first packet went to aioquic
+    taken.clear()
+    client.send_stream_data(sid, b"z" * 50_000)
+    src = [MOVED]
+    real_deliver = pair._deliver
+
+    def moved(dst: str, data: bytes) -> None:
+        if dst == "server":
+            server.receive_datagram(data, src[0], pair.now)
+        else:
+            real_deliver(dst, data)
+
+    pair._deliver = moved  # type: ignore[method-assign]
+    pair.run(lambda: len(pair.server.received.get(sid, b"")) == 150_000, pair.now + 5)
+    assert server._network_paths[0].addr == MOVED  # aioquic migrated the path
+    assert False in taken  # from the new address, until aioquic validated it
+    pair.run(lambda: server._network_paths[0].is_validated, pair.now + 5)
+    assert server._network_paths[0].is_validated
+    taken.clear()
+    client.send_stream_data(sid, b"w" * 50_000)
+    pair.run(lambda: len(pair.server.received.get(sid, b"")) == 200_000, pair.now + 5)
+    assert taken and all(taken)
+
+
+def test_a_duplicate_or_a_corrupted_packet_changes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 9000 §12.3 and RFC 9001 §5.3 on the short path: a packet seen before
+    elicits no ACK, one that fails authentication is dropped, and both are taken
+    (not handed to aioquic)."""
+    pair = _connected(tmp_path, Link(rtt=0.02))
+    client, server = pair.client.quic, pair.server.quic
+    assert client is not None and server is not None
+    taken = _counting(monkeypatch, True)
+    space = server._spaces[tls.Epoch.ONE_RTT]
+    sid = client.get_next_available_stream_id(is_unidirectional=True)
+    client.send_stream_data(sid, b"d" * 1000)
+    (datagram, _), = client.datagrams_to_send(pair.now)
+    server.receive_datagram(datagram, CLIENT, pair.now)
+    assert taken == [1] and space.ack_at is not None
+    server.datagrams_to_send(space.ack_at)  # the ACK leaves
+    assert space.ack_at is None
+    before = _state(server)
+    server.receive_datagram(datagram, CLIENT, space.largest_received_time)
+    assert taken == [2] and space.ack_at is None and _state(server) == before
+    corrupted = bytearray(datagram)
+    corrupted[-1] ^= 1
+    server.receive_datagram(bytes(corrupted), CLIENT, space.largest_received_time)
+    assert taken == [3] and _state(server) == before and server._state.name == "CONNECTED"
