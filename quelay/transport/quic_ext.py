@@ -729,6 +729,8 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         shows only this way)."""
         if self._pto_count > 0:
             return True
+        if not self.bytes_in_flight:
+            return False  # (what stale() answers first; a receiver's usual case, cheaply)
         last = self._last_ack_at
         return last is not None and now - last > self._quiet() and self.stale(now)
 
