@@ -33,7 +33,7 @@ for long, jittery, intermittent links (see docs/performance.md):
 
 These hooks are private aioquic API, which is why the dependency is pinned to
 one minor version (``aioquic>=1.7.2,<1.8``) and why only this module and its
-short receive path (:mod:`.fast_receive`) touch them.
+short paths (:mod:`.fast_receive`, :mod:`.fast_send`) touch them.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 from . import allotted  # noqa: F401  (registers the "allotted" congestion control)
 from .fast_receive import OneRttState, receive_one_rtt
+from .fast_send import write_bulk
 from .pacing import WireGate
 from .resumption import ProvenIdentity, TicketStore
 
@@ -1412,7 +1413,7 @@ class QuelayQuicConnection(QuicConnection):
                 self._streams_queue = list(streams.values())
             activity.busy.clear()  # marks matter only while viewing
             self._urgent_first()
-            super()._write_application(builder, network_path, now)
+            self._write_packets(builder, network_path, now)
             return
         if not activity.viewing or self._builds_since_scan >= FULL_SCAN_EVERY:
             activity.viewing = True
@@ -1447,6 +1448,11 @@ class QuelayQuicConnection(QuicConnection):
             if left <= 0 or self._pacing_at is not None:
                 break  # paced: the next build continues with the next window
 
+    def _write_packets(self, builder: Any, network_path: Any, now: float) -> None:
+        """aioquic's packet loop, lean when nothing rare is due (see :mod:`.fast_send`)."""
+        if not write_bulk(self, builder, network_path, now):
+            super()._write_application(builder, network_path, now)
+
     def _build_over(self, window: list[QuicStream], builder: Any, network_path: Any,
                     now: float) -> list[QuicStream]:
         """aioquic's packet building, with only ``window`` as the connection's streams.
@@ -1456,7 +1462,7 @@ class QuelayQuicConnection(QuicConnection):
         self._streams, self._streams_queue = view, list(window)
         order: list[QuicStream] = []
         try:
-            super()._write_application(builder, network_path, now)
+            self._write_packets(builder, network_path, now)
             order = self._streams_queue
         finally:
             self._streams, self._streams_queue = streams, []

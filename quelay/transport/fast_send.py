@@ -1,0 +1,100 @@
+"""A lean copy of aioquic's 1-RTT packet loop for a connection with nothing rare to send.
+
+aioquic's ``_write_application`` asks, for every packet it builds, whether a
+PATH_CHALLENGE, HANDSHAKE_DONE, PATH_RESPONSE, NEW_CONNECTION_ID (a loop over
+every connection ID we issued), RETIRE_CONNECTION_ID (a list copy),
+STREAMS_BLOCKED, PING, CRYPTO or DATAGRAM frame is due. Once the handshake is
+over none of them is, nearly always, and no frame written while building
+packets can make one due. :func:`write_bulk` checks them once per call and, if
+none is pending, runs the same loop without them: ACK, connection and stream
+limits, then the streams in aioquic's service order, exactly as aioquic would.
+Otherwise it returns ``False`` having done nothing, and aioquic's own loop runs.
+
+Like :mod:`.fast_receive`, it reads aioquic's private attributes (pinned to one
+minor version in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aioquic import tls
+from aioquic.quic.connection import QuicPacketType, stream_is_client_initiated
+
+_ONE_RTT = tls.Epoch.ONE_RTT
+_ONE_RTT_PACKET = QuicPacketType.ONE_RTT
+
+
+def write_bulk(conn: Any, builder: Any, network_path: Any, now: float) -> bool:
+    """Build 1-RTT packets as aioquic's ``_write_application`` would, when no rare
+    frame is due; ``False`` (nothing built) otherwise."""
+    crypto = conn._cryptos[_ONE_RTT]
+    if not (crypto.send.is_valid() and conn._handshake_complete):
+        return False
+    if (conn._handshake_done_pending or conn._ping_pending or conn._probe_pending
+            or conn._datagrams_pending or conn._retire_connection_ids
+            or conn._streams_blocked_pending or network_path.remote_challenges
+            or not (network_path.is_validated or network_path.local_challenge_sent)
+            or not conn._crypto_streams[_ONE_RTT].sender.buffer_is_empty):
+        return False
+    for connection_id in conn._host_cids:
+        if not connection_id.was_sent:
+            return False
+    space = conn._spaces[_ONE_RTT]
+    pacer = conn._loss._pacer
+    streams = conn._streams
+    write_ack = conn._write_ack_frame
+    write_connection_limits = conn._write_connection_limits
+    write_stream_limits = conn._write_stream_limits
+    write_stream_frame = conn._write_stream_frame
+    while True:
+        # apply pacing, except if we have ACKs to send
+        if space.ack_at is None or space.ack_at >= now:
+            conn._pacing_at = pacer.next_send_time(now=now)
+            if conn._pacing_at is not None:
+                break
+        builder.start_packet(_ONE_RTT_PACKET, crypto)
+        if space.ack_at is not None and space.ack_at <= now:
+            write_ack(builder=builder, space=space, now=now)
+        write_connection_limits(builder=builder, space=space)
+        for stream in streams.values():
+            write_stream_limits(builder=builder, space=space, stream=stream)
+
+        sent: set[Any] = set()
+        discarded: set[Any] = set()
+        try:
+            for stream in conn._streams_queue:
+                if stream.is_finished:
+                    conn._logger.debug("Stream %d discarded", stream.stream_id)
+                    streams.pop(stream.stream_id)
+                    if stream_is_client_initiated(stream.stream_id) != conn._is_client:
+                        conn._stream_limit(stream.stream_id).value += 1
+                    discarded.add(stream)
+                    continue
+                if stream.receiver.stop_pending:
+                    conn._write_stop_sending_frame(builder=builder, stream=stream)
+                if stream.sender.reset_pending:
+                    conn._write_reset_stream_frame(builder=builder, stream=stream)
+                elif not stream.is_blocked and not stream.sender.buffer_is_empty:
+                    used = write_stream_frame(
+                        builder=builder, space=space, stream=stream,
+                        max_offset=min(
+                            stream.sender.highest_offset + conn._remote_max_data
+                            - conn._remote_max_data_used,
+                            stream.max_stream_data_remote))
+                    conn._remote_max_data_used += used
+                    if used > 0:
+                        sent.add(stream)
+        finally:
+            # aioquic's new service order: served streams last, discarded ones gone
+            if sent or discarded:
+                conn._streams_queue = [s for s in conn._streams_queue
+                                       if not (s in discarded or s in sent)]
+                conn._streams_queue.extend(sent)
+
+        if builder.packet_is_empty:
+            if not discarded:
+                break
+        else:
+            pacer.update_after_send(now=now)
+    return True
