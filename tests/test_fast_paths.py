@@ -213,3 +213,55 @@ def test_a_duplicate_or_a_corrupted_packet_changes_nothing(
     corrupted[-1] ^= 1
     server.receive_datagram(bytes(corrupted), CLIENT, space.largest_received_time)
     assert taken[0] == 3 and _state(server) == before and server._state.name == "CONNECTED"
+
+
+def _sealed_both_ways(frames: list[tuple[int, bytes]], *, spin: bool = False,
+                      key_update: bool = False) -> tuple[object, object]:
+    """One 1-RTT packet built twice with the same keys, ended by aioquic's
+    ``_end_packet`` and by :func:`fast_send.seal`: (builder state, builder state)."""
+    from aioquic.quic.crypto import CryptoPair
+    from aioquic.quic.packet import QuicPacketType
+    from aioquic.quic.packet_builder import QuicPacketBuilder
+
+    from quelay.transport.fast_send import seal
+
+    states = []
+    for end in ("aioquic", "seal"):
+        crypto = CryptoPair()
+        crypto.setup_initial(b"\x01" * 8, is_client=True, version=1)  # any keys will do
+        if key_update:
+            crypto.update_key()
+        builder = QuicPacketBuilder(host_cid=b"\x02" * 8, peer_cid=b"\x03" * 8, version=1,
+                                    is_client=True, max_datagram_size=1350,
+                                    packet_number=70_000, spin_bit=spin)
+        builder.start_packet(QuicPacketType.ONE_RTT, crypto)
+        for frame_type, body in frames:
+            builder.start_frame(frame_type).push_bytes(body)
+        if end == "aioquic":
+            builder._end_packet()
+        else:
+            seal(builder, crypto)
+        datagrams, packets = builder.flush()
+        states.append((datagrams, [vars(p) for p in packets], builder._packet_number,
+                       builder._datagram_needs_padding, crypto.send.key_phase))
+    return states[0], states[1]
+
+
+@pytest.mark.parametrize("case", ["stream", "tiny", "ack only", "path challenge", "spin",
+                                  "key update"])
+def test_seal_is_byte_for_byte_aioquics_end_of_packet(case: str) -> None:
+    """Same keys, same packet: the same datagram bytes (AES-GCM is deterministic for a
+    given nonce), the same sent-packet record, the same next packet number."""
+    from aioquic.quic.packet import QuicFrameType
+
+    stream = [(QuicFrameType.STREAM_BASE | 2, b"\x04\x40\x10" + bytes(range(16)) * 70)]
+    frames = {
+        "stream": stream,
+        "tiny": [(QuicFrameType.PING, b"")],  # padded so the header sample exists
+        "ack only": [(QuicFrameType.ACK, b"")],  # padded: in flight only because of it
+        "path challenge": [(QuicFrameType.PATH_CHALLENGE, b"12345678")],  # padded to 1200+
+        "spin": stream,
+        "key update": stream,
+    }[case]
+    plain, short = _sealed_both_ways(frames, spin=case == "spin", key_update=case == "key update")
+    assert short == plain

@@ -20,16 +20,20 @@ from typing import Any
 
 from aioquic import tls
 from aioquic.quic.connection import QuicPacketType, stream_is_client_initiated
+from aioquic.quic.packet import PACKET_FIXED_BIT, PACKET_NUMBER_MAX_SIZE
+from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE
 
 _ONE_RTT = tls.Epoch.ONE_RTT
 _ONE_RTT_PACKET = QuicPacketType.ONE_RTT
+_SAMPLE = 16  # header-protection sample
 
 
 def write_bulk(conn: Any, builder: Any, network_path: Any, now: float) -> bool:
     """Build 1-RTT packets as aioquic's ``_write_application`` would, when no rare
     frame is due; ``False`` (nothing built) otherwise."""
     crypto = conn._cryptos[_ONE_RTT]
-    if not (crypto.send.is_valid() and conn._handshake_complete):
+    if not (crypto.send.is_valid() and conn._handshake_complete) \
+            or conn._quic_logger is not None:
         return False
     if (conn._handshake_done_pending or conn._ping_pending or conn._probe_pending
             or conn._datagrams_pending or conn._retire_connection_ids
@@ -96,5 +100,58 @@ def write_bulk(conn: Any, builder: Any, network_path: Any, now: float) -> bool:
             if not discarded:
                 break
         else:
+            # aioquic ends a packet when the next one starts or the datagrams are
+            # flushed; nothing in between reads it, so it is sealed here, leaner.
+            seal(builder, crypto)
             pacer.update_after_send(now=now)
     return True
+
+
+def seal(builder: Any, crypto: Any) -> None:
+    """aioquic's ``QuicPacketBuilder._end_packet`` for a non-empty 1-RTT packet, with
+    the header written once and protected in place (aioquic writes it, copies the
+    whole packet out, and copies it three more times to protect the header)."""
+    if crypto._update_key_requested:
+        builder._end_packet()  # the key update happens as this packet is encrypted
+        return
+    buf = builder._buffer
+    start = builder._packet_start
+    header_size = builder._header_size
+    packet = builder._packet
+    packet_size = buf.tell() - start
+    # padding, so the header-protection sample is there (RFC 9001 §5.4.2)
+    padding_size = PACKET_NUMBER_MAX_SIZE - PACKET_NUMBER_SEND_SIZE + header_size - packet_size
+    if builder._datagram_needs_padding:
+        if builder.remaining_flight_space > padding_size:
+            padding_size = builder.remaining_flight_space
+        builder._datagram_needs_padding = False
+    if padding_size > 0:
+        buf.push_bytes(bytes(padding_size))
+        packet_size += padding_size
+        packet.in_flight = True
+    number = builder._packet_number
+    first = (PACKET_FIXED_BIT | (builder._spin_bit << 5) | (crypto.key_phase << 2)
+             | (PACKET_NUMBER_SEND_SIZE - 1))
+    peer_cid = builder._peer_cid
+    truncated = number & 0xFFFF
+    header = bytes((first,)) + peer_cid + truncated.to_bytes(PACKET_NUMBER_SEND_SIZE, "big")
+    send = crypto.send
+    sealed = send.aead.encrypt(buf.data_slice(start + header_size, start + packet_size),
+                               header, number)
+    # header protection (RFC 9001 §5.4.1): the sample starts 4 bytes after the
+    # packet number's first byte, i.e. 2 bytes into the sealed payload
+    offset = PACKET_NUMBER_MAX_SIZE - PACKET_NUMBER_SEND_SIZE
+    mask = send.hp._mask(sealed[offset:offset + _SAMPLE])
+    buf.seek(start)
+    buf.push_uint8(first ^ (mask[0] & 0x1F))
+    buf.push_bytes(peer_cid)
+    buf.push_uint16(truncated ^ int.from_bytes(mask[1:1 + PACKET_NUMBER_SEND_SIZE], "big"))
+    buf.push_bytes(sealed)
+    packet.sent_bytes = buf.tell() - start
+    builder._packets.append(packet)
+    if packet.in_flight:
+        builder._datagram_flight_bytes += packet.sent_bytes
+    builder._flush_current_datagram()  # a short-header packet ends its datagram
+    builder._packet_number = number + 1
+    builder._packet = None
+    builder.quic_logger_frames = None
