@@ -4,9 +4,10 @@
                                      [--repeats 3] [--fair-seconds 15] [--seed 1] [--json FILE]
 
 Two agents run in this process (as in bench/links.py), through the link
-simulator in its own process (``python -m quelay.linksim``) with the profile
-and ``overhead=28``, so the simulator's bottleneck and byte counts include
-the IPv4 and UDP headers of every datagram, as a real link does. The
+simulator in its own process (``python -m quelay.linksim``) with the profile;
+the simulator's bottleneck and byte counts include the IPv4 and UDP headers
+of every datagram, as a real link does (it counts them itself, from the
+address family: no ``overhead=`` on top, which would count them twice). The
 dialling agent B sends (the ``up`` direction) with its cap at ``--rate``
 (default: the profile's uplink rate, 100 kbit/s on BLOS-750ms, 750 ms RTT).
 
@@ -62,6 +63,7 @@ TARGETS = {"equal": 3.0, "higher": 2.5}
 FAIR_SPREAD = 0.05
 TARGET_SEND = 1.00
 TARGET_WIRE = 1.02
+COUNT_AGREEMENT = 0.005  # B's and the simulator's wire-byte totals (datagrams at the end)
 
 
 def peak(values: list[int], n: int = 10) -> int:
@@ -100,7 +102,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     async with trio.open_nursery() as nursery:
         a = Agent(config("a", listen=("127.0.0.1", 0), trust=[fp_b]))
         await nursery.start(a.run)
-        spec = f"{profile.name},overhead={IPV4_UDP_HEADER}"
+        spec = profile.name  # the simulator adds the 28 header bytes of each datagram
         async with process_sim(a.udp_address, spec, args.seed, root) as sim:
             b = Agent(config("b", peer=sim.address, trust=[fp_a], rate=rate,
                              probe_interval=max(1.0, 4 * profile.rtt_s)))
@@ -206,6 +208,10 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             result["send_max"] = max_window_bytes(sends, 1.0) * 8 / rate
             up = await sim.up_stats()
             result["sim_queue_drops"] = up["dropped_queue"]
+            # Both sides count headers: their totals must agree (a check on the bench
+            # itself; counting the headers twice once made wire max read 1.022).
+            result["sent_wire"] = sum(n for _, n in sends)
+            result["sim_wire_in"] = up.get("wire_bytes_in")
             st = b.status()
             result["lost_packets"] = st["link"].get("lost_packets")
             result["held_datagrams"] = (st.get("wire") or {}).get("held_datagrams")
@@ -239,6 +245,12 @@ def report(res: dict[str, Any]) -> list[str]:
                 else "wire max (simulator, 100-ms bins)")
         lines.append(f"{what}: {res[key]:.3f} × cap (target <= {target:.2f}) "
                      f"{'ok' if ok else 'MISS'}")
+    sent, seen = res.get("sent_wire"), res.get("sim_wire_in")
+    if sent and seen is not None:
+        ok = abs(seen - sent) <= COUNT_AGREEMENT * sent
+        misses += [] if ok else [f"byte counts {seen / sent:.4f}"]
+        lines.append(f"wire bytes: B sent {sent}, the simulator received {seen}"
+                     f" ({seen / sent:.4f}) {'ok' if ok else 'MISS: they count differently'}")
     lines.append(f"sim queue drops {res['sim_queue_drops']}, lost packets "
                  f"{res['lost_packets']}, gate-held datagrams {res['held_datagrams']}")
     if res["errors"]:
