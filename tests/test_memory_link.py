@@ -18,7 +18,7 @@ from quelay.core import messages as wire
 from quelay.core.transfer import State, Transfer
 from quelay.transport.memory import MemoryNetwork
 
-from .conftest import attach_reader, make_file, sha256_file, start_memory_pair
+from .conftest import attach_reader, make_file, sha256_file, start_memory_pair, wait_for
 
 DATA = bytes(range(256)) * 2048  # 512 KiB: twice the stream's spool
 
@@ -149,3 +149,40 @@ async def test_file_and_stream_survive_five_outages(
     assert b.link_ups == 1  # one session throughout: no reconnect, no resume
     assert b.default.revivals >= 1  # at least one outage outlasted the dead-link bound
     assert f.resumes + s.resumes == 0
+
+
+async def test_an_idle_agent_does_not_wake_for_housekeeping(
+        nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: with no transfer, the housekeeping loop (progress samples, busy
+    retries, expiry sweeps, pruning) runs only for the sweep, every SWEEP_EVERY, not
+    every progress interval; a transfer wakes it, and progress is sampled again at the
+    progress interval while it lives."""
+    from quelay.agent.agent import SWEEP_EVERY, Agent
+
+    samples: list[tuple[str, float]] = []
+    real = Agent._sample_stats
+
+    def counted(self: Agent) -> None:
+        samples.append((self.config.name or "", trio.current_time()))
+        real(self)
+
+    monkeypatch.setattr(Agent, "_sample_stats", counted)
+    net = MemoryNetwork(delay=0.05)
+    a, b = await start_memory_pair(nursery, tmp_path, net)
+    samples.clear()
+    t0 = trio.current_time()
+    await trio.sleep(60)
+    per_agent = len(samples) / 2
+    assert per_agent <= 60 / SWEEP_EVERY + 1, samples  # was 120: every 0.5 s
+    assert per_agent >= 60 / SWEEP_EVERY - 1  # the sweep still runs
+    samples.clear()
+    src = make_file(tmp_path / "f.bin", len(DATA), seed=4)
+    t = Transfer(wire.new_transfer_id(), "out", "file", "f.bin", len(DATA), 4)
+    t.path = str(src)
+    b.book.submit(t)
+    await wait_for(lambda: t.state is State.DONE)
+    interval = b.config.progress_interval
+    b_samples = [when for name, when in samples if name == b.config.name]
+    assert b_samples and b_samples[0] - t0 - 60 <= 2 * interval  # woken, not after a sweep
+    assert len(b_samples) >= (trio.current_time() - t0 - 60) / interval - 2

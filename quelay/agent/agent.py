@@ -704,11 +704,21 @@ class Agent:
         self._apply_rates()
 
     async def _housekeeping(self) -> None:
-        """Progress events, busy retries and history pruning, at the progress interval."""
+        """Progress events, busy retries and history pruning, at the progress interval
+        while any transfer is live. With none it parks until one is (any transfer
+        event wakes it) or the next expiry sweep or prune is due: an idle agent does
+        not wake for it more often than every :data:`SWEEP_EVERY`."""
         last: dict[str, int] = {}
         next_prune = next_sweep = trio.current_time()
+        table = self.book.table
         while True:
-            await trio.sleep(self.config.progress_interval)
+            if not table.any_live():
+                with trio.move_on_at(min(next_sweep, next_prune)) as idle:
+                    await self.book.activity.park()
+                if not idle.cancelled_caught:
+                    continue  # a transfer appeared: sample it a progress interval from now
+            else:
+                await trio.sleep(self.config.progress_interval)
             self._sample_stats()
             for t in self.book.table.live():
                 if t.state is State.ACTIVE and last.get(t.id) != t.delivered:

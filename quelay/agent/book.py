@@ -106,6 +106,7 @@ class TransferBook:
         self.history = history or HistoryPolicy()
         self.links: dict[str, LinkPort] = {}  # the sessions that are up, by peer name
         self.added = trio.lowlevel.ParkingLot()  # a transfer was added or unclaimed
+        self.activity = trio.lowlevel.ParkingLot()  # any transfer event (see publish)
         self._clock = clock
         self._wall = wall  # Unix time, for expiry (a test passes its own)
         self.inbox_ttl = inbox_ttl  # seconds a received file stays (0: until removed)
@@ -450,6 +451,7 @@ class TransferBook:
 
     def publish(self, name: str, t: Transfer) -> None:
         self.events.publish(name, t.info())
+        self.activity.unpark_all()  # (the agent's housekeeping parks while nothing is live)
 
 
 def source_stat(path: str | None) -> tuple[int, int, int] | None:

@@ -377,6 +377,10 @@ class TransferTable:
                 self._live_in_by_peer[t.peer] -= 1
                 self._streams_in.pop(t.id, None)
 
+    def any_live(self) -> bool:
+        """Whether any transfer has not ended yet (without copying them)."""
+        return bool(self._live_all)
+
     def live(self, direction: Direction | None = None) -> list[Transfer]:
         """Transfers not yet ended (in the order they were added; a copy, no sort)."""
         if direction is not None:
