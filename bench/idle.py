@@ -15,8 +15,11 @@ Columns: ``cpu %`` (CPU seconds / wall seconds × 100, per process: % of one
 core; 10-ms resolution), ``sched %`` (the same from the live threads'
 ``/proc/PID/task/*/schedstat``, in nanoseconds), ``wakes/s`` (voluntary
 context switches per second of the main thread). Target (issue 12):
-≤ 0.5 % of a core each. Not a test: the figures depend on the machine and
-its load; run it under the CPU lock.
+≤ 0.5 % of a core each. A last row measures the same way a bare Trio loop
+that only sleeps, waking ``--reference-wakes`` times a second (the agents'
+rate): on a virtual machine a wake-up costs far more than the work done in
+it, and this row says how much. Not a test: the figures depend on the
+machine and its load; run it under the CPU lock.
 """
 
 from __future__ import annotations
@@ -146,12 +149,43 @@ def run_case(rate: str, seconds: float, settle: float) -> dict[str, Any]:
     return out
 
 
+REFERENCE = """
+import trio
+async def main(period):
+    while True:
+        await trio.sleep(period)
+trio.run(main, 1 / {wakes})
+"""
+
+
+def run_reference(wakes: float, seconds: float, settle: float) -> dict[str, Any]:
+    """The machine's floor: a bare Trio loop that only sleeps, ``wakes`` times a second,
+    in its own process, measured as the agents are (on a VM every wake-up costs its
+    scheduling, whoever wakes)."""
+    proc = subprocess.Popen([sys.executable, "-c", REFERENCE.format(wakes=wakes)])
+    try:
+        time.sleep(settle)
+        c0, v0, n0 = cpu_seconds(proc.pid), voluntary_switches(proc.pid), run_ns(proc.pid)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        wall = time.monotonic() - t0
+        c1, v1, n1 = cpu_seconds(proc.pid), voluntary_switches(proc.pid), run_ns(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return {"wakes": wakes, "cpu_percent": round(100 * (c1 - c0) / wall, 3),
+            "sched_percent": round(100 * (n1 - n0) / 1e9 / wall, 3),
+            "wakes_per_s": round((v1 - v0) / wall, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--rates", default="0,100kbps",
                         help="comma-separated caps (0 = uncapped)")
+    parser.add_argument("--reference-wakes", type=float, default=2.0,
+                        help="wake-ups per second of the bare-Trio reference row (0: none)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results = []
@@ -165,6 +199,12 @@ def main() -> None:
               f" {a['wakes_per_s']:>10.1f} {b['cpu_percent']:>8.2f} {b['sched_percent']:>9.3f}"
               f" {b['wakes_per_s']:>10.1f}  "
               f"{'ok' if res['ok'] else 'MISS'}", flush=True)
+    if args.reference_wakes > 0:
+        ref = run_reference(args.reference_wakes, args.seconds, args.settle)
+        results.append({"reference": ref})
+        print(f"reference: a bare Trio loop waking {ref['wakes']:g} times/s: cpu "
+              f"{ref['cpu_percent']:.2f} %, sched {ref['sched_percent']:.3f} %, "
+              f"{ref['wakes_per_s']:.1f} wakes/s (what waking costs on this machine)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -514,3 +514,26 @@ def test_a_probe_timeout_waits_for_its_probe_to_leave(tmp_path: Path) -> None:
     assert rec._pto_count >= 1
     timer = quic.get_timer_held()  # no datagrams_to_send: the probe is still queued
     assert timer is None or timer > now
+
+
+def test_a_datagram_after_a_silence_is_acknowledged_at_once(tmp_path: Path) -> None:
+    """A keep-alive (or any datagram) after 100 ms of silence is acknowledged in the
+    same build, not after aioquic's ACK delay (a wake-up of its own on an idle link);
+    within a burst the delay stays, so one ACK still covers many packets."""
+    pair = _connected(tmp_path, Link(rtt=0.02))
+    client, server = pair.client.quic, pair.server.quic
+    assert client is not None and server is not None
+    pair.run(lambda: False, pair.now + 1.0)  # quiet
+    now = pair.now
+    space = server._spaces[tls.Epoch.ONE_RTT]
+    client.send_ping(1)
+    (ping, _), = client.datagrams_to_send(now)
+    server.receive_datagram(ping, CLIENT, now)
+    assert space.ack_at == now
+    assert server.datagrams_to_send(now), "the ACK leaves in this build"
+    assert space.ack_at is None
+    later = now + 0.0005  # the next one, half a millisecond later: part of a burst
+    client.send_ping(2)
+    (ping, _), = client.datagrams_to_send(later)
+    server.receive_datagram(ping, CLIENT, later)
+    assert space.ack_at is not None and space.ack_at > later

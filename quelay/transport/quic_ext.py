@@ -80,6 +80,11 @@ from .pacing import WireGate
 from .resumption import ProvenIdentity, TicketStore
 
 PACER_BURST_DATAGRAMS = 64
+# A datagram that ends this long a silence is acknowledged at once, not after aioquic's
+# 1-ms ACK delay: on a quiet link (a keep-alive PING, a small message) the delay costs a
+# wake-up of its own for one ACK, and the sender gets its RTT sample later. Within a
+# burst the delay stays, so a bulk transfer's ACKs still cover many packets each.
+ACK_AT_ONCE_AFTER = 0.1
 # -- many streams -----------------------------------------------------------------------
 # aioquic visits every stream for every packet it builds (stream limits, then the send
 # queue). Above this many streams, packets are built over the streams that have
@@ -1157,6 +1162,7 @@ class QuelayQuicConnection(QuicConnection):
         self._consumed_total = 0
         self._grouped_tail: events.QuicEvent | None = None  # see next_event
         self._one_rtt: OneRttState | None = None  # see _receive
+        self._last_received_at = -math.inf
         self._unsent_bytes = UnsentBytes()
         self._local_max_data.value = self._local_max_data.sent = connection_window
         self._local_max_stream_data_bidi_local = stream_window
@@ -1209,8 +1215,14 @@ class QuelayQuicConnection(QuicConnection):
         one_rtt = self._one_rtt
         if one_rtt is None and self._handshake_confirmed:
             one_rtt = self._one_rtt = OneRttState(self)
+        quiet = now - self._last_received_at >= ACK_AT_ONCE_AFTER
+        self._last_received_at = now
         if one_rtt is None or not receive_one_rtt(self, one_rtt, data, addr, now):
             super().receive_datagram(data, addr, now)
+        if quiet and one_rtt is not None:
+            space = one_rtt.space
+            if space.ack_at is not None and space.ack_at > now:
+                space.ack_at = now  # see ACK_AT_ONCE_AFTER
 
     def path_is_back(self, now: float, *, fresh_ack: bool = False) -> None:
         """The peer was heard (here, or on another connection: a dial attempt made
