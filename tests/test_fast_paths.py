@@ -68,37 +68,38 @@ def _state(quic: object) -> tuple[object, ...]:
 
 def _scenario(tmp: Path, taken: list[int]) -> tuple[list[tuple[float, str, int]], bytes, bytes,
                                                    list[int], list[tuple[object, ...]]]:
-    """Two transfers over a rough link with a key update and a NAT rebinding between
-    them, and a PING in the first: (every datagram either side sent, as (time, side,
-    wire bytes); what the server received; what was sent; what the short paths took
-    (see _counting); both sides' receive state at the end)."""
-    link = RoughLink(rtt=0.06, jitter=0.01, loss=0.02, seed=5)
-    pair = MovingPair.__new__(MovingPair)
-    Pair.__init__(pair, tmp, link, cap_bps=4_000_000)
+    """Two transfers over a rough link: a PING in the middle of the first, a key update
+    between them, a NAT rebinding in the middle of the second. Returns every datagram
+    either side sent, as (time, side, wire bytes); what the server received; what was
+    sent; what the short paths took (see _counting); both sides' receive state."""
+    pair = MovingPair(tmp, RoughLink(rtt=0.06, jitter=0.01, loss=0.02, seed=5),
+                      cap_bps=4_000_000)
     pair.run(lambda: pair.client.handshake_done is not None
              and pair.server.handshake_done is not None, 30)
     client = pair.client.quic
     assert client is not None
     payload = random.Random(1).randbytes(SIZE)
     sids = []
-    for half, step in ((payload[:SIZE // 2], "key update"), (payload[SIZE // 2:], "rebind")):
+    for half in (payload[:SIZE // 2], payload[SIZE // 2:]):
         sid = client.get_next_available_stream_id(is_unidirectional=True)
         sids.append(sid)
         client.send_stream_data(sid, half, end_stream=True)
-        if step == "key update":
-            pair.run(lambda sid=sid: len(pair.server.received.get(sid, b"")) > 50_000,
-                     pair.now + 60)
+        pair.run(lambda sid=sid: len(pair.server.received.get(sid, b"")) > 100_000,
+                 pair.now + 60)
+        if len(sids) == 1:
             client.send_ping(7)  # a rare frame: that build goes to aioquic's loop
+        else:
+            pair.moved = True  # from here on the server hears the client from MOVED
         pair.run(lambda sid=sid: sid in pair.server.ended and client.stream_buffered(sid) == 0,
                  pair.now + 60)
-        if step == "key update":
-            client.request_key_update()
-        else:
-            pair.moved = True
+        if len(sids) == 1:
+            client.request_key_update()  # the next packets go in the next key phase
     pair.run(lambda: False, pair.now + 1.0)  # the last ACKs
     sent = sorted([(t, "client", n) for t, n in pair.client.sent]
                   + [(t, "server", n) for t, n in pair.server.sent])
     got = b"".join(bytes(pair.server.received.get(s, b"")) for s in sids)
+    assert pair.server.quic is not None
+    assert pair.server.quic._network_paths[0].addr == MOVED  # the rebinding took effect
     states = [_state(pair.client.quic), _state(pair.server.quic)]
     return sent, got, payload, taken, states
 
