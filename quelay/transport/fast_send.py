@@ -9,6 +9,9 @@ packets can make one due. :func:`write_bulk` checks them once per call and, if
 none is pending, runs the same loop without them: ACK, connection and stream
 limits, then the streams in aioquic's service order, exactly as aioquic would.
 Otherwise it returns ``False`` having done nothing, and aioquic's own loop runs.
+(Best-effort datagrams are handed to QUIC before a build, so a build with
+datagrams to send is one of those.) Each non-empty packet is ended by
+:func:`seal`: aioquic's end of a 1-RTT packet without its four copies of it.
 
 Like :mod:`.fast_receive`, it reads aioquic's private attributes (pinned to one
 minor version in pyproject.toml).
