@@ -537,3 +537,23 @@ def test_a_datagram_after_a_silence_is_acknowledged_at_once(tmp_path: Path) -> N
     (ping, _), = client.datagrams_to_send(later)
     server.receive_datagram(ping, CLIENT, later)
     assert space.ack_at is not None and space.ack_at > later
+
+
+def test_probes_into_a_long_silence_carry_no_stream_data(tmp_path: Path) -> None:
+    """After SILENT_PROBES unanswered probes the rest only have to find out when the
+    path is back: each (and its twin) is a PING, not a datagram filled with new stream
+    bytes that the outage eats and the return must resend."""
+    link = Link(rtt=0.5, seed=9, down=lambda now: 3.0 <= now < 60.0)
+    pair, client, server, sid = _sending(tmp_path, link, seed=9)
+    rec = client._recovery
+    pair.run(lambda: rec._pto_count > quic_ext.SILENT_PROBES, 40.0)
+    pair.run(lambda: False, pair.now + 0.5)
+    sent_before = len(pair.client.sent)
+    offset_before = client._streams[sid].sender.highest_offset
+    pair.run(lambda: False, 55.0)  # ~30 s of bare probes, every max(1 s, SRTT)
+    probes = pair.client.sent[sent_before:]
+    assert len(probes) >= 20
+    assert max(size for _, size in probes) < 100  # PINGs (and ACKs), no stream data
+    assert client._streams[sid].sender.highest_offset == offset_before
+    pair.run(lambda: sid in pair.server.ended, 120.0)  # and the return still works
+    assert sid in pair.server.ended

@@ -61,7 +61,7 @@ from aioquic.quic.connection import (
     QuicConnection,
     QuicConnectionState,
 )
-from aioquic.quic.packet import QuicFrameType, QuicStreamFrame, push_ack_frame
+from aioquic.quic.packet import QuicFrameType, QuicPacketType, QuicStreamFrame, push_ack_frame
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicSentPacket
 from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import (
@@ -637,6 +637,9 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         self._rules: dict[int, tuple[bool, bool]] = {}
         self._episode: _Episode | None = None
         self._protected: set[int] = set()
+        # The pending probe is a PING alone (a long silence): the connection builds
+        # it without stream frames (aioquic would fill its datagram with new data).
+        self.bare_probe = False
         self._after_silence = False
 
     def _srtt(self) -> float:
@@ -681,6 +684,7 @@ class QuelayPacketRecovery(QuicPacketRecovery):
         half an RTT before the last ACK we got: the first one the outage likely ate.
         Unless an ACK just came with the peer's return (``fresh_ack``: its keep-alive
         carries one): then the oldest unacknowledged packet is really missing."""
+        self.bare_probe = False
         space = self._app_space()
         if not self.handshake_confirmed or speed_up_handshake or space is None:
             super().reschedule_data(now=now, speed_up_handshake=speed_up_handshake)
@@ -822,7 +826,9 @@ class QuelayPacketRecovery(QuicPacketRecovery):
             # only be lost again (and cost the cap). The first ACK brings retransmission.
             # The first probes carry data, so that if the path is back the receiver's
             # first new byte is the probe itself (the dead-link bound ends most
-            # connections within these: 3 s, or 4 RTTs).
+            # connections within these: 3 s, or 4 RTTs). Bare means bare: aioquic
+            # fills a probe's datagram with new stream bytes (see bare_probe).
+            self.bare_probe = True
             self._probe([])
         else:
             self.reschedule_data(now=now)
@@ -1417,6 +1423,9 @@ class QuelayQuicConnection(QuicConnection):
         return False
 
     def _write_application(self, builder: Any, network_path: Any, now: float) -> None:
+        if self._probe_pending and self._recovery.bare_probe:
+            self._write_bare_probe(builder, now)
+            return
         streams = self._streams
         activity = self._activity
         if len(streams) <= VIEW_MIN_STREAMS:
@@ -1459,6 +1468,21 @@ class QuelayQuicConnection(QuicConnection):
                         busy[_sid(stream)] = stream
             if left <= 0 or self._pacing_at is not None:
                 break  # paced: the next build continues with the next window
+
+    def _write_bare_probe(self, builder: Any, now: float) -> None:
+        """A probe into a long silence: one packet with a PING (and an ACK if one is
+        due), no stream bytes; the next build, after the probe, is aioquic's again."""
+        space = self._spaces[tls.Epoch.ONE_RTT]
+        if space.ack_at is None or space.ack_at >= now:
+            self._pacing_at = self._loss._pacer.next_send_time(now=now)
+            if self._pacing_at is not None:
+                return  # the probe stays pending
+        builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[tls.Epoch.ONE_RTT])
+        if space.ack_at is not None and space.ack_at <= now:
+            self._write_ack_frame(builder=builder, space=space, now=now)
+        self._write_ping_frame(builder, comment="probe")
+        self._probe_pending = False
+        self._loss._pacer.update_after_send(now=now)
 
     def _write_packets(self, builder: Any, network_path: Any, now: float) -> None:
         """aioquic's packet loop, lean when nothing rare is due (see :mod:`.fast_send`)."""
