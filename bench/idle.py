@@ -72,6 +72,23 @@ def voluntary_switches(pid: int) -> int:
     raise RuntimeError("no voluntary_ctxt_switches in /proc status")
 
 
+Sample = tuple[float, int, int]  # (CPU seconds, voluntary switches, run ns)
+
+
+def sample(pid: int) -> Sample:
+    """One reading of a process: :func:`cpu_seconds`, :func:`voluntary_switches`,
+    :func:`run_ns`."""
+    return cpu_seconds(pid), voluntary_switches(pid), run_ns(pid)
+
+
+def usage(before: Sample, after: Sample, wall: float) -> dict[str, float]:
+    """What a process used between two samples ``wall`` seconds apart."""
+    cpu = after[0] - before[0]
+    return {"cpu_s": round(cpu, 3), "cpu_percent": round(100 * cpu / wall, 3),
+            "sched_percent": round(100 * (after[2] - before[2]) / 1e9 / wall, 3),
+            "wakes_per_s": round((after[1] - before[1]) / wall, 1)}
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -112,13 +129,11 @@ def run_case(rate: str, seconds: float, settle: float) -> dict[str, Any]:
             for side in "ab":
                 trio.run(link_up, root / side / "control.sock", 30.0)
             time.sleep(settle)
-            before = {s: (cpu_seconds(p.pid), voluntary_switches(p.pid), run_ns(p.pid))
-                      for s, p in procs.items()}
+            before = {s: sample(p.pid) for s, p in procs.items()}
             t0 = time.monotonic()
             time.sleep(seconds)
             wall = time.monotonic() - t0
-            after = {s: (cpu_seconds(p.pid), voluntary_switches(p.pid), run_ns(p.pid))
-                     for s, p in procs.items()}
+            after = {s: sample(p.pid) for s, p in procs.items()}
             for side, p in procs.items():
                 if p.poll() is not None:
                     raise RuntimeError(f"agent {side} exited with {p.returncode}")
@@ -140,11 +155,7 @@ def run_case(rate: str, seconds: float, settle: float) -> dict[str, Any]:
                 f.close()
     out: dict[str, Any] = {"rate": rate, "seconds": round(wall, 2)}
     for side in "ab":
-        cpu = after[side][0] - before[side][0]
-        ns = after[side][2] - before[side][2]
-        out[side] = {"cpu_s": round(cpu, 3), "cpu_percent": round(100 * cpu / wall, 3),
-                     "sched_percent": round(100 * ns / 1e9 / wall, 3),
-                     "wakes_per_s": round((after[side][1] - before[side][1]) / wall, 1)}
+        out[side] = usage(before[side], after[side], wall)
     out["ok"] = all(out[s]["cpu_percent"] <= TARGET_PERCENT for s in "ab")
     return out
 
@@ -165,17 +176,15 @@ def run_reference(wakes: float, seconds: float, settle: float) -> dict[str, Any]
     proc = subprocess.Popen([sys.executable, "-c", REFERENCE.format(wakes=wakes)])
     try:
         time.sleep(settle)
-        c0, v0, n0 = cpu_seconds(proc.pid), voluntary_switches(proc.pid), run_ns(proc.pid)
+        before = sample(proc.pid)
         t0 = time.monotonic()
         time.sleep(seconds)
         wall = time.monotonic() - t0
-        c1, v1, n1 = cpu_seconds(proc.pid), voluntary_switches(proc.pid), run_ns(proc.pid)
+        after = sample(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    return {"wakes": wakes, "cpu_percent": round(100 * (c1 - c0) / wall, 3),
-            "sched_percent": round(100 * (n1 - n0) / 1e9 / wall, 3),
-            "wakes_per_s": round((v1 - v0) / wall, 1)}
+    return {"wakes": wakes, **usage(before, after, wall)}
 
 
 def main() -> None:

@@ -720,13 +720,13 @@ class Agent:
             else:
                 await trio.sleep(self.config.progress_interval)
             self._sample_stats()
-            for t in self.book.table.live():
+            for t in table.live():
                 if t.state is State.ACTIVE and last.get(t.id) != t.delivered:
                     last[t.id] = t.delivered
                     self.book.publish("transfer.progress", t)
-            for tid in [tid for tid in last if tid not in self.book.table]:
+            for tid in [tid for tid in last if tid not in table]:
                 del last[tid]
-            if any(t.not_before for t in self.book.table.queue()):
+            if any(t.not_before for t in table.queue()):
                 self.book.fill()  # a transfer refused as busy may retry now
             if trio.current_time() >= next_sweep:
                 next_sweep = trio.current_time() + SWEEP_EVERY

@@ -130,7 +130,7 @@ def receive_one_rtt(conn: Any, state: OneRttState, data: bytes, addr: Any,
     if host_cid != conn.host_cid or not paths or paths[0] is not path:
         # A frame of this packet changed our connection ID or the paths: aioquic's
         # migration steps for it, which the checks above ruled out before the frames.
-        _after_path_change(conn, context, path, is_probing, packet_number)
+        _after_path_change(conn, context, path, space, is_probing, packet_number)
     if not space.discarded:
         if packet_number > space.largest_received_packet:
             space.largest_received_packet = packet_number
@@ -144,7 +144,7 @@ def receive_one_rtt(conn: Any, state: OneRttState, data: bytes, addr: Any,
     return True
 
 
-def _after_path_change(conn: Any, context: QuicReceiveContext, path: Any,
+def _after_path_change(conn: Any, context: QuicReceiveContext, path: Any, space: Any,
                        is_probing: bool, packet_number: int) -> None:
     """aioquic's connection-ID and path steps after a packet's frames, for the rare
     packet whose frames changed them (same rules, same order)."""
@@ -155,7 +155,6 @@ def _after_path_change(conn: Any, context: QuicReceiveContext, path: Any,
     if path not in conn._network_paths:
         conn._add_network_path(path)
     idx = conn._network_paths.index(path)
-    space = conn._spaces[_ONE_RTT]
     if (not conn._is_client and idx and not is_probing
             and packet_number > space.largest_received_packet):
         conn._network_paths.pop(idx)

@@ -110,6 +110,26 @@ def write_bulk(conn: Any, builder: Any, network_path: Any, now: float) -> bool:
     return True
 
 
+def write_bare_probe(conn: Any, builder: Any, now: float) -> None:
+    """A probe into a long silence: one packet with a PING (and an ACK if one is due),
+    no stream bytes — aioquic fills a probe's datagram with new data, which the outage
+    eats and the return must send again. The first steps are :func:`write_bulk`'s for
+    one packet; the next build is aioquic's (or :func:`write_bulk`'s) again."""
+    space = conn._spaces[_ONE_RTT]
+    if space.ack_at is None or space.ack_at >= now:
+        conn._pacing_at = conn._loss._pacer.next_send_time(now=now)
+        if conn._pacing_at is not None:
+            return  # the probe stays pending
+    crypto = conn._cryptos[_ONE_RTT]
+    builder.start_packet(_ONE_RTT_PACKET, crypto)
+    if space.ack_at is not None and space.ack_at <= now:
+        conn._write_ack_frame(builder=builder, space=space, now=now)
+    conn._write_ping_frame(builder, comment="probe")
+    conn._probe_pending = False
+    seal(builder, crypto)
+    conn._loss._pacer.update_after_send(now=now)
+
+
 def seal(builder: Any, crypto: Any) -> None:
     """aioquic's ``QuicPacketBuilder._end_packet`` for a non-empty 1-RTT packet, with
     the header written once and protected in place (aioquic writes it, copies the

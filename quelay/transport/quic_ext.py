@@ -61,7 +61,7 @@ from aioquic.quic.connection import (
     QuicConnection,
     QuicConnectionState,
 )
-from aioquic.quic.packet import QuicFrameType, QuicPacketType, QuicStreamFrame, push_ack_frame
+from aioquic.quic.packet import QuicFrameType, QuicStreamFrame, push_ack_frame
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicSentPacket
 from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import (
@@ -75,7 +75,7 @@ from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 from . import allotted  # noqa: F401  (registers the "allotted" congestion control)
 from .fast_receive import OneRttState, receive_one_rtt
-from .fast_send import write_bulk
+from .fast_send import write_bare_probe, write_bulk
 from .pacing import WireGate
 from .resumption import ProvenIdentity, TicketStore
 
@@ -1424,7 +1424,7 @@ class QuelayQuicConnection(QuicConnection):
 
     def _write_application(self, builder: Any, network_path: Any, now: float) -> None:
         if self._probe_pending and self._recovery.bare_probe:
-            self._write_bare_probe(builder, now)
+            write_bare_probe(self, builder, now)
             return
         streams = self._streams
         activity = self._activity
@@ -1468,21 +1468,6 @@ class QuelayQuicConnection(QuicConnection):
                         busy[_sid(stream)] = stream
             if left <= 0 or self._pacing_at is not None:
                 break  # paced: the next build continues with the next window
-
-    def _write_bare_probe(self, builder: Any, now: float) -> None:
-        """A probe into a long silence: one packet with a PING (and an ACK if one is
-        due), no stream bytes; the next build, after the probe, is aioquic's again."""
-        space = self._spaces[tls.Epoch.ONE_RTT]
-        if space.ack_at is None or space.ack_at >= now:
-            self._pacing_at = self._loss._pacer.next_send_time(now=now)
-            if self._pacing_at is not None:
-                return  # the probe stays pending
-        builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[tls.Epoch.ONE_RTT])
-        if space.ack_at is not None and space.ack_at <= now:
-            self._write_ack_frame(builder=builder, space=space, now=now)
-        self._write_ping_frame(builder, comment="probe")
-        self._probe_pending = False
-        self._loss._pacer.update_after_send(now=now)
 
     def _write_packets(self, builder: Any, network_path: Any, now: float) -> None:
         """aioquic's packet loop, lean when nothing rare is due (see :mod:`.fast_send`)."""
