@@ -12,6 +12,8 @@ Otherwise it returns ``False`` having done nothing, and aioquic's own loop runs.
 (Best-effort datagrams are handed to QUIC before a build, so a build with
 datagrams to send is one of those.) Each non-empty packet is ended by
 :func:`seal`: aioquic's end of a 1-RTT packet without its four copies of it.
+:func:`write_bare_probe` builds the one packet of a probe into a long silence
+(a PING, no stream bytes).
 
 Like :mod:`.fast_receive`, it reads aioquic's private attributes (pinned to one
 minor version in pyproject.toml).
